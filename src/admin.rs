@@ -1,0 +1,149 @@
+//! Subscriptions, replay, requeue and retention.
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use serde_json::Value;
+
+use crate::consume::{now, required, single, subscription_by_name, timestamp};
+use crate::error::OutboxError;
+use crate::ext::Extension;
+use crate::guc;
+use crate::policy::SubscriptionOptions;
+use crate::queries::{self as q, run};
+
+pub const SINKS: [&str; 3] = ["pull", "function", "http"];
+
+/// Segments of the log and ledger; retention empties whole segments.
+pub const SEGMENTS: i16 = 8;
+
+fn check_subscription_name(name: &str) -> Result<(), OutboxError> {
+    let invalid = |why| Err(OutboxError::InvalidSubscriptionName(name.to_string(), why));
+    if name.trim().is_empty() {
+        return invalid("it must not be empty");
+    }
+    if name.chars().count() > 128 {
+        return invalid("it must be at most 128 characters");
+    }
+    if name.chars().any(char::is_control) {
+        return invalid("it must not contain control characters");
+    }
+    Ok(())
+}
+
+pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> Result<(), OutboxError> {
+    check_subscription_name(name)?;
+    if !SINKS.contains(&sink) {
+        return Err(OutboxError::UnknownSink(sink.to_string()));
+    }
+    SubscriptionOptions::parse(options)?;
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        let created = run(
+            client,
+            &extension,
+            &q::SUBSCRIBE,
+            &[name.into(), sink.into(), pgrx::JsonB(options.clone()).into(), from_start.into()],
+        )?;
+        if created.is_empty() {
+            return Err(OutboxError::DuplicateSubscription(name.to_string()));
+        }
+        Ok(())
+    })
+}
+
+pub fn unsubscribe(name: &str) -> Result<(), OutboxError> {
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        let removed = run(client, &extension, &q::UNSUBSCRIBE, &[name.into()])?.first().get::<i64>(1)?.unwrap_or(0);
+        if removed == 0 {
+            return Err(OutboxError::UnknownSubscription(name.to_string()));
+        }
+        Ok(())
+    })
+}
+
+pub fn replay(
+    subscription: &str,
+    since: Option<TimestampWithTimeZone>,
+    ids: Option<Vec<Option<i64>>>,
+) -> Result<i64, OutboxError> {
+    if since.is_none() && ids.is_none() {
+        return Err(OutboxError::ReplayWithoutSelection);
+    }
+    let ids: Option<Vec<i64>> = ids.map(|ids| ids.into_iter().flatten().collect());
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        let (sub, _) = subscription_by_name(client, &extension, subscription)?;
+        let table = run(client, &extension, &q::REPLAY, &[sub.into(), since.into(), ids.into(), timestamp(now()).into()])?;
+        Ok(table.first().get::<i64>(1)?.unwrap_or(0))
+    })
+}
+
+pub fn requeue_dead(subscription: Option<&str>, ids: Option<Vec<Option<i64>>>) -> Result<i64, OutboxError> {
+    let ids: Option<Vec<i64>> = ids.map(|ids| ids.into_iter().flatten().collect());
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        if let Some(name) = subscription {
+            subscription_by_name(client, &extension, name)?;
+        }
+        let table = run(client, &extension, &q::REQUEUE_DEAD, &[subscription.into(), ids.into(), timestamp(now()).into()])?;
+        Ok(table.first().get::<i64>(1)?.unwrap_or(0))
+    })
+}
+
+/// Empties every segment whose events are all processed by every subscription and older
+/// than `outbox.retention`, then starts a new segment when the current one is a quarter of
+/// the retention old. Returns the number of events removed.
+pub fn purge() -> Result<i64, OutboxError> {
+    // Deciding that a segment is unused needs a fresh snapshot after its lock is taken.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(OutboxError::NeedsReadCommitted("outbox_purge"));
+    }
+    let extension = Extension::current()?;
+    let now = now();
+    let retention = guc::retention().as_micros() as i64;
+    let cutoff = timestamp(now - retention);
+    Spi::connect_mut(|client| {
+        let rotation = single(run(client, &extension, &q::LOCK_ROTATION, &[])?)?;
+        let current: i16 = required(&rotation, 1)?;
+        let switched_at: TimestampWithTimeZone = required(&rotation, 2)?;
+        let in_use = |client: &mut pgrx::spi::SpiClient<'_>, slot: i16| -> Result<bool, OutboxError> {
+            Ok(run(client, &extension, &q::SEGMENT_IN_USE, &[slot.into()])?.first().get::<bool>(1)?.unwrap_or(true))
+        };
+        let retirable = |client: &mut pgrx::spi::SpiClient<'_>, slot: i16| -> Result<bool, OutboxError> {
+            let table = run(client, &extension, &q::SEGMENT_RETIRABLE, &[slot.into(), cutoff.into()])?;
+            Ok(table.first().get::<bool>(1)?.unwrap_or(false))
+        };
+
+        let mut removed = 0i64;
+        for slot in (0..SEGMENTS).filter(|&s| s != current) {
+            if !in_use(client, slot)? || !retirable(client, slot)? {
+                continue;
+            }
+            let tables = single(run(client, &extension, &q::SEGMENT_TABLES, &[slot.into()])?)?;
+            let names: String = required(&tables, 1)?;
+            let log: pg_sys::Oid = required(&tables, 2)?;
+            let ledger: pg_sys::Oid = required(&tables, 3)?;
+            // a writer still inserting into the segment holds a lock: try again next time
+            let locked = unsafe {
+                pg_sys::ConditionalLockRelationOid(log, pg_sys::AccessExclusiveLock as i32)
+                    && pg_sys::ConditionalLockRelationOid(ledger, pg_sys::AccessExclusiveLock as i32)
+            };
+            if !locked || !retirable(client, slot)? {
+                continue;
+            }
+            removed += run(client, &extension, &q::SEGMENT_EVENTS, &[slot.into()])?.first().get::<i64>(1)?.unwrap_or(0);
+            client.update(format!("TRUNCATE {names}").as_str(), None, &[])?;
+        }
+
+        let rotation_period = retention / 4;
+        let age = now - pg_sys::TimestampTz::from(switched_at);
+        let next = (current + 1) % SEGMENTS;
+        if age >= rotation_period && in_use(client, current)? && !in_use(client, next)? {
+            run(client, &extension, &q::ROTATE, &[next.into(), timestamp(now).into()])?;
+        }
+        run(client, &extension, &q::FOLD_STATS, &[timestamp(now - 3_600_000_000).into()])?;
+        Ok(removed)
+    })
+}

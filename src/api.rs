@@ -1,0 +1,109 @@
+//! The SQL-callable functions. Each wrapper only converts arguments and raises errors; the
+//! work is in the modules it calls. Parameter names are part of the contract (named notation).
+//!
+//! Consumer and admin functions are SECURITY DEFINER with a pinned search_path, so callers
+//! need EXECUTE on them and nothing on the tables. `outbox_attach`/`outbox_detach` run as the
+//! caller, who must own the table, and act as the extension owner only after that check.
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::PgRelation;
+
+use crate::error::{OrRaise, OutboxError};
+use crate::{admin, attach, consume};
+
+fn given<T>(value: Option<T>, name: &'static str) -> T {
+    value.ok_or(OutboxError::NullArgument(name)).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_attach(
+    source: Option<PgRelation>,
+    payload_columns: default!(Option<Vec<Option<String>>>, "NULL"),
+    watch_columns: default!(Option<Vec<Option<String>>>, "NULL"),
+    event_prefix: default!(Option<&str>, "'EMBED'"),
+    key_columns: default!(Option<Vec<Option<String>>>, "NULL"),
+) {
+    let source = given(source, "source");
+    attach::attach(&source, payload_columns, watch_columns, given(event_prefix, "event_prefix"), key_columns).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_detach(source: Option<PgRelation>) {
+    attach::detach(&given(source, "source")).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_subscribe(
+    name: Option<&str>,
+    sink: default!(Option<&str>, "'pull'"),
+    options: default!(Option<pgrx::JsonB>, "'{}'"),
+    from_start: default!(Option<bool>, "false"),
+) {
+    admin::subscribe(given(name, "name"), given(sink, "sink"), &given(options, "options").0, given(from_start, "from_start"))
+        .or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_unsubscribe(name: Option<&str>) {
+    admin::unsubscribe(given(name, "name")).or_raise()
+}
+
+/// The claim decision; `outbox_claim` (SQL) adds type, payload and created_at to its rows.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_claim_ids(
+    batch_size: Option<i32>,
+    subscription: Option<&str>,
+    lease: Option<Interval>,
+) -> TableIterator<'static, (name!(id, i64), name!(attempts, i32))> {
+    let claimed = consume::claim(given(batch_size, "batch_size"), given(subscription, "subscription"), &given(lease, "lease"))
+        .or_raise();
+    TableIterator::new(claimed.into_iter().map(|c| (c.id, c.attempts)))
+}
+
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_ack(ids: Option<Vec<Option<i64>>>, subscription: default!(Option<&str>, "'default'")) -> i32 {
+    consume::ack(ids, given(subscription, "subscription")).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_fail(
+    ids: Option<Vec<Option<i64>>>,
+    error: default!(Option<&str>, "NULL"),
+    subscription: default!(Option<&str>, "'default'"),
+    retry_after: default!(Option<Interval>, "NULL"),
+) -> i32 {
+    consume::fail(ids, error, given(subscription, "subscription"), retry_after.as_ref()).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_replay(
+    subscription: Option<&str>,
+    since: default!(Option<TimestampWithTimeZone>, "NULL"),
+    ids: default!(Option<Vec<Option<i64>>>, "NULL"),
+) -> i64 {
+    admin::replay(given(subscription, "subscription"), since, ids).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_requeue_dead(
+    subscription: default!(Option<&str>, "NULL"),
+    ids: default!(Option<Vec<Option<i64>>>, "NULL"),
+) -> i64 {
+    admin::requeue_dead(subscription, ids).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_purge() -> i64 {
+    admin::purge().or_raise()
+}

@@ -1,0 +1,163 @@
+//! `outbox_attach` and `outbox_detach`: validate the request as the caller, then write the
+//! configuration and the capture triggers as the extension owner.
+
+use std::collections::HashSet;
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::PgRelation;
+
+use crate::consume::{required, single};
+use crate::error::OutboxError;
+use crate::ext::Extension;
+use crate::queries::{self as q, run};
+use crate::shape::check_event_prefix;
+use crate::triggers::{create_statements, drop_statement, quote_ident, update_condition, Watched, TRIGGER_NAMES};
+
+struct TableFacts {
+    display: String,
+    quoted: String,
+    relkind: String,
+    caller_owns: bool,
+    primary_key: Vec<String>,
+    /// (name, type) of every live column, in order
+    columns: Vec<(String, pg_sys::Oid)>,
+}
+
+fn table_facts(client: &mut SpiClient<'_>, extension: &Extension, source: &PgRelation) -> Result<TableFacts, OutboxError> {
+    let row = single(run(client, extension, &q::TABLE_FACTS, &[source.oid().into()])?)?;
+    let columns = source
+        .tuple_desc()
+        .iter()
+        .filter(|a| !a.attisdropped)
+        .map(|a| (unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_string_lossy().into_owned(), a.atttypid))
+        .collect();
+    Ok(TableFacts {
+        display: format!("{}.{}", source.namespace(), source.name()),
+        quoted: format!("{}.{}", quote_ident(source.namespace()), quote_ident(source.name())),
+        relkind: required(&row, 1)?,
+        caller_owns: required(&row, 2)?,
+        primary_key: required(&row, 3)?,
+        columns,
+    })
+}
+
+impl TableFacts {
+    /// Checks a column list against the table: no NULLs, no unknown names, not empty.
+    fn columns_named(&self, list: Option<Vec<Option<String>>>, argument: &'static str) -> Result<Option<Vec<String>>, OutboxError> {
+        let Some(list) = list else { return Ok(None) };
+        if list.is_empty() {
+            return Err(OutboxError::EmptyColumnList { argument });
+        }
+        let mut seen = HashSet::new();
+        let mut names = Vec::with_capacity(list.len());
+        for name in list {
+            let name = name.unwrap_or_else(|| "NULL".to_string());
+            if !self.columns.iter().any(|(c, _)| *c == name) {
+                return Err(OutboxError::UnknownColumn { table: self.display.clone(), column: name, argument });
+            }
+            if seen.insert(name.clone()) {
+                names.push(name);
+            }
+        }
+        Ok(Some(names))
+    }
+}
+
+/// Whether `IS DISTINCT FROM` on this type resolves to a pg_catalog operator.
+fn builtin_equality(client: &mut SpiClient<'_>, extension: &Extension, typid: pg_sys::Oid) -> Result<bool, OutboxError> {
+    let operator = unsafe { (*pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32)).eq_opr };
+    if operator == pg_sys::InvalidOid {
+        return Ok(false);
+    }
+    Ok(run(client, extension, &q::OPERATOR_IS_BUILTIN, &[operator.into()])?.first().get::<bool>(1)?.unwrap_or(false))
+}
+
+pub fn attach(
+    source: &PgRelation,
+    payload_columns: Option<Vec<Option<String>>>,
+    watch_columns: Option<Vec<Option<String>>>,
+    event_prefix: &str,
+    key_columns: Option<Vec<Option<String>>>,
+) -> Result<(), OutboxError> {
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        let facts = table_facts(client, &extension, source)?;
+        if facts.relkind != "r" && facts.relkind != "p" {
+            return Err(OutboxError::NotATable(facts.display));
+        }
+        if !facts.caller_owns {
+            return Err(OutboxError::NotOwner(facts.display));
+        }
+        check_event_prefix(event_prefix).map_err(|why| OutboxError::EventPrefix(event_prefix.to_string(), why))?;
+        let key = match facts.columns_named(key_columns, "key_columns")? {
+            Some(key) => key,
+            None if facts.primary_key.is_empty() => return Err(OutboxError::NoKey(facts.display)),
+            None => facts.primary_key.clone(),
+        };
+        let payload = facts.columns_named(payload_columns, "payload_columns")?;
+        let watch = facts.columns_named(watch_columns, "watch_columns")?;
+
+        // A key change is always an event, so the key is always watched.
+        let watched: Vec<&(String, pg_sys::Oid)> = match &watch {
+            None => facts.columns.iter().collect(),
+            Some(watch) => facts.columns.iter().filter(|(name, _)| watch.contains(name) || key.contains(name)).collect(),
+        };
+        let mut condition_columns = Vec::with_capacity(watched.len());
+        for (name, typid) in watched {
+            condition_columns.push(Watched { name, builtin_equality: builtin_equality(client, &extension, *typid)? });
+        }
+        let condition = update_condition(&condition_columns);
+
+        extension.as_owner(|| {
+            let saved = run(
+                client,
+                &extension,
+                &q::SAVE_ATTACHMENT,
+                &[source.oid().into(), key.into(), payload.into(), watch.into(), event_prefix.into()],
+            )?;
+            let generation: i64 = required(&single(saved)?, 1)?;
+            drop_capture_triggers(client, &extension, source, &facts.quoted)?;
+            let function = format!("{}.outbox_capture", extension.schema);
+            for statement in create_statements(&facts.quoted, &function, generation, &condition) {
+                client.update(statement.as_str(), None, &[])?;
+            }
+            Ok(())
+        })
+    })
+}
+
+pub fn detach(source: &PgRelation) -> Result<(), OutboxError> {
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        let facts = table_facts(client, &extension, source)?;
+        if !facts.caller_owns {
+            return Err(OutboxError::NotOwner(facts.display));
+        }
+        extension.as_owner(|| {
+            if run(client, &extension, &q::DELETE_ATTACHMENT, &[source.oid().into()])?.is_empty() {
+                return Err(OutboxError::NotAttached(facts.display.clone()));
+            }
+            drop_capture_triggers(client, &extension, source, &facts.quoted)
+        })
+    })
+}
+
+fn drop_capture_triggers(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    source: &PgRelation,
+    quoted: &str,
+) -> Result<(), OutboxError> {
+    let names: Vec<String> = TRIGGER_NAMES.iter().map(|n| n.to_string()).collect();
+    let existing = run(client, extension, &q::CAPTURE_TRIGGERS, &[source.oid().into(), names.into()])?
+        .into_iter()
+        .map(|row| required::<String>(&row, 1))
+        .collect::<Result<Vec<_>, _>>()?;
+    for trigger in existing {
+        client.update(drop_statement(quoted, &trigger).as_str(), None, &[])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! The capture trigger. Row-level AFTER triggers encode the key (and the chosen payload
+//! columns) of each changed row into a backend-local buffer; the statement-level AFTER trigger
+//! writes the buffer as a few packed log rows in the writer's transaction. No SQL runs per row,
+//! and wide rows (embeddings) are never copied into transition tables.
+//!
+//! Subtransaction and transaction aborts drop what their rows captured. A buffer still full at
+//! commit (a statement aimed at a partition directly, whose parent's statement trigger does not
+//! fire) is written by the pre-commit callback, so nothing captured is ever lost.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::fmt::Write;
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::error::{OrRaise, OutboxError};
+use crate::ext::Extension;
+use crate::ordering::{log_rows, order_for_flush, CapturedEvent};
+use crate::queries;
+use crate::shape::{json_array, key_hash, push_json_string, table_hash, ObjectWriter, Op};
+
+/// What a log row records about its source, fixed at capture time.
+struct Shape {
+    source_name: String,
+    prefix: String,
+}
+
+/// How one column's value becomes JSON.
+enum Encoding {
+    Int2,
+    Int4,
+    Int8,
+    Bool,
+    Text,
+    /// Postgres' own `to_json`, for every other type, so payloads match `to_json` exactly.
+    ToJson(*mut pg_sys::FmgrInfo),
+}
+
+struct Column {
+    attnum: i32,
+    name: String,
+    encoding: Encoding,
+}
+
+/// An attachment as the trigger uses it, resolved against the columns of the table the trigger
+/// fired on (for a partition, attnums may differ from the attached parent's).
+struct Attachment {
+    /// The attached table: the trigger's table, or the partitioned table it belongs to.
+    source: pg_sys::Oid,
+    generation: i64,
+    shape: Rc<Shape>,
+    key: Vec<Column>,
+    data: Option<Vec<Column>>,
+    /// Holds the `to_json` call descriptors; deleted with the attachment.
+    memory: pg_sys::MemoryContext,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        unsafe { pg_sys::MemoryContextDelete(self.memory) };
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    events: Vec<CapturedEvent>,
+    shapes: HashMap<u32, Rc<Shape>>,
+}
+
+thread_local! {
+    static ATTACHMENTS: RefCell<HashMap<pg_sys::Oid, Rc<Attachment>>> = RefCell::new(HashMap::new());
+    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+}
+
+pub fn init() {
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => flush().or_raise(),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => PENDING.with(|p| *p.borrow_mut() = Pending::default()),
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    subxact: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // ids grow down the nesting, so everything the aborted subtransaction and its
+        // children captured has an id at least as large as its own
+        PENDING.with(|p| p.borrow_mut().events.retain(|e| e.subxact < subxact));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    ATTACHMENTS.with(|a| {
+        let mut attachments = a.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            attachments.clear();
+        } else {
+            attachments.remove(&relid);
+        }
+    });
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_outbox_capture() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The trigger function behind every capture trigger `outbox_attach` creates.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_capture(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe { capture(fcinfo) }.or_raise();
+    pg_sys::Datum::from(0)
+}
+
+extension_sql!(
+    r#"
+CREATE FUNCTION @extschema@.outbox_capture() RETURNS trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_capture';
+"#,
+    name = "outbox_capture",
+    requires = ["outbox_schema"]
+);
+
+unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
+    let trigger = unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            return Err(OutboxError::Capture("?".into(), "outbox_capture() must be called as a trigger".into()));
+        }
+        &*(context as *const pg_sys::TriggerData)
+    };
+    let event = trigger.tg_event;
+    let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
+    if event & pg_sys::TRIGGER_EVENT_ROW == 0 {
+        if op == pg_sys::TRIGGER_EVENT_TRUNCATE {
+            let attachment = unsafe { attachment_for(trigger)? };
+            let source = attachment.source;
+            push(&attachment, source, Op::Truncate, false, "null".into(), None, table_hash(source.into()));
+        }
+        return flush();
+    }
+
+    let attachment = unsafe { attachment_for(trigger)? };
+    let source = attachment.source;
+    let tupdesc = unsafe { (*trigger.tg_relation).rd_att };
+    let encode_key = |tuple| unsafe { encode_object(&attachment.key, tuple, tupdesc) };
+    let encode_data = |tuple| unsafe { attachment.data.as_ref().map(|columns| encode_object(columns, tuple, tupdesc)) };
+    let hash = |key: &str| key_hash(source.into(), key);
+    match op {
+        pg_sys::TRIGGER_EVENT_INSERT => {
+            let key = encode_key(trigger.tg_trigtuple);
+            push(&attachment, source, Op::Upsert, false, key.clone(), encode_data(trigger.tg_trigtuple), hash(&key));
+        }
+        pg_sys::TRIGGER_EVENT_DELETE => {
+            let key = encode_key(trigger.tg_trigtuple);
+            push(&attachment, source, Op::Delete, false, key.clone(), None, hash(&key));
+        }
+        pg_sys::TRIGGER_EVENT_UPDATE => {
+            // the trigger's WHEN clause already dropped updates that changed nothing watched
+            let old_key = encode_key(trigger.tg_trigtuple);
+            let new_key = encode_key(trigger.tg_newtuple);
+            if old_key != new_key {
+                push(&attachment, source, Op::Delete, true, old_key.clone(), None, hash(&old_key));
+            }
+            push(&attachment, source, Op::Upsert, true, new_key.clone(), encode_data(trigger.tg_newtuple), hash(&new_key));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn push(attachment: &Attachment, source: pg_sys::Oid, op: Op, from_update: bool, key: String, data: Option<String>, key_hash: i64) {
+    let event = CapturedEvent {
+        subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
+        source: source.into(),
+        command: unsafe { pg_sys::GetCurrentCommandId(false) },
+        op,
+        from_update,
+        key,
+        data,
+        key_hash,
+    };
+    PENDING.with(|p| {
+        let mut pending = p.borrow_mut();
+        pending.shapes.entry(event.source).or_insert_with(|| attachment.shape.clone());
+        pending.events.push(event);
+    });
+}
+
+/// Writes everything captured so far as log rows, in capture order.
+fn flush() -> Result<(), OutboxError> {
+    let Pending { mut events, shapes } = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if events.is_empty() {
+        return Ok(());
+    }
+    order_for_flush(&mut events);
+    let extension = Extension::current()?;
+    extension.as_owner(|| {
+        Spi::connect_mut(|client| {
+            for row in log_rows(&events) {
+                let events = &events[row];
+                let first = &events[0];
+                let shape = &shapes[&first.source];
+                let keys = json_array(events.iter().map(|e| e.key.as_str()));
+                let data = events[0].data.is_some().then(|| json_array(events.iter().map(|e| e.data.as_deref().unwrap_or("null"))));
+                let hashes: Vec<i64> = events.iter().map(|e| e.key_hash).collect();
+                queries::run(
+                    client,
+                    &extension,
+                    &queries::APPEND_LOG_ROW,
+                    &[
+                        (events.len() as i32).into(),
+                        pg_sys::Oid::from(first.source).into(),
+                        shape.source_name.as_str().into(),
+                        first.op.code().into(),
+                        first.op.event_type(&shape.prefix).into(),
+                        keys.into(),
+                        data.into(),
+                        hashes.into(),
+                        table_hash(first.source).into(),
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// The attachment of the trigger's table, from the backend cache or freshly loaded. The
+/// trigger's argument is the attachment generation, so a re-attach with new settings is seen
+/// even without a relcache invalidation.
+unsafe fn attachment_for(trigger: &pg_sys::TriggerData) -> Result<Rc<Attachment>, OutboxError> {
+    let relation = trigger.tg_relation;
+    let relid = unsafe { (*relation).rd_id };
+    let generation = unsafe {
+        let t = &*trigger.tg_trigger;
+        if t.tgnargs < 1 {
+            None
+        } else {
+            CStr::from_ptr(*t.tgargs).to_str().ok().and_then(|s| s.parse::<i64>().ok())
+        }
+    };
+    let cached = ATTACHMENTS.with(|a| a.borrow().get(&relid).cloned());
+    if let Some(attachment) = cached.filter(|a| Some(a.generation) == generation) {
+        return Ok(attachment);
+    }
+    let attachment = Rc::new(unsafe { load_attachment(relation)? });
+    ATTACHMENTS.with(|a| a.borrow_mut().insert(relid, attachment.clone()));
+    Ok(attachment)
+}
+
+unsafe fn load_attachment(relation: pg_sys::Relation) -> Result<Attachment, OutboxError> {
+    let relid = unsafe { (*relation).rd_id };
+    let extension = Extension::current()?;
+    let config = extension.as_owner(|| {
+        Spi::connect_mut(|client| {
+            let row = queries::run(client, &extension, &queries::ATTACHMENT_CONFIG, &[relid.into()])?;
+            if row.is_empty() {
+                return Ok(None);
+            }
+            let row = row.first();
+            Ok::<_, OutboxError>(Some((
+                row.get::<pg_sys::Oid>(1)?.unwrap_or(relid),
+                row.get::<i64>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?.unwrap_or_default(),
+                row.get::<Vec<String>>(4)?.unwrap_or_default(),
+                row.get::<Vec<String>>(5)?,
+            )))
+        })
+    })?;
+    let Some((source, generation, prefix, key_columns, payload_columns)) = config else {
+        return Err(OutboxError::NotAttached(unsafe { qualified_name(relid) }));
+    };
+    let source_name = unsafe { qualified_name(source) };
+    let memory = unsafe {
+        pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CacheMemoryContext,
+            c"outbox capture".as_ptr(),
+            pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+        )
+    };
+    let mut attachment = Attachment {
+        source,
+        generation,
+        shape: Rc::new(Shape { source_name: source_name.clone(), prefix }),
+        key: Vec::new(),
+        data: None,
+        memory,
+    };
+    let tupdesc = unsafe { (*relation).rd_att };
+    attachment.key = unsafe { resolve_columns(&source_name, tupdesc, &key_columns, "key_columns", memory)? };
+    if let Some(columns) = payload_columns {
+        attachment.data = Some(unsafe { resolve_columns(&source_name, tupdesc, &columns, "payload_columns", memory)? });
+    }
+    Ok(attachment)
+}
+
+/// `schema.table` as payloads name it.
+pub unsafe fn qualified_name(relid: pg_sys::Oid) -> String {
+    unsafe {
+        let namespace = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+        let name = pg_sys::get_rel_name(relid);
+        if namespace.is_null() || name.is_null() {
+            return format!("{}", u32::from(relid));
+        }
+        format!("{}.{}", CStr::from_ptr(namespace).to_string_lossy(), CStr::from_ptr(name).to_string_lossy())
+    }
+}
+
+unsafe fn resolve_columns(
+    table: &str,
+    tupdesc: pg_sys::TupleDesc,
+    names: &[String],
+    argument: &'static str,
+    memory: pg_sys::MemoryContext,
+) -> Result<Vec<Column>, OutboxError> {
+    let natts = unsafe { (*tupdesc).natts };
+    let mut columns = Vec::with_capacity(names.len());
+    for name in names {
+        let found = (0..natts).find_map(|i| {
+            let attr = unsafe { &*(*tupdesc).attrs.as_ptr().add(i as usize) };
+            let attname = unsafe { CStr::from_ptr(attr.attname.data.as_ptr()) };
+            (!attr.attisdropped && attname.to_bytes() == name.as_bytes()).then_some((i + 1, attr.atttypid, attr.atttypmod, attr.attcollation))
+        });
+        let Some((attnum, typid, typmod, collation)) = found else {
+            return Err(OutboxError::Capture(
+                table.to_string(),
+                format!("column \"{name}\" named in {argument} no longer exists; run outbox_attach again"),
+            ));
+        };
+        columns.push(Column { attnum, name: name.clone(), encoding: unsafe { encoding_for(typid, typmod, collation, memory) } });
+    }
+    Ok(columns)
+}
+
+unsafe fn encoding_for(typid: pg_sys::Oid, typmod: i32, collation: pg_sys::Oid, memory: pg_sys::MemoryContext) -> Encoding {
+    let utf8 = unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_UTF8 as i32;
+    match typid {
+        pg_sys::INT2OID => Encoding::Int2,
+        pg_sys::INT4OID => Encoding::Int4,
+        pg_sys::INT8OID => Encoding::Int8,
+        pg_sys::BOOLOID => Encoding::Bool,
+        pg_sys::TEXTOID | pg_sys::VARCHAROID if utf8 => Encoding::Text,
+        _ => unsafe {
+            let previous = pg_sys::MemoryContextSwitchTo(memory);
+            let function = pg_sys::fmgr_internal_function(c"to_json".as_ptr());
+            let finfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+            pg_sys::fmgr_info_cxt(function, finfo, memory);
+            // to_json learns its argument type from the call expression
+            let argument = pg_sys::makeNullConst(typid, typmod, collation);
+            let arguments = pg_sys::lappend(std::ptr::null_mut(), argument.cast());
+            (*finfo).fn_expr = pg_sys::makeFuncExpr(
+                function,
+                pg_sys::JSONOID,
+                arguments,
+                pg_sys::InvalidOid,
+                pg_sys::InvalidOid,
+                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+            )
+            .cast();
+            pg_sys::MemoryContextSwitchTo(previous);
+            Encoding::ToJson(finfo)
+        },
+    }
+}
+
+unsafe fn encode_object(columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> String {
+    let mut object = ObjectWriter::new();
+    for column in columns {
+        let out = object.member(&column.name);
+        let mut isnull = false;
+        let value = unsafe { pg_sys::heap_getattr(tuple, column.attnum, tupdesc, &mut isnull) };
+        if isnull {
+            out.push_str("null");
+        } else {
+            unsafe { encode_value(&column.encoding, value, out) };
+        }
+    }
+    object.finish()
+}
+
+unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut String) {
+    // write! into a String cannot fail
+    match encoding {
+        Encoding::Int2 => drop(write!(out, "{}", value.value() as i16)),
+        Encoding::Int4 => drop(write!(out, "{}", value.value() as i32)),
+        Encoding::Int8 => drop(write!(out, "{}", value.value() as i64)),
+        Encoding::Bool => out.push_str(if value.value() != 0 { "true" } else { "false" }),
+        Encoding::Text => unsafe {
+            let text = pg_sys::pg_detoast_datum_packed(value.cast_mut_ptr());
+            push_json_string(out, pgrx::varlena::text_to_rust_str_unchecked(text));
+        },
+        Encoding::ToJson(finfo) => unsafe {
+            let json = pg_sys::FunctionCall1Coll(*finfo, pg_sys::InvalidOid, value);
+            let text = pg_sys::pg_detoast_datum_packed(json.cast_mut_ptr());
+            out.push_str(&String::from_utf8_lossy(pgrx::varlena::varlena_to_byte_slice(text)));
+        },
+    }
+}

@@ -1,0 +1,643 @@
+//! Claim, ack and fail.
+//!
+//! Events reach a subscription through a window over the log, as in PgQ: the subscription
+//! remembers a snapshot up to which everything has been handed out, and the next window is
+//! what became visible since. A transaction that drew a lower id but committed later lands in
+//! a later window, so no committed event is skipped. A window claim writes one ledger row and
+//! one small claim row, however many events it hands out; only events that need a second
+//! delivery (failed, expired, deferred behind their row, replayed) get a row of their own in
+//! `outbox_retries`.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hasher};
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiHeapTupleData, SpiTupleTable};
+
+use crate::error::OutboxError;
+use crate::ext::Extension;
+use crate::guc;
+use crate::ordering::{Blocked, OrderKey};
+use crate::policy::{check_batch_size, RetryPolicy};
+use crate::queries::{self as q, run};
+use crate::shape::EVENTS_PER_ROW;
+
+pub struct Claimed {
+    pub id: i64,
+    pub attempts: i32,
+}
+
+/// Microseconds since the Postgres epoch.
+type Micros = i64;
+
+pub fn now() -> Micros {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+pub fn timestamp(micros: Micros) -> TimestampWithTimeZone {
+    TimestampWithTimeZone::try_from(micros).unwrap_or_else(|_| TimestampWithTimeZone::positive_infinity())
+}
+
+fn micros_of(ts: TimestampWithTimeZone) -> Micros {
+    pg_sys::TimestampTz::from(ts)
+}
+
+pub fn interval_micros(interval: &Interval) -> i64 {
+    interval.as_micros().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+/// A uniform number in [0, 1) for backoff jitter; std's RandomState is freshly keyed per call.
+fn random_unit() -> f64 {
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+pub fn required<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData, ordinal: usize) -> Result<T, OutboxError> {
+    row.get::<T>(ordinal)?
+        .ok_or_else(|| OutboxError::Capture("outbox".into(), format!("unexpected NULL in column {ordinal}")))
+}
+
+/// The one row a query returns.
+pub fn single<'conn>(table: SpiTupleTable<'conn>) -> Result<SpiHeapTupleData<'conn>, OutboxError> {
+    table
+        .into_iter()
+        .next()
+        .ok_or_else(|| OutboxError::Capture("outbox".into(), "a query that returns one row returned none".into()))
+}
+
+pub fn subscription_by_name(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    name: &str,
+) -> Result<(i32, pgrx::JsonB), OutboxError> {
+    let table = run(client, extension, &q::FIND_SUBSCRIPTION, &[name.into()])?;
+    match table.into_iter().next() {
+        Some(row) => Ok((required(&row, 1)?, required(&row, 2)?)),
+        None => Err(OutboxError::UnknownSubscription(name.to_string())),
+    }
+}
+
+/// An open window claim and the events it handed out.
+struct OpenClaim {
+    claim_id: i64,
+    open_count: i32,
+    event_count: i32,
+    event_ids: Vec<i64>,
+    key_hashes: Vec<i64>,
+    table_hashes: Vec<i64>,
+    created_ats: Vec<TimestampWithTimeZone>,
+}
+
+impl OpenClaim {
+    fn order_key(&self, i: usize) -> OrderKey {
+        OrderKey { key_hash: self.key_hashes[i], table_hash: self.table_hashes[i] }
+    }
+}
+
+fn read_claims(table: SpiTupleTable<'_>) -> Result<Vec<OpenClaim>, OutboxError> {
+    table
+        .into_iter()
+        .map(|row| {
+            Ok(OpenClaim {
+                claim_id: required(&row, 1)?,
+                open_count: required(&row, 2)?,
+                event_count: required(&row, 3)?,
+                event_ids: required(&row, 4)?,
+                key_hashes: required(&row, 5)?,
+                table_hashes: required(&row, 6)?,
+                created_ats: required(&row, 7)?,
+            })
+        })
+        .collect()
+}
+
+/// Indexes of the claim's events that were not yet acked, failed or expired.
+fn unresolved(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    claim: &OpenClaim,
+) -> Result<Vec<usize>, OutboxError> {
+    let all = 0..claim.event_ids.len();
+    if claim.open_count == claim.event_count {
+        return Ok(all.collect());
+    }
+    let table = run(client, extension, &q::RESOLVED_EVENTS, &[subscription.into(), claim.claim_id.into()])?;
+    let resolved: HashSet<i64> = table.first().get::<Vec<i64>>(1)?.unwrap_or_default().into_iter().collect();
+    Ok(all.filter(|&i| !resolved.contains(&claim.event_ids[i])).collect())
+}
+
+/// Events that go to `outbox_retries` together, with what each needs there.
+#[derive(Default)]
+struct RetryBatch {
+    ids: Vec<i64>,
+    key_hashes: Vec<i64>,
+    table_hashes: Vec<i64>,
+    created_ats: Vec<TimestampWithTimeZone>,
+    visible_ats: Vec<TimestampWithTimeZone>,
+}
+
+impl RetryBatch {
+    fn push(&mut self, id: i64, key: OrderKey, created_at: TimestampWithTimeZone, visible_at: Micros) {
+        self.ids.push(id);
+        self.key_hashes.push(key.key_hash);
+        self.table_hashes.push(key.table_hash);
+        self.created_ats.push(created_at);
+        self.visible_ats.push(timestamp(visible_at));
+    }
+
+    fn insert(
+        self,
+        client: &mut SpiClient<'_>,
+        extension: &Extension,
+        subscription: i32,
+        attempts: i32,
+        leased_until: Option<Micros>,
+        error: Option<&str>,
+    ) -> Result<(), OutboxError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        run(
+            client,
+            extension,
+            &q::ADD_RETRIES,
+            &[
+                subscription.into(),
+                self.ids.into(),
+                self.key_hashes.into(),
+                self.table_hashes.into(),
+                self.created_ats.into(),
+                attempts.into(),
+                leased_until.map(timestamp).into(),
+                error.into(),
+                self.visible_ats.into(),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// An event whose retry budget is used up.
+struct Dead {
+    id: i64,
+    attempts: i32,
+    key: OrderKey,
+}
+
+/// Moves events to the dead letters and counts them.
+fn bury(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    dead: Vec<Dead>,
+    error: Option<&str>,
+    now: Micros,
+) -> Result<(), OutboxError> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let count = dead.len() as i64;
+    let ids: Vec<i64> = dead.iter().map(|d| d.id).collect();
+    let attempts: Vec<i32> = dead.iter().map(|d| d.attempts).collect();
+    let key_hashes: Vec<i64> = dead.iter().map(|d| d.key.key_hash).collect();
+    let table_hashes: Vec<i64> = dead.iter().map(|d| d.key.table_hash).collect();
+    run(
+        client,
+        extension,
+        &q::BURY,
+        &[
+            subscription.into(),
+            ids.into(),
+            attempts.into(),
+            key_hashes.into(),
+            table_hashes.into(),
+            error.into(),
+            timestamp(now).into(),
+        ],
+    )?;
+    count_stats(client, extension, subscription, now, Stats { dead: count, ..Stats::default() })
+}
+
+#[derive(Default)]
+struct Stats {
+    acked: i64,
+    latency_sum: f64,
+    failed: i64,
+    dead: i64,
+}
+
+fn count_stats(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    now: Micros,
+    stats: Stats,
+) -> Result<(), OutboxError> {
+    run(
+        client,
+        extension,
+        &q::COUNT_STATS,
+        &[
+            subscription.into(),
+            timestamp(now).into(),
+            stats.acked.into(),
+            stats.latency_sum.into(),
+            stats.failed.into(),
+            stats.dead.into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Closes the claim when its last event is resolved.
+fn settle(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    claim: &OpenClaim,
+    resolved_now: usize,
+) -> Result<(), OutboxError> {
+    let open = claim.open_count - resolved_now as i32;
+    if open <= 0 {
+        run(client, extension, &q::CLOSE_CLAIM, &[subscription.into(), claim.claim_id.into()])?;
+    } else {
+        run(client, extension, &q::SET_OPEN_COUNT, &[subscription.into(), claim.claim_id.into(), open.into()])?;
+    }
+    Ok(())
+}
+
+fn record_resolution(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    claim_id: Option<i64>,
+    kind: &str,
+    ids: Vec<i64>,
+    now: Micros,
+) -> Result<(), OutboxError> {
+    run(
+        client,
+        extension,
+        &q::RECORD_RESOLUTION,
+        &[subscription.into(), claim_id.into(), kind.into(), timestamp(now).into(), ids.into()],
+    )?;
+    Ok(())
+}
+
+/// Returns the expired claims' unresolved events to the retry table, or to the dead letters
+/// when one hand-out is all the policy allows.
+fn rescue_expired(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    policy: &RetryPolicy,
+    now: Micros,
+) -> Result<(), OutboxError> {
+    let expired = run(client, extension, &q::EXPIRED_CLAIMS, &[subscription.into(), timestamp(now).into()])?;
+    for claim in read_claims(expired)? {
+        let open = unresolved(client, extension, subscription, &claim)?;
+        if !open.is_empty() {
+            let ids: Vec<i64> = open.iter().map(|&i| claim.event_ids[i]).collect();
+            record_resolution(client, extension, subscription, Some(claim.claim_id), "x", ids.clone(), now)?;
+            if policy.exhausted(1) {
+                let dead = open.iter().map(|&i| Dead { id: claim.event_ids[i], attempts: 1, key: claim.order_key(i) }).collect();
+                bury(client, extension, subscription, dead, Some("lease expired"), now)?;
+            } else {
+                let mut batch = RetryBatch::default();
+                for &i in &open {
+                    batch.push(claim.event_ids[i], claim.order_key(i), claim.created_ats[i], now);
+                }
+                // leased_until in the past: claimable again, and a late ack still counts
+                batch.insert(client, extension, subscription, 1, Some(now), Some("lease expired"))?;
+            }
+        }
+        run(client, extension, &q::CLOSE_CLAIM, &[subscription.into(), claim.claim_id.into()])?;
+    }
+    Ok(())
+}
+
+/// A log row as a claim reads it.
+struct LogRow {
+    base: i64,
+    n: i32,
+    key_hashes: Vec<i64>,
+    table_hash: i64,
+    created_at: TimestampWithTimeZone,
+}
+
+fn read_log_rows(table: SpiTupleTable<'_>) -> Result<Vec<LogRow>, OutboxError> {
+    table
+        .into_iter()
+        .map(|row| {
+            Ok(LogRow {
+                base: required(&row, 1)?,
+                n: required(&row, 2)?,
+                key_hashes: required(&row, 3)?,
+                table_hash: required(&row, 4)?,
+                created_at: required(&row, 5)?,
+            })
+        })
+        .collect()
+}
+
+pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Vec<Claimed>, OutboxError> {
+    check_batch_size(batch_size)?;
+    let lease_micros = interval_micros(lease);
+    if lease_micros <= 0 {
+        return Err(OutboxError::Lease(lease.to_string()));
+    }
+    let extension = Extension::current()?;
+    let now = now();
+    let expires = now.saturating_add(lease_micros);
+    let batch = batch_size as usize;
+    Spi::connect_mut(|client| {
+        let locked = run(client, &extension, &q::LOCK_SUBSCRIPTION, &[subscription.into()])?;
+        let Some(row) = locked.into_iter().next() else {
+            return Err(OutboxError::UnknownSubscription(subscription.to_string()));
+        };
+        let sub: i32 = required(&row, 1)?;
+        let options: pgrx::JsonB = required(&row, 2)?;
+        let mut done_seq: i64 = required(&row, 3)?;
+        let mut window_seq: i64 = required(&row, 4)?;
+        let mut cursor: i64 = required(&row, 5)?;
+        let policy = guc::retry_policy().with_overrides(&options.0)?;
+
+        rescue_expired(client, &extension, sub, &policy, now)?;
+        let mut blocked = Blocked::default();
+        for claim in read_claims(run(client, &extension, &q::OPEN_CLAIMS, &[sub.into()])?)? {
+            for i in unresolved(client, &extension, sub, &claim)? {
+                blocked.add(claim.order_key(i));
+            }
+        }
+
+        // The retry table first: it holds the oldest undelivered events.
+        let mut claimed = Vec::with_capacity(batch);
+        let has_retries = run(client, &extension, &q::HAS_RETRIES, &[sub.into()])?.first().get::<bool>(1)?.unwrap_or(false);
+        if has_retries {
+            let candidates =
+                run(client, &extension, &q::RETRY_CANDIDATES, &[sub.into(), timestamp(now).into(), batch_size.into()])?;
+            let mut lease_ids = Vec::new();
+            let mut dead = Vec::new();
+            for row in candidates {
+                let id: i64 = required(&row, 1)?;
+                let key = OrderKey { key_hash: required(&row, 2)?, table_hash: required(&row, 3)? };
+                let attempts: i32 = required(&row, 4)?;
+                let lease_expired: bool = required(&row, 5)?;
+                if lease_expired && policy.exhausted(attempts) {
+                    dead.push(Dead { id, attempts, key });
+                    continue;
+                }
+                if !blocked.blocks(key) {
+                    lease_ids.push(id);
+                }
+                blocked.add(key);
+            }
+            bury(client, &extension, sub, dead, Some("lease expired"), now)?;
+            if !lease_ids.is_empty() {
+                let leased = run(client, &extension, &q::LEASE_RETRIES, &[sub.into(), lease_ids.into(), timestamp(expires).into()])?;
+                for row in leased {
+                    claimed.push(Claimed { id: required(&row, 1)?, attempts: required(&row, 2)? });
+                }
+            }
+        }
+
+        // Then the window, in id order, deferring events whose row is busy.
+        let mut taken = RetryBatch::default();
+        let mut deferred = RetryBatch::default();
+        let mut advanced = false;
+        let last_straddler = |done_seq: i64| done_seq + EVENTS_PER_ROW - 1;
+        'window: while claimed.len() + taken.ids.len() < batch {
+            let wanted = (batch - claimed.len() - taken.ids.len()) as i64;
+            let straddling = cursor < last_straddler(done_seq);
+            let rows = if straddling {
+                run(
+                    client,
+                    &extension,
+                    &q::STRADDLERS,
+                    &[sub.into(), done_seq.into(), (cursor - EVENTS_PER_ROW).into(), (wanted + 1).into()],
+                )?
+            } else {
+                let lower = done_seq.max(cursor - EVENTS_PER_ROW);
+                run(client, &extension, &q::WINDOW_ROWS, &[sub.into(), lower.into(), window_seq.into(), (wanted + 1).into()])?
+            };
+            let rows = read_log_rows(rows)?;
+            let fetched = rows.len() as i64;
+            if has_retries && !rows.is_empty() {
+                add_retry_blockers(client, &extension, sub, &rows, &mut blocked)?;
+            }
+            for row in &rows {
+                for ord in 1..=i64::from(row.n) {
+                    let id = row.base + ord - 1;
+                    if id <= cursor {
+                        continue;
+                    }
+                    if claimed.len() + taken.ids.len() == batch {
+                        break 'window;
+                    }
+                    let key = OrderKey { key_hash: row.key_hashes[(ord - 1) as usize], table_hash: row.table_hash };
+                    if blocked.blocks(key) {
+                        deferred.push(id, key, row.created_at, now);
+                    } else {
+                        taken.push(id, key, row.created_at, now);
+                    }
+                    blocked.add(key);
+                    cursor = id;
+                }
+            }
+            if fetched > wanted {
+                continue;
+            }
+            // fewer rows than asked for: this part of the window is used up
+            if straddling {
+                cursor = cursor.max(last_straddler(done_seq));
+            } else if advanced {
+                break;
+            } else {
+                let next = single(run(client, &extension, &q::ADVANCE_WINDOW, &[sub.into()])?)?;
+                done_seq = required(&next, 1)?;
+                window_seq = required(&next, 2)?;
+                cursor = 0;
+                advanced = true;
+            }
+        }
+
+        deferred.insert(client, &extension, sub, 0, None, None)?;
+        if !taken.ids.is_empty() {
+            claimed.extend(taken.ids.iter().map(|&id| Claimed { id, attempts: 1 }));
+            run(
+                client,
+                &extension,
+                &q::RECORD_CLAIM,
+                &[
+                    sub.into(),
+                    timestamp(now).into(),
+                    timestamp(expires).into(),
+                    taken.ids.into(),
+                    taken.key_hashes.into(),
+                    taken.table_hashes.into(),
+                    taken.created_ats.into(),
+                ],
+            )?;
+        }
+        run(client, &extension, &q::SAVE_CURSOR, &[sub.into(), cursor.into()])?;
+        claimed.sort_unstable_by_key(|c| c.id);
+        Ok(claimed)
+    })
+}
+
+/// Adds the pending retries that share a row or table with these log rows' events.
+fn add_retry_blockers(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    rows: &[LogRow],
+    blocked: &mut Blocked,
+) -> Result<(), OutboxError> {
+    let mut keys: Vec<i64> = rows.iter().flat_map(|r| r.key_hashes.iter().copied()).collect();
+    let tables: Vec<i64> = rows.iter().map(|r| r.table_hash).collect();
+    keys.extend(&tables);
+    let found = run(client, extension, &q::RETRY_BLOCKERS, &[subscription.into(), keys.into(), tables.into()])?;
+    for row in found {
+        blocked.add(OrderKey { key_hash: required(&row, 1)?, table_hash: required(&row, 2)? });
+    }
+    Ok(())
+}
+
+fn wanted_ids(ids: Option<Vec<Option<i64>>>) -> Result<HashSet<i64>, OutboxError> {
+    Ok(ids.ok_or(OutboxError::NullArgument("ids"))?.into_iter().flatten().collect())
+}
+
+/// The open window claims holding any of `wanted`, locked, with the indexes of their still
+/// unresolved events among `wanted`.
+fn claims_holding(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    wanted: &HashSet<i64>,
+) -> Result<Vec<(OpenClaim, Vec<usize>)>, OutboxError> {
+    let mut holding = Vec::new();
+    for claim in read_claims(run(client, extension, &q::OPEN_CLAIMS, &[subscription.into()])?)? {
+        if !claim.event_ids.iter().any(|id| wanted.contains(id)) {
+            continue;
+        }
+        let locked = run(client, extension, &q::LOCK_CLAIM, &[subscription.into(), claim.claim_id.into()])?;
+        let Some(row) = locked.into_iter().next() else { continue };
+        let claim = OpenClaim { open_count: required(&row, 1)?, ..claim };
+        let hits: Vec<usize> = unresolved(client, extension, subscription, &claim)?
+            .into_iter()
+            .filter(|&i| wanted.contains(&claim.event_ids[i]))
+            .collect();
+        if !hits.is_empty() {
+            holding.push((claim, hits));
+        }
+    }
+    Ok(holding)
+}
+
+pub fn ack(ids: Option<Vec<Option<i64>>>, subscription: &str) -> Result<i32, OutboxError> {
+    let wanted = wanted_ids(ids)?;
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        let (sub, _) = subscription_by_name(client, &extension, subscription)?;
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        let now = now();
+        let age = |created_at: TimestampWithTimeZone| (now - micros_of(created_at)) as f64 / 1e6;
+        let mut stats = Stats::default();
+        for (claim, hits) in claims_holding(client, &extension, sub, &wanted)? {
+            let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
+            record_resolution(client, &extension, sub, Some(claim.claim_id), "a", ids, now)?;
+            settle(client, &extension, sub, &claim, hits.len())?;
+            stats.acked += hits.len() as i64;
+            stats.latency_sum += hits.iter().map(|&i| age(claim.created_ats[i])).sum::<f64>();
+        }
+        let list: Vec<i64> = wanted.into_iter().collect();
+        let mut retried = Vec::new();
+        for row in run(client, &extension, &q::ACK_RETRIES, &[sub.into(), list.into()])? {
+            retried.push(required::<i64>(&row, 1)?);
+            stats.latency_sum += age(required(&row, 2)?);
+        }
+        if !retried.is_empty() {
+            stats.acked += retried.len() as i64;
+            record_resolution(client, &extension, sub, None, "a", retried, now)?;
+        }
+        let acked = stats.acked as i32;
+        if acked > 0 {
+            count_stats(client, &extension, sub, now, stats)?;
+        }
+        Ok(acked)
+    })
+}
+
+pub fn fail(
+    ids: Option<Vec<Option<i64>>>,
+    error: Option<&str>,
+    subscription: &str,
+    retry_after: Option<&Interval>,
+) -> Result<i32, OutboxError> {
+    let wanted = wanted_ids(ids)?;
+    let retry_after = match retry_after {
+        Some(interval) if interval_micros(interval) < 0 => return Err(OutboxError::RetryAfter(interval.to_string())),
+        Some(interval) => Some(interval_micros(interval)),
+        None => None,
+    };
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        let (sub, options) = subscription_by_name(client, &extension, subscription)?;
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        let policy = guc::retry_policy().with_overrides(&options.0)?;
+        let now = now();
+        let retry_at = |attempts: i32| {
+            let delay = retry_after.unwrap_or_else(|| policy.backoff(attempts, random_unit()).as_micros() as i64);
+            now.saturating_add(delay)
+        };
+        let mut failed = 0i64;
+        let mut dead = Vec::new();
+
+        // events of window claims have been handed out once
+        let mut later = RetryBatch::default();
+        for (claim, hits) in claims_holding(client, &extension, sub, &wanted)? {
+            let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
+            record_resolution(client, &extension, sub, Some(claim.claim_id), "f", ids, now)?;
+            settle(client, &extension, sub, &claim, hits.len())?;
+            failed += hits.len() as i64;
+            for i in hits {
+                if policy.exhausted(1) {
+                    dead.push(Dead { id: claim.event_ids[i], attempts: 1, key: claim.order_key(i) });
+                } else {
+                    later.push(claim.event_ids[i], claim.order_key(i), claim.created_ats[i], retry_at(1));
+                }
+            }
+        }
+        later.insert(client, &extension, sub, 1, None, error)?;
+
+        let list: Vec<i64> = wanted.into_iter().collect();
+        let mut again = (Vec::new(), Vec::new());
+        for row in run(client, &extension, &q::LEASED_RETRIES, &[sub.into(), list.into()])? {
+            let id: i64 = required(&row, 1)?;
+            let attempts: i32 = required(&row, 2)?;
+            let key = OrderKey { key_hash: required(&row, 3)?, table_hash: required(&row, 4)? };
+            failed += 1;
+            if policy.exhausted(attempts) {
+                dead.push(Dead { id, attempts, key });
+            } else {
+                again.0.push(id);
+                again.1.push(timestamp(retry_at(attempts)));
+            }
+        }
+        if !again.0.is_empty() {
+            run(client, &extension, &q::RETRY_LATER, &[sub.into(), again.0.into(), again.1.into(), error.into()])?;
+        }
+        bury(client, &extension, sub, dead, error, now)?;
+        if failed > 0 {
+            count_stats(client, &extension, sub, now, Stats { failed, ..Stats::default() })?;
+        }
+        Ok(failed as i32)
+    })
+}

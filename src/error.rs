@@ -1,0 +1,100 @@
+//! The one error type of the extension. Every public function returns `Result<_, OutboxError>`
+//! and the thin `#[pg_extern]` wrappers turn an error into an ERROR with a SQLSTATE that lets
+//! callers branch on the kind of mistake.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("subscription \"{0}\" does not exist")]
+    UnknownSubscription(String),
+    #[error("subscription \"{0}\" already exists")]
+    DuplicateSubscription(String),
+    #[error("invalid subscription name {0:?}: {1}")]
+    InvalidSubscriptionName(String, &'static str),
+    #[error("batch_size must be between 1 and {max}, got {got}")]
+    BatchSize { got: i32, max: i32 },
+    #[error("lease must be a positive interval, got {0}")]
+    Lease(String),
+    #[error("retry_after must not be negative, got {0}")]
+    RetryAfter(String),
+    #[error("{0} must not be NULL")]
+    NullArgument(&'static str),
+    #[error("table {0} has no primary key; pass key_columns to say which columns identify a row")]
+    NoKey(String),
+    #[error("column \"{column}\" named in {argument} does not exist in table {table}")]
+    UnknownColumn { table: String, column: String, argument: &'static str },
+    #[error("{argument} must not be empty; pass NULL instead")]
+    EmptyColumnList { argument: &'static str },
+    #[error("{0} is not a table; outbox_attach needs an ordinary or partitioned table")]
+    NotATable(String),
+    #[error("table {0} is not attached to the outbox")]
+    NotAttached(String),
+    #[error("must be owner of table {0} to attach or detach it")]
+    NotOwner(String),
+    #[error("invalid event_prefix {0:?}: {1}")]
+    EventPrefix(String, &'static str),
+    #[error("unknown sink {0:?}; expected one of: pull, function, http")]
+    UnknownSink(String),
+    #[error("invalid options for subscription: {0}")]
+    InvalidOptions(String),
+    #[error("outbox_replay needs since or ids to say which events to replay")]
+    ReplayWithoutSelection,
+    #[error("{0} must run in a READ COMMITTED transaction")]
+    NeedsReadCommitted(&'static str),
+    #[error("extension \"outbox\" is not installed in this database")]
+    NotInstalled,
+    #[error("captured changes of table {0} could not be encoded: {1}")]
+    Capture(String, String),
+    #[error(transparent)]
+    Spi(#[from] spi::Error),
+}
+
+impl OutboxError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use OutboxError::*;
+        use PgSqlErrorCode::*;
+        match self {
+            UnknownSubscription(_) | NotAttached(_) | NotInstalled => ERRCODE_UNDEFINED_OBJECT,
+            DuplicateSubscription(_) => ERRCODE_DUPLICATE_OBJECT,
+            NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            NoKey(_) => ERRCODE_INVALID_TABLE_DEFINITION,
+            UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+            NotATable(_) => ERRCODE_WRONG_OBJECT_TYPE,
+            NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            NeedsReadCommitted(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
+            Capture(..) | Spi(_) => ERRCODE_INTERNAL_ERROR,
+            InvalidSubscriptionName(..)
+            | BatchSize { .. }
+            | Lease(_)
+            | RetryAfter(_)
+            | EmptyColumnList { .. }
+            | EventPrefix(..)
+            | UnknownSink(_)
+            | InvalidOptions(_)
+            | ReplayWithoutSelection => ERRCODE_INVALID_PARAMETER_VALUE,
+        }
+    }
+
+    /// Raises the error as a Postgres ERROR. Never returns.
+    pub fn raise(self) -> ! {
+        ErrorReport::new(self.sqlstate(), format!("outbox: {self}"), function_name!()).report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+/// Unwraps a result for a `#[pg_extern]` wrapper, raising the error as a Postgres ERROR.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T, OutboxError> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(value) => value,
+            Err(err) => err.raise(),
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! outbox: a transactional outbox for embedding tables.
+//!
+//! Pure logic (policy, shape, ordering, triggers) has plain tests; the rest is the pgrx glue:
+//! the capture trigger, the SQL API and the queries they run.
+
+use pgrx::prelude::*;
+
+mod admin;
+mod api;
+mod attach;
+mod capture;
+mod consume;
+mod error;
+mod ext;
+mod guc;
+mod ordering;
+mod policy;
+mod queries;
+mod shape;
+mod triggers;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "outbox_schema", bootstrap);
+extension_sql_file!(
+    "../sql/api.sql",
+    name = "outbox_api",
+    requires = ["outbox_capture", outbox_claim_ids, outbox_ack, outbox_fail]
+);
+extension_sql_file!("../sql/privileges.sql", name = "outbox_privileges", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+    capture::init();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

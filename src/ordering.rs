@@ -1,0 +1,197 @@
+//! Ordering decisions, kept pure: how the events one statement captured are ordered and cut
+//! into log rows, and which events a claim may hand out without breaking per-key order.
+
+use std::collections::HashSet;
+use std::ops::Range;
+
+use crate::shape::{Op, EVENTS_PER_ROW};
+
+/// One change captured by the row trigger, waiting for the end of its statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedEvent {
+    /// Subtransaction that captured it; dropped if that subtransaction rolls back.
+    pub subxact: u32,
+    pub source: u32,
+    /// Command id of the statement that wrote the row.
+    pub command: u32,
+    pub op: Op,
+    /// Part of an UPDATE (a key change is a DELETE and an UPSERT from the same row).
+    pub from_update: bool,
+    pub key: String,
+    pub data: Option<String>,
+    pub key_hash: i64,
+}
+
+/// Within one UPDATE statement, puts every DELETE before every UPSERT. An UPDATE that swaps
+/// keys between rows (1→2 and 2→1) captures DELETE 1, UPSERT 2, DELETE 2, UPSERT 1 in row
+/// order; replayed in that order the copy would lose key 2. Deletes first is always right,
+/// because after the statement every new key exists and every vacated key does not.
+pub fn order_for_flush(events: &mut [CapturedEvent]) {
+    let mut start = 0;
+    while start < events.len() {
+        let mut end = start + 1;
+        if events[start].from_update {
+            while end < events.len()
+                && events[end].from_update
+                && events[end].source == events[start].source
+                && events[end].command == events[start].command
+            {
+                end += 1;
+            }
+            // stable: keeps row order among the deletes and among the upserts
+            events[start..end].sort_by_key(|e| e.op != Op::Delete);
+        }
+        start = end;
+    }
+}
+
+/// Cuts ordered events into log rows: consecutive events of one table and one operation, at
+/// most `EVENTS_PER_ROW` each.
+pub fn log_rows(events: &[CapturedEvent]) -> Vec<Range<usize>> {
+    let mut rows = Vec::new();
+    let mut start = 0;
+    for i in 1..=events.len() {
+        let boundary = i == events.len()
+            || events[i].source != events[start].source
+            || events[i].op != events[start].op
+            || (i - start) as i64 == EVENTS_PER_ROW;
+        if boundary {
+            rows.push(start..i);
+            start = i;
+        }
+    }
+    rows
+}
+
+/// What an event is, as far as ordering is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderKey {
+    /// The source row, or for a TRUNCATE the whole table.
+    pub key_hash: i64,
+    /// The table the event belongs to.
+    pub table_hash: i64,
+}
+
+impl OrderKey {
+    pub fn is_truncate(&self) -> bool {
+        self.key_hash == self.table_hash
+    }
+}
+
+/// The rows and tables that already have an event in flight or waiting ahead in a
+/// subscription. An event must wait while its row is blocked; a TRUNCATE must wait while
+/// anything of its table is; any row event must wait behind a pending TRUNCATE of its table.
+#[derive(Debug, Default)]
+pub struct Blocked {
+    keys: HashSet<i64>,
+    tables: HashSet<i64>,
+}
+
+impl Blocked {
+    pub fn blocks(&self, event: OrderKey) -> bool {
+        if event.is_truncate() {
+            self.tables.contains(&event.table_hash)
+        } else {
+            self.keys.contains(&event.key_hash) || self.keys.contains(&event.table_hash)
+        }
+    }
+
+    /// Records an event that is in flight or pending, so later events of its row wait.
+    pub fn add(&mut self, event: OrderKey) {
+        self.keys.insert(event.key_hash);
+        self.tables.insert(event.table_hash);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(command: u32, op: Op, from_update: bool, key: &str) -> CapturedEvent {
+        CapturedEvent {
+            subxact: 1,
+            source: 10,
+            command,
+            op,
+            from_update,
+            key: key.to_string(),
+            data: None,
+            key_hash: 0,
+        }
+    }
+
+    fn keys(events: &[CapturedEvent]) -> Vec<(Op, &str)> {
+        events.iter().map(|e| (e.op, e.key.as_str())).collect()
+    }
+
+    #[test]
+    fn key_swap_puts_deletes_first() {
+        let mut events = vec![
+            event(1, Op::Delete, true, "1"),
+            event(1, Op::Upsert, true, "2"),
+            event(1, Op::Delete, true, "2"),
+            event(1, Op::Upsert, true, "1"),
+            event(1, Op::Upsert, true, "3"),
+        ];
+        order_for_flush(&mut events);
+        assert_eq!(
+            keys(&events),
+            vec![(Op::Delete, "1"), (Op::Delete, "2"), (Op::Upsert, "2"), (Op::Upsert, "1"), (Op::Upsert, "3")]
+        );
+    }
+
+    #[test]
+    fn separate_statements_and_inserts_are_not_reordered() {
+        let mut events = vec![
+            event(1, Op::Upsert, true, "2"),
+            event(2, Op::Delete, true, "2"),
+            event(3, Op::Upsert, false, "5"),
+            event(3, Op::Delete, false, "6"),
+        ];
+        let before = events.clone();
+        order_for_flush(&mut events);
+        assert_eq!(events, before);
+    }
+
+    #[test]
+    fn log_rows_split_by_table_operation_and_size() {
+        let mut events = vec![event(1, Op::Upsert, false, "a"); 5000];
+        events.push(event(1, Op::Delete, false, "b"));
+        let mut other = event(1, Op::Delete, false, "c");
+        other.source = 11;
+        events.push(other);
+        assert_eq!(log_rows(&events), vec![0..4096, 4096..5000, 5000..5001, 5001..5002]);
+        assert!(log_rows(&[]).is_empty());
+    }
+
+    fn row(key: i64, table: i64) -> OrderKey {
+        OrderKey { key_hash: key, table_hash: table }
+    }
+
+    fn truncate(table: i64) -> OrderKey {
+        OrderKey { key_hash: table, table_hash: table }
+    }
+
+    #[test]
+    fn a_row_in_flight_blocks_only_its_own_row() {
+        let mut blocked = Blocked::default();
+        assert!(!blocked.blocks(row(1, 100)));
+        blocked.add(row(1, 100));
+        assert!(blocked.blocks(row(1, 100)));
+        assert!(!blocked.blocks(row(2, 100)));
+    }
+
+    #[test]
+    fn truncate_waits_for_its_table_and_holds_back_later_rows() {
+        let mut blocked = Blocked::default();
+        blocked.add(row(1, 100));
+        assert!(blocked.blocks(truncate(100)));
+        assert!(!blocked.blocks(truncate(200)));
+
+        let mut blocked = Blocked::default();
+        blocked.add(truncate(100));
+        assert!(blocked.blocks(row(7, 100)));
+        assert!(blocked.blocks(truncate(100)));
+        assert!(!blocked.blocks(row(7, 200)));
+    }
+}

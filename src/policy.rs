@@ -1,0 +1,247 @@
+//! Delivery policy: argument limits, retry budget and backoff, and the per-subscription
+//! options that override the GUC defaults. Pure Rust, so every rule here has a plain test.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::error::OutboxError;
+
+/// Upper bound of `outbox_claim(batch_size)`. Larger batches would hold the subscription's
+/// claim lock for longer than a consumer could usefully process them.
+pub const MAX_BATCH_SIZE: i32 = 10_000;
+
+/// Jitter spreads retries of events that failed together, so a recovering sink is not hit by
+/// the whole failed batch at the same instant (the thundering herd pg-boss and River avoid).
+pub const JITTER: f64 = 0.10;
+
+pub fn check_batch_size(batch_size: i32) -> Result<(), OutboxError> {
+    if (1..=MAX_BATCH_SIZE).contains(&batch_size) {
+        Ok(())
+    } else {
+        Err(OutboxError::BatchSize { got: batch_size, max: MAX_BATCH_SIZE })
+    }
+}
+
+/// How often an event may be handed out and how long to wait between tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_attempts: i32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempts + 1`, after `attempts` failed hand-outs:
+    /// `base × 2^(attempts−1)`, capped at `backoff_max`, then scaled by a jitter factor in
+    /// `[1 − JITTER, 1 + JITTER]` (still capped). `unit` is a uniform random number in [0, 1).
+    pub fn backoff(&self, attempts: i32, unit: f64) -> Duration {
+        let exponent = attempts.saturating_sub(1).clamp(0, 62) as u32;
+        let base = self.backoff_base.as_secs_f64();
+        let uncapped = base * 2f64.powi(exponent as i32);
+        let capped = uncapped.min(self.backoff_max.as_secs_f64());
+        let jittered = capped * (1.0 - JITTER + 2.0 * JITTER * unit.clamp(0.0, 1.0));
+        Duration::from_secs_f64(jittered.min(self.backoff_max.as_secs_f64()).max(0.0))
+    }
+
+    /// True when an event handed out `attempts` times has used up its budget.
+    pub fn exhausted(&self, attempts: i32) -> bool {
+        attempts >= self.max_attempts
+    }
+
+    /// Applies the overrides a subscription carries in its options.
+    pub fn with_overrides(self, options: &Value) -> Result<Self, OutboxError> {
+        let overrides = SubscriptionOptions::parse(options)?;
+        Ok(RetryPolicy {
+            max_attempts: overrides.max_attempts.unwrap_or(self.max_attempts),
+            backoff_base: overrides.backoff_base.unwrap_or(self.backoff_base),
+            backoff_max: overrides.backoff_max.unwrap_or(self.backoff_max),
+        })
+    }
+}
+
+/// The options a subscription may carry. Keys other than these belong to the sink and are
+/// validated by it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    pub max_attempts: Option<i32>,
+    pub backoff_base: Option<Duration>,
+    pub backoff_max: Option<Duration>,
+}
+
+impl SubscriptionOptions {
+    pub fn parse(options: &Value) -> Result<Self, OutboxError> {
+        let object = as_object(options)?;
+        let mut parsed = SubscriptionOptions::default();
+        if let Some(value) = object.get("max_attempts") {
+            let attempts = value
+                .as_i64()
+                .filter(|n| (1..=i64::from(i32::MAX)).contains(n))
+                .ok_or_else(|| invalid(format!("max_attempts must be a positive integer, got {value}")))?;
+            parsed.max_attempts = Some(attempts as i32);
+        }
+        if let Some(value) = object.get("backoff_base") {
+            parsed.backoff_base = Some(duration_option("backoff_base", value)?);
+        }
+        if let Some(value) = object.get("backoff_max") {
+            parsed.backoff_max = Some(duration_option("backoff_max", value)?);
+        }
+        if let (Some(base), Some(max)) = (parsed.backoff_base, parsed.backoff_max) {
+            if base > max {
+                return Err(invalid(format!(
+                    "backoff_base ({}) must not exceed backoff_max ({})",
+                    format_duration(base),
+                    format_duration(max)
+                )));
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+pub fn as_object(options: &Value) -> Result<&Map<String, Value>, OutboxError> {
+    options.as_object().ok_or_else(|| invalid(format!("options must be a JSON object, got {options}")))
+}
+
+fn invalid(message: String) -> OutboxError {
+    OutboxError::InvalidOptions(message)
+}
+
+pub fn duration_option(name: &str, value: &Value) -> Result<Duration, OutboxError> {
+    let text = value
+        .as_str()
+        .ok_or_else(|| invalid(format!("{name} must be a duration string such as \"500ms\" or \"2s\", got {value}")))?;
+    parse_duration(text).map_err(|why| invalid(format!("{name}: {why}")))
+}
+
+/// Parses durations written the way Postgres writes GUC times: a number and a unit
+/// (`ms`, `s`, `min`, `h`, `d`), optionally separated by spaces, e.g. `250ms`, `1.5 s`, `10min`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?} has no unit; use ms, s, min, h or d"))?;
+    let (number, unit) = trimmed.split_at(split);
+    let amount: f64 = number.parse().map_err(|_| format!("{text:?} does not start with a number"))?;
+    let seconds_per_unit = match unit.trim() {
+        "ms" => 0.001,
+        "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
+        "min" | "mins" | "minute" | "minutes" => 60.0,
+        "h" | "hour" | "hours" => 3600.0,
+        "d" | "day" | "days" => 86_400.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?}; use ms, s, min, h or d")),
+    };
+    let seconds = amount * seconds_per_unit;
+    if !seconds.is_finite() || seconds > 365.0 * 86_400.0 {
+        return Err(format!("{text:?} is longer than a year"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+pub fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis % 1000 == 0 {
+        format!("{}s", millis / 1000)
+    } else {
+        format!("{millis}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 5,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn batch_size_limits() {
+        assert!(check_batch_size(1).is_ok());
+        assert!(check_batch_size(MAX_BATCH_SIZE).is_ok());
+        for bad in [0, -1, MAX_BATCH_SIZE + 1] {
+            let message = check_batch_size(bad).unwrap_err().to_string();
+            assert!(message.contains("batch_size must be between 1 and 10000"), "{message}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base_and_is_capped() {
+        let p = policy();
+        // unit 0.5 is the centre of the jitter range: no jitter
+        assert_eq!(p.backoff(1, 0.5), Duration::from_secs(1));
+        assert_eq!(p.backoff(2, 0.5), Duration::from_secs(2));
+        assert_eq!(p.backoff(3, 0.5), Duration::from_secs(4));
+        assert_eq!(p.backoff(4, 0.5), Duration::from_secs(8));
+        assert_eq!(p.backoff(5, 0.5), Duration::from_secs(10));
+        assert_eq!(p.backoff(60, 0.5), Duration::from_secs(10));
+        assert_eq!(p.backoff(i32::MAX, 0.5), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent_and_under_the_cap() {
+        let p = policy();
+        let low = p.backoff(3, 0.0).as_secs_f64();
+        let high = p.backoff(3, 0.999_999).as_secs_f64();
+        assert!((low - 3.6).abs() < 1e-6, "{low}");
+        assert!((high - 4.4).abs() < 1e-3, "{high}");
+        assert!(p.backoff(20, 0.999).as_secs_f64() <= 10.0);
+    }
+
+    #[test]
+    fn budget_is_exhausted_at_max_attempts() {
+        let p = policy();
+        assert!(!p.exhausted(4));
+        assert!(p.exhausted(5));
+        assert!(p.exhausted(6));
+    }
+
+    #[test]
+    fn overrides_replace_only_what_they_name() {
+        let p = policy().with_overrides(&json!({"max_attempts": 2, "url": "http://x"})).unwrap();
+        assert_eq!(p.max_attempts, 2);
+        assert_eq!(p.backoff_base, Duration::from_secs(1));
+        let p = policy().with_overrides(&json!({"backoff_base": "250ms", "backoff_max": "1min"})).unwrap();
+        assert_eq!(p.backoff_base, Duration::from_millis(250));
+        assert_eq!(p.backoff_max, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_options_are_named_in_the_error() {
+        let cases = [
+            (json!([1]), "options must be a JSON object"),
+            (json!({"max_attempts": 0}), "max_attempts must be a positive integer"),
+            (json!({"max_attempts": "3"}), "max_attempts must be a positive integer"),
+            (json!({"backoff_base": 5}), "backoff_base must be a duration string"),
+            (json!({"backoff_max": "5 fortnights"}), "backoff_max: unknown unit"),
+            (json!({"backoff_base": "10s", "backoff_max": "1s"}), "must not exceed backoff_max"),
+        ];
+        for (options, expected) in cases {
+            let message = SubscriptionOptions::parse(&options).unwrap_err().to_string();
+            assert!(message.contains(expected), "{options}: {message}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_like_guc_times() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration(" 1.5 s ").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("10min").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("12").unwrap_err().contains("no unit"));
+        assert!(parse_duration("ms").unwrap_err().contains("does not start with a number"));
+        assert!(parse_duration("400d").unwrap_err().contains("longer than a year"));
+    }
+
+    #[test]
+    fn durations_format_compactly() {
+        assert_eq!(format_duration(Duration::from_secs(3)), "3s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+}

@@ -1,0 +1,481 @@
+//! Every query the extension runs at runtime, and the cache of their prepared plans.
+//!
+//! `@extschema@` stands for the extension's schema, as in the extension script. Tables and
+//! functions are always qualified. The capture trigger's queries run under the writer's
+//! search_path, so their operators are qualified too; all other queries run inside functions
+//! that pin `search_path = pg_catalog, pg_temp`, where operators can only resolve to pg_catalog.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::{self, Oid, PgOid};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+
+use crate::error::OutboxError;
+use crate::ext::Extension;
+
+pub struct Sql {
+    pub text: &'static str,
+    pub args: &'static [Oid],
+}
+
+use pg_sys::{
+    BOOLOID as BOOL, INT2OID as INT2, INT4OID as INT4, INT8ARRAYOID as INT8S, INT8OID as INT8, JSONBOID as JSONB, OIDOID as OID, TEXTARRAYOID as TEXTS, TEXTOID as TEXT, TIMESTAMPTZARRAYOID as TIMES,
+    TIMESTAMPTZOID as TIME,
+};
+
+thread_local! {
+    static PLANS: RefCell<HashMap<usize, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// Drops cached plans; called when the extension was created anew under another oid.
+pub fn forget_plans() {
+    PLANS.with(|p| p.borrow_mut().clear());
+}
+
+/// Runs `sql` with a plan prepared once per backend and kept (SPI_keepplan).
+pub fn run<'conn>(
+    client: &mut SpiClient<'conn>,
+    extension: &Extension,
+    sql: &'static Sql,
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'conn>, OutboxError> {
+    let key = sql as *const Sql as usize;
+    let plan = PLANS.with(|p| p.borrow().get(&key).cloned());
+    let plan = match plan {
+        Some(plan) => plan,
+        None => {
+            let text = sql.text.replace("@extschema@", &extension.schema);
+            let types: Vec<PgOid> = sql.args.iter().map(|oid| PgOid::from(*oid)).collect();
+            let plan = Rc::new(client.prepare_mut(text.as_str(), &types)?.keep());
+            PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
+            plan
+        }
+    };
+    Ok(client.update(&*plan, None, args)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// capture (runs under the writer's search_path)
+
+pub static APPEND_LOG_ROW: Sql = Sql {
+    text: "INSERT INTO @extschema@.outbox_log \
+             (slot, n, source, source_name, op, type, keys, data, key_hashes, table_hash) \
+           SELECT r.current_slot, $1, $2, $3, $4::pg_catalog.\"char\", $5, $6::pg_catalog.jsonb, \
+                  $7::pg_catalog.jsonb, $8, $9 \
+           FROM @extschema@.outbox_rotation r",
+    args: &[INT4, OID, TEXT, TEXT, TEXT, TEXT, TEXT, INT8S, INT8],
+};
+
+/// The attachment of a table, or for a partition the attachment of its nearest attached
+/// ancestor (row triggers are cloned onto partitions).
+pub static ATTACHMENT_CONFIG: Sql = Sql {
+    text: "SELECT a.source::pg_catalog.oid, a.generation, a.event_prefix, a.key_columns, a.payload_columns \
+           FROM (SELECT $1::pg_catalog.regclass, 0 \
+                 UNION ALL SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS p(relid, depth) \
+           JOIN @extschema@.outbox_attachments a ON a.source OPERATOR(pg_catalog.=) p.relid \
+           ORDER BY p.depth LIMIT 1",
+    args: &[OID],
+};
+
+// ---------------------------------------------------------------------------------------
+// attach
+
+pub static TABLE_FACTS: Sql = Sql {
+    text: "SELECT c.relkind::text, pg_catalog.pg_has_role(c.relowner, 'USAGE'), \
+                  ARRAY(SELECT a.attname::text \
+                        FROM pg_catalog.pg_index i \
+                        JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                        WHERE i.indrelid = c.oid AND i.indisprimary \
+                        ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)) \
+           FROM pg_catalog.pg_class c WHERE c.oid = $1",
+    args: &[OID],
+};
+
+pub static OPERATOR_IS_BUILTIN: Sql = Sql {
+    text: "SELECT o.oprnamespace = 'pg_catalog'::regnamespace FROM pg_catalog.pg_operator o WHERE o.oid = $1",
+    args: &[OID],
+};
+
+pub static SAVE_ATTACHMENT: Sql = Sql {
+    text: "INSERT INTO @extschema@.outbox_attachments \
+             (source, key_columns, payload_columns, watch_columns, event_prefix, generation) \
+           VALUES ($1, $2, $3, $4, $5, pg_catalog.nextval('@extschema@.outbox_attachment_generation')) \
+           ON CONFLICT (source) DO UPDATE SET key_columns = EXCLUDED.key_columns, \
+             payload_columns = EXCLUDED.payload_columns, watch_columns = EXCLUDED.watch_columns, \
+             event_prefix = EXCLUDED.event_prefix, generation = EXCLUDED.generation, attached_at = pg_catalog.now() \
+           RETURNING generation",
+    args: &[OID, TEXTS, TEXTS, TEXTS, TEXT],
+};
+
+pub static CAPTURE_TRIGGERS: Sql = Sql {
+    text: "SELECT tgname::text FROM pg_catalog.pg_trigger WHERE tgrelid = $1 AND tgname = ANY ($2)",
+    args: &[OID, TEXTS],
+};
+
+pub static DELETE_ATTACHMENT: Sql = Sql {
+    text: "DELETE FROM @extschema@.outbox_attachments WHERE source = $1 RETURNING 1",
+    args: &[OID],
+};
+
+// ---------------------------------------------------------------------------------------
+// subscriptions
+
+pub static SUBSCRIBE: Sql = Sql {
+    text: "INSERT INTO @extschema@.outbox_subscriptions \
+             (name, sink, options, done_snapshot, done_seq, window_snapshot, window_seq) \
+           SELECT $1, $2, $3, w.snap, w.seq, w.snap, w.seq \
+           FROM (SELECT CASE WHEN $4 THEN '1:1:'::pg_catalog.pg_snapshot ELSE pg_catalog.pg_current_snapshot() END AS snap, \
+                        CASE WHEN $4 THEN 1 - 4096 ELSE (SELECT last_value FROM @extschema@.outbox_event_id_seq) END AS seq) w \
+           ON CONFLICT (name) DO NOTHING RETURNING id",
+    args: &[TEXT, TEXT, JSONB, BOOL],
+};
+
+pub static UNSUBSCRIBE: Sql = Sql {
+    text: "WITH gone AS (DELETE FROM @extschema@.outbox_subscriptions WHERE name = $1 RETURNING id, name), \
+                r AS (DELETE FROM @extschema@.outbox_retries USING gone WHERE subscription_id = gone.id), \
+                c AS (DELETE FROM @extschema@.outbox_claims USING gone WHERE subscription_id = gone.id), \
+                s AS (DELETE FROM @extschema@.outbox_stats USING gone WHERE subscription_id = gone.id), \
+                d AS (DELETE FROM @extschema@.outbox_dead_letters USING gone WHERE subscription = gone.name) \
+           SELECT count(*) FROM gone",
+    args: &[TEXT],
+};
+
+pub static FIND_SUBSCRIPTION: Sql = Sql {
+    text: "SELECT id, options FROM @extschema@.outbox_subscriptions WHERE name = $1",
+    args: &[TEXT],
+};
+
+// ---------------------------------------------------------------------------------------
+// claim
+
+/// Serializes claims of one subscription; acks and fails do not take this lock.
+pub static LOCK_SUBSCRIPTION: Sql = Sql {
+    text: "SELECT id, options, done_seq, window_seq, window_cursor \
+           FROM @extschema@.outbox_subscriptions WHERE name = $1 FOR NO KEY UPDATE",
+    args: &[TEXT],
+};
+
+/// Open claims of a subscription with the events they handed out.
+macro_rules! claim_events {
+    ($tail:literal) => {
+        concat!(
+            "SELECT c.claim_id, c.open_count, c.event_count, \
+                    l.event_ids, l.key_hashes, l.table_hashes, l.created_ats \
+             FROM @extschema@.outbox_claims c \
+             JOIN @extschema@.outbox_ledger l ON l.slot = c.ledger_slot \
+              AND l.subscription_id = c.subscription_id AND l.claim_id = c.claim_id AND l.kind = 'c' \
+             WHERE c.subscription_id = $1",
+            $tail
+        )
+    };
+}
+
+pub static EXPIRED_CLAIMS: Sql = Sql {
+    text: claim_events!(" AND c.expires_at <= $2 ORDER BY c.claim_id FOR UPDATE OF c"),
+    args: &[INT4, TIME],
+};
+
+pub static OPEN_CLAIMS: Sql = Sql { text: claim_events!(""), args: &[INT4] };
+
+pub static LOCK_CLAIM: Sql = Sql {
+    text: "SELECT open_count FROM @extschema@.outbox_claims WHERE subscription_id = $1 AND claim_id = $2 FOR UPDATE",
+    args: &[INT4, INT8],
+};
+
+pub static RESOLVED_EVENTS: Sql = Sql {
+    text: "SELECT pg_catalog.array_agg(id) FROM @extschema@.outbox_ledger l, pg_catalog.unnest(l.event_ids) id \
+           WHERE l.subscription_id = $1 AND l.claim_id = $2 AND l.kind <> 'c'",
+    args: &[INT4, INT8],
+};
+
+/// The first pending event of each row (and no row event behind a pending TRUNCATE of its
+/// table, no TRUNCATE behind a pending event of its table), oldest first.
+pub static RETRY_CANDIDATES: Sql = Sql {
+    text: "SELECT r.event_id, r.key_hash, r.table_hash, r.attempts, r.leased_until IS NOT NULL \
+           FROM @extschema@.outbox_retries r \
+           WHERE r.subscription_id = $1 AND r.visible_at <= $2 \
+             AND (r.leased_until IS NULL OR r.leased_until <= $2) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_retries p WHERE p.subscription_id = $1 \
+                             AND p.key_hash = r.key_hash AND p.event_id < r.event_id) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_retries p WHERE p.subscription_id = $1 \
+                             AND p.key_hash = r.table_hash AND p.event_id < r.event_id) \
+             AND (r.key_hash <> r.table_hash \
+                  OR NOT EXISTS (SELECT 1 FROM @extschema@.outbox_retries p WHERE p.subscription_id = $1 \
+                                 AND p.table_hash = r.table_hash AND p.event_id < r.event_id)) \
+           ORDER BY r.event_id LIMIT $3",
+    args: &[INT4, TIME, INT4],
+};
+
+pub static HAS_RETRIES: Sql = Sql {
+    text: "SELECT EXISTS (SELECT 1 FROM @extschema@.outbox_retries WHERE subscription_id = $1)",
+    args: &[INT4],
+};
+
+/// Pending events that hold back window events with these keys or tables.
+pub static RETRY_BLOCKERS: Sql = Sql {
+    text: "SELECT key_hash, table_hash FROM @extschema@.outbox_retries \
+           WHERE subscription_id = $1 AND (key_hash = ANY ($2) OR table_hash = ANY ($3))",
+    args: &[INT4, INT8S, INT8S],
+};
+
+pub static LEASE_RETRIES: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_retries SET attempts = attempts + 1, leased_until = $3 \
+           WHERE subscription_id = $1 AND event_id = ANY ($2) RETURNING event_id, attempts",
+    args: &[INT4, INT8S, TIME],
+};
+
+/// Puts events into the per-event retry table: deferred ones (attempts 0) and failed or
+/// expired ones from a window claim (attempts 1).
+pub static ADD_RETRIES: Sql = Sql {
+    text: "INSERT INTO @extschema@.outbox_retries \
+             (subscription_id, event_id, key_hash, table_hash, attempts, visible_at, leased_until, last_error, created_at) \
+           SELECT $1, e.id, e.key_hash, e.table_hash, $6, e.visible_at, $7, $8, e.created_at \
+           FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($9)) AS e(id, key_hash, table_hash, created_at, visible_at) \
+           ON CONFLICT DO NOTHING",
+    args: &[INT4, INT8S, INT8S, INT8S, TIMES, INT4, TIME, TEXT, TIMES],
+};
+
+pub static STRADDLERS: Sql = Sql {
+    text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at \
+           FROM @extschema@.outbox_log l, \
+                (SELECT done_snapshot AS done, window_snapshot AS win \
+                 FROM @extschema@.outbox_subscriptions WHERE id = $1) s \
+           WHERE l.base <= $2 AND l.base > $3 \
+             AND (l.txid >= pg_catalog.pg_snapshot_xmax(s.done) \
+                  OR l.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(s.done)))) \
+             AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, s.done) \
+             AND pg_catalog.pg_visible_in_snapshot(l.txid, s.win) \
+           ORDER BY l.base LIMIT $4",
+    args: &[INT4, INT8, INT8, INT8],
+};
+
+pub static WINDOW_ROWS: Sql = Sql {
+    text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at \
+           FROM @extschema@.outbox_log l \
+           WHERE l.base > $2 AND l.base <= $3 \
+             AND pg_catalog.pg_visible_in_snapshot(l.txid, \
+                   (SELECT window_snapshot FROM @extschema@.outbox_subscriptions WHERE id = $1)) \
+           ORDER BY l.base LIMIT $4",
+    args: &[INT4, INT8, INT8, INT8],
+};
+
+/// Closes the exhausted window and opens the next one at the current snapshot.
+pub static ADVANCE_WINDOW: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_subscriptions \
+           SET done_snapshot = window_snapshot, done_seq = window_seq, \
+               window_snapshot = pg_catalog.pg_current_snapshot(), \
+               window_seq = (SELECT last_value FROM @extschema@.outbox_event_id_seq), window_cursor = 0 \
+           WHERE id = $1 RETURNING done_seq, window_seq",
+    args: &[INT4],
+};
+
+pub static SAVE_CURSOR: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_subscriptions SET window_cursor = $2 WHERE id = $1",
+    args: &[INT4, INT8],
+};
+
+pub static RECORD_CLAIM: Sql = Sql {
+    text: "WITH l AS (INSERT INTO @extschema@.outbox_ledger \
+                        (slot, subscription_id, claim_id, kind, at, event_ids, key_hashes, table_hashes, created_ats) \
+                      SELECT r.current_slot, $1, pg_catalog.nextval('@extschema@.outbox_claim_id_seq'), 'c', $2, $4, $5, $6, $7 \
+                      FROM @extschema@.outbox_rotation r RETURNING slot, claim_id) \
+           INSERT INTO @extschema@.outbox_claims \
+             (subscription_id, claim_id, ledger_slot, expires_at, event_count, open_count, oldest_created_at) \
+           SELECT $1, l.claim_id, l.slot, $3, pg_catalog.cardinality($4), pg_catalog.cardinality($4), \
+                  (SELECT min(t) FROM pg_catalog.unnest($7) t) \
+           FROM l",
+    args: &[INT4, TIME, TIME, INT8S, INT8S, INT8S, TIMES],
+};
+
+// ---------------------------------------------------------------------------------------
+// ack and fail
+
+/// Records acks ('a'), fails ('f') and lease expiries ('x'). Ack rows are the processed
+/// times of events.
+pub static RECORD_RESOLUTION: Sql = Sql {
+    text: "INSERT INTO @extschema@.outbox_ledger (slot, subscription_id, claim_id, kind, at, event_ids) \
+           SELECT r.current_slot, $1, $2, $3::\"char\", $4, $5 FROM @extschema@.outbox_rotation r",
+    args: &[INT4, INT8, TEXT, TIME, INT8S],
+};
+
+pub static SET_OPEN_COUNT: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_claims SET open_count = $3 WHERE subscription_id = $1 AND claim_id = $2",
+    args: &[INT4, INT8, INT4],
+};
+
+pub static CLOSE_CLAIM: Sql = Sql {
+    text: "DELETE FROM @extschema@.outbox_claims WHERE subscription_id = $1 AND claim_id = $2",
+    args: &[INT4, INT8],
+};
+
+pub static ACK_RETRIES: Sql = Sql {
+    text: "DELETE FROM @extschema@.outbox_retries \
+           WHERE subscription_id = $1 AND event_id = ANY ($2) AND leased_until IS NOT NULL \
+           RETURNING event_id, created_at",
+    args: &[INT4, INT8S],
+};
+
+pub static LEASED_RETRIES: Sql = Sql {
+    text: "SELECT event_id, attempts, key_hash, table_hash FROM @extschema@.outbox_retries \
+           WHERE subscription_id = $1 AND event_id = ANY ($2) AND leased_until IS NOT NULL \
+           ORDER BY event_id FOR UPDATE",
+    args: &[INT4, INT8S],
+};
+
+pub static RETRY_LATER: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_retries r SET visible_at = e.visible_at, last_error = $4, leased_until = NULL \
+           FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3)) AS e(id, visible_at) \
+           WHERE r.subscription_id = $1 AND r.event_id = e.id",
+    args: &[INT4, INT8S, TIMES, TEXT],
+};
+
+/// Moves events to the dead letters, taking type and payload from the retry table's copy or
+/// from the log.
+pub static BURY: Sql = Sql {
+    text: "WITH dead AS ( \
+             SELECT d.id, d.attempts, d.key_hash, d.table_hash, \
+                    coalesce(r.type, e.type) AS type, coalesce(r.payload, e.payload) AS payload, \
+                    coalesce(r.created_at, e.created_at) AS created_at \
+             FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5)) AS d(id, attempts, key_hash, table_hash) \
+             LEFT JOIN @extschema@.outbox_retries r ON r.subscription_id = $1 AND r.event_id = d.id \
+             LEFT JOIN @extschema@.outbox_events_for($2) e ON e.id = d.id), \
+           gone AS (DELETE FROM @extschema@.outbox_retries r USING dead \
+                    WHERE r.subscription_id = $1 AND r.event_id = dead.id) \
+           INSERT INTO @extschema@.outbox_dead_letters \
+             (subscription, event_id, type, payload, attempts, last_error, failed_at, created_at, key_hash, table_hash) \
+           SELECT s.name, dead.id, dead.type, dead.payload, dead.attempts, $6, $7, dead.created_at, \
+                  dead.key_hash, dead.table_hash \
+           FROM dead, @extschema@.outbox_subscriptions s WHERE s.id = $1 \
+           ON CONFLICT (subscription, event_id) DO UPDATE SET type = EXCLUDED.type, payload = EXCLUDED.payload, \
+             attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, failed_at = EXCLUDED.failed_at",
+    args: &[INT4, INT8S, pg_sys::INT4ARRAYOID, INT8S, INT8S, TEXT, TIME],
+};
+
+pub static COUNT_STATS: Sql = Sql {
+    text: "INSERT INTO @extschema@.outbox_stats AS s (subscription_id, bucket, acked, latency_sum, failed, dead) \
+           VALUES ($1, pg_catalog.date_trunc('minute', $2), $3, $4, $5, $6) \
+           ON CONFLICT (subscription_id, bucket) DO UPDATE SET acked = s.acked + EXCLUDED.acked, \
+             latency_sum = s.latency_sum + EXCLUDED.latency_sum, failed = s.failed + EXCLUDED.failed, \
+             dead = s.dead + EXCLUDED.dead",
+    args: &[INT4, TIME, INT8, pg_sys::FLOAT8OID, INT8, INT8],
+};
+
+// ---------------------------------------------------------------------------------------
+// replay, requeue
+
+/// Events of the subscription that were handed out and are neither in flight, pending, nor
+/// dead: they go back to the retry table as new (attempts 0).
+pub static REPLAY: Sql = Sql {
+    text: "WITH s AS (SELECT * FROM @extschema@.outbox_subscriptions WHERE id = $1), \
+           handed_out AS ( \
+             SELECT l.base + e.ord - 1 AS id, e.key_hash, l.table_hash, l.created_at \
+             FROM s, @extschema@.outbox_log l \
+             CROSS JOIN LATERAL pg_catalog.unnest(l.key_hashes) WITH ORDINALITY AS e(key_hash, ord) \
+             WHERE ($2::timestamptz IS NULL OR l.created_at >= $2) \
+               AND ($3::bigint[] IS NULL OR l.base = ANY (ARRAY(SELECT DISTINCT i - (i - 1) % 4096 FROM pg_catalog.unnest($3) i))) \
+               AND ((l.base <= s.done_seq AND pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot)) \
+                    OR (l.base + e.ord - 1 <= s.window_cursor AND l.base <= s.window_seq \
+                        AND pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot)))), \
+           in_flight AS ( \
+             SELECT id FROM @extschema@.outbox_claims c \
+             JOIN @extschema@.outbox_ledger l ON l.subscription_id = c.subscription_id AND l.claim_id = c.claim_id \
+             CROSS JOIN LATERAL pg_catalog.unnest(l.event_ids) id \
+             WHERE c.subscription_id = $1 \
+             GROUP BY id HAVING pg_catalog.bool_and(l.kind = 'c')), \
+           replayed AS ( \
+             INSERT INTO @extschema@.outbox_retries \
+               (subscription_id, event_id, key_hash, table_hash, attempts, visible_at, created_at) \
+             SELECT $1, h.id, h.key_hash, h.table_hash, 0, $4, h.created_at FROM handed_out h \
+             WHERE ($3::bigint[] IS NULL OR h.id = ANY ($3)) \
+               AND NOT EXISTS (SELECT 1 FROM in_flight f WHERE f.id = h.id) \
+               AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_dead_letters d, s \
+                               WHERE d.subscription = s.name AND d.event_id = h.id) \
+             ON CONFLICT DO NOTHING RETURNING 1) \
+           SELECT count(*) FROM replayed",
+    args: &[INT4, TIME, INT8S, TIME],
+};
+
+pub static REQUEUE_DEAD: Sql = Sql {
+    text: "WITH moved AS ( \
+             DELETE FROM @extschema@.outbox_dead_letters d USING @extschema@.outbox_subscriptions s \
+             WHERE s.name = d.subscription AND ($1::text IS NULL OR d.subscription = $1) \
+               AND ($2::bigint[] IS NULL OR d.event_id = ANY ($2)) \
+             RETURNING s.id AS subscription_id, d.*), \
+           requeued AS ( \
+             INSERT INTO @extschema@.outbox_retries (subscription_id, event_id, key_hash, table_hash, attempts, \
+                                                     visible_at, last_error, created_at, type, payload) \
+             SELECT subscription_id, event_id, key_hash, table_hash, 0, $3, last_error, created_at, type, payload \
+             FROM moved ON CONFLICT DO NOTHING) \
+           SELECT count(*) FROM moved",
+    args: &[TEXT, INT8S, TIME],
+};
+
+// ---------------------------------------------------------------------------------------
+// retention
+
+pub static LOCK_ROTATION: Sql = Sql {
+    text: "SELECT current_slot, switched_at FROM @extschema@.outbox_rotation FOR UPDATE",
+    args: &[],
+};
+
+pub static SEGMENT_IN_USE: Sql = Sql {
+    text: "SELECT EXISTS (SELECT 1 FROM @extschema@.outbox_log WHERE slot = $1) \
+               OR EXISTS (SELECT 1 FROM @extschema@.outbox_ledger WHERE slot = $1)",
+    args: &[INT2],
+};
+
+/// True when nothing in the segment is still needed: everything is older than the retention
+/// cut, every subscription has handed out all of it, and no open claim or retry refers to it.
+pub static SEGMENT_RETIRABLE: Sql = Sql {
+    text: "SELECT NOT EXISTS (SELECT 1 FROM @extschema@.outbox_log l WHERE l.slot = $1 AND l.created_at > $2) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_ledger l WHERE l.slot = $1 AND l.at > $2) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_log l, @extschema@.outbox_subscriptions s \
+                             WHERE l.slot = $1 AND NOT (l.base <= s.done_seq \
+                                   AND pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot))) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_ledger l \
+                             JOIN @extschema@.outbox_claims c USING (subscription_id, claim_id) WHERE l.slot = $1) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_claims c \
+                             JOIN @extschema@.outbox_ledger lc ON lc.slot = c.ledger_slot \
+                               AND lc.subscription_id = c.subscription_id AND lc.claim_id = c.claim_id \
+                             CROSS JOIN LATERAL pg_catalog.unnest(lc.event_ids) id \
+                             JOIN @extschema@.outbox_log l ON l.slot = $1 AND l.base = id - (id - 1) % 4096) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_retries r \
+                             JOIN @extschema@.outbox_log l ON l.slot = $1 \
+                               AND l.base = r.event_id - (r.event_id - 1) % 4096 \
+                             WHERE r.payload IS NULL)",
+    args: &[INT2, TIME],
+};
+
+pub static SEGMENT_EVENTS: Sql = Sql {
+    text: "SELECT coalesce(sum(n), 0)::bigint FROM @extschema@.outbox_log WHERE slot = $1",
+    args: &[INT2],
+};
+
+pub static SEGMENT_TABLES: Sql = Sql {
+    text: "SELECT pg_catalog.format('%s, %s', l.oid::regclass, g.oid::regclass), l.oid, g.oid \
+           FROM pg_catalog.pg_class l, pg_catalog.pg_class g \
+           WHERE l.oid = pg_catalog.to_regclass('@extschema@.outbox_log_' || $1) \
+             AND g.oid = pg_catalog.to_regclass('@extschema@.outbox_ledger_' || $1)",
+    args: &[INT2],
+};
+
+pub static ROTATE: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_rotation SET current_slot = $1, switched_at = $2",
+    args: &[INT2, TIME],
+};
+
+/// Folds per-minute counters older than an hour into one row per subscription.
+pub static FOLD_STATS: Sql = Sql {
+    text: "WITH old AS (DELETE FROM @extschema@.outbox_stats \
+                        WHERE bucket < $1 AND bucket > '-infinity' RETURNING *) \
+           INSERT INTO @extschema@.outbox_stats AS s (subscription_id, bucket, acked, latency_sum, failed, dead) \
+           SELECT subscription_id, '-infinity', sum(acked), sum(latency_sum), sum(failed), sum(dead) \
+           FROM old GROUP BY subscription_id \
+           ON CONFLICT (subscription_id, bucket) DO UPDATE SET acked = s.acked + EXCLUDED.acked, \
+             latency_sum = s.latency_sum + EXCLUDED.latency_sum, failed = s.failed + EXCLUDED.failed, \
+             dead = s.dead + EXCLUDED.dead",
+    args: &[TIME],
+};

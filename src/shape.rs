@@ -1,0 +1,196 @@
+//! Payload shaping: how captured rows become event ids, types, key hashes and the JSON text of
+//! keys and data. Pure Rust; the capture trigger feeds it already-encoded column values.
+
+/// Events captured by one statement are stored together, up to this many per log row. Event
+/// ids are `base + ordinal − 1` where `base` comes from a sequence that steps by this amount, so
+/// an id names its log row without a lookup (`id - (id - 1) % 4096` in the queries).
+pub const EVENTS_PER_ROW: i64 = 4096;
+
+/// What happened to a source row. Stored as a one-letter code in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Upsert,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Upsert => "U",
+            Op::Delete => "D",
+            Op::Truncate => "T",
+        }
+    }
+
+    pub fn event_type(self, prefix: &str) -> String {
+        let suffix = match self {
+            Op::Upsert => "UPSERT",
+            Op::Delete => "DELETE",
+            Op::Truncate => "TRUNCATE",
+        };
+        format!("{prefix}_{suffix}")
+    }
+}
+
+/// Checks an `event_prefix`: event types are matched by consumers and used as metric labels,
+/// so they are kept to identifier characters.
+pub fn check_event_prefix(prefix: &str) -> Result<(), &'static str> {
+    if prefix.is_empty() {
+        return Err("it must not be empty");
+    }
+    if prefix.len() > 48 {
+        return Err("it must be at most 48 characters");
+    }
+    if !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err("only letters, digits and underscores are allowed");
+    }
+    Ok(())
+}
+
+/// 64-bit FNV-1a. Key hashes are stored in the log and compared by later claims, so the hash
+/// must be the same in every backend and every build, which std's hasher does not promise.
+fn fnv1a(parts: &[&[u8]]) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in *part {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash as i64
+}
+
+/// Identifies a source row (table + key) for per-key exclusivity.
+pub fn key_hash(source: u32, key_json: &str) -> i64 {
+    fnv1a(&[&source.to_le_bytes(), b"k", key_json.as_bytes()])
+}
+
+/// Identifies a whole table. A TRUNCATE event carries it as its key, and every row event of
+/// the table carries it as its barrier, so a TRUNCATE is ordered against all of them.
+pub fn table_hash(source: u32) -> i64 {
+    fnv1a(&[&source.to_le_bytes(), b"t"])
+}
+
+/// Appends `value` to `out` as a JSON string, escaped the way Postgres' `escape_json` does.
+pub fn push_json_string(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Builds a JSON object from column names and already-encoded JSON values, in column order.
+pub struct ObjectWriter {
+    text: String,
+    empty: bool,
+}
+
+impl ObjectWriter {
+    pub fn new() -> Self {
+        ObjectWriter { text: String::from("{"), empty: true }
+    }
+
+    /// Starts the member `name` and returns the buffer the value must be appended to.
+    pub fn member(&mut self, name: &str) -> &mut String {
+        if !self.empty {
+            self.text.push(',');
+        }
+        self.empty = false;
+        push_json_string(&mut self.text, name);
+        self.text.push(':');
+        &mut self.text
+    }
+
+    pub fn finish(mut self) -> String {
+        self.text.push('}');
+        self.text
+    }
+}
+
+impl Default for ObjectWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Joins already-encoded JSON values into one JSON array.
+pub fn json_array<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::from("[");
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(item);
+    }
+    out.push(']');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_use_the_prefix() {
+        assert_eq!(Op::Upsert.event_type("EMBED"), "EMBED_UPSERT");
+        assert_eq!(Op::Delete.event_type("DOC"), "DOC_DELETE");
+        assert_eq!(Op::Truncate.event_type("EMBED"), "EMBED_TRUNCATE");
+    }
+
+    #[test]
+    fn event_prefix_rules() {
+        assert!(check_event_prefix("EMBED_V2").is_ok());
+        assert_eq!(check_event_prefix(""), Err("it must not be empty"));
+        assert!(check_event_prefix("bad prefix").is_err());
+        assert!(check_event_prefix("x\"y").is_err());
+        assert!(check_event_prefix(&"A".repeat(49)).is_err());
+    }
+
+    #[test]
+    fn key_hashes_separate_tables_keys_and_whole_tables() {
+        let a = key_hash(100, r#"{"id":1}"#);
+        assert_eq!(a, key_hash(100, r#"{"id":1}"#), "stable");
+        assert_ne!(a, key_hash(101, r#"{"id":1}"#), "same key, other table");
+        assert_ne!(a, key_hash(100, r#"{"id":2}"#), "other key");
+        assert_ne!(table_hash(100), key_hash(100, ""), "table hash differs from any key hash");
+        // pinned value: a change of the hash function would break in-flight exclusivity
+        assert_eq!(table_hash(0), fnv1a(&[&[0, 0, 0, 0], b"t"]));
+        assert_eq!(fnv1a(&[b"a"]), 0xaf63dc4c8601ec8c_u64 as i64);
+    }
+
+    #[test]
+    fn strings_are_escaped_like_postgres() {
+        let mut out = String::new();
+        push_json_string(&mut out, "a\"b\\c\nd\te\u{1}é");
+        assert_eq!(out, r#""a\"b\\c\nd\te\u0001é""#);
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed, "a\"b\\c\nd\te\u{1}é");
+    }
+
+    #[test]
+    fn objects_keep_column_order() {
+        let mut object = ObjectWriter::new();
+        object.member("id").push('7');
+        object.member("doc id").push_str("\"x\"");
+        assert_eq!(object.finish(), r#"{"id":7,"doc id":"x"}"#);
+        assert_eq!(ObjectWriter::new().finish(), "{}");
+    }
+
+    #[test]
+    fn arrays_join_encoded_values() {
+        assert_eq!(json_array(["1", "{\"a\":2}", "null"]), r#"[1,{"a":2},null]"#);
+        assert_eq!(json_array(Vec::<&str>::new()), "[]");
+    }
+}

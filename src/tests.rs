@@ -1,0 +1,370 @@
+//! SQL behaviour that can be checked inside one transaction: capture, payload shape,
+//! validation errors and privileges. Claim/ack/fail need committed events and other sessions,
+//! so they are tested from outside in `tests/`.
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use serde_json::{json, Value};
+
+    fn run(sql: &str) {
+        Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn value(sql: &str) -> Value {
+        Spi::get_one::<pgrx::JsonB>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).map(|j| j.0).unwrap_or(Value::Null)
+    }
+
+    fn count(sql: &str) -> i64 {
+        Spi::get_one::<i64>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).unwrap_or(0)
+    }
+
+    /// (type, payload) of every event in id order.
+    fn events() -> Value {
+        value("SELECT coalesce(jsonb_agg(jsonb_build_array(type, payload) ORDER BY id), '[]') FROM outbox_events")
+    }
+
+    fn chunks() {
+        run("CREATE TABLE chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[], secret text)");
+    }
+
+    #[pg_test]
+    fn default_subscription_exists() {
+        assert_eq!(count("SELECT count(*) FROM outbox_subscriptions WHERE name = 'default' AND sink = 'pull'"), 1);
+    }
+
+    #[pg_test]
+    fn insert_update_delete_emit_lean_events() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("INSERT INTO chunks VALUES (1, 10, 'a', '{1,2}', 's'), (2, 10, 'b', '{3,4}', 's')");
+        run("UPDATE chunks SET content = 'a2' WHERE id = 1");
+        run("DELETE FROM chunks WHERE id = 2");
+        assert_eq!(
+            events(),
+            json!([
+                ["EMBED_UPSERT", {"table": "public.chunks", "key": {"id": 1}}],
+                ["EMBED_UPSERT", {"table": "public.chunks", "key": {"id": 2}}],
+                ["EMBED_UPSERT", {"table": "public.chunks", "key": {"id": 1}}],
+                ["EMBED_DELETE", {"table": "public.chunks", "key": {"id": 2}}],
+            ])
+        );
+    }
+
+    #[pg_test]
+    fn payload_holds_only_key_and_payload_columns() {
+        chunks();
+        run("SELECT outbox_attach('chunks', payload_columns => ARRAY['doc_id', 'content', 'embedding'])");
+        run("INSERT INTO chunks VALUES (1, 10, 'hello \"x\"', '{0.5,-1.25}', 'top secret')");
+        run("DELETE FROM chunks");
+        assert_eq!(
+            events(),
+            json!([
+                ["EMBED_UPSERT", {"table": "public.chunks", "key": {"id": 1},
+                                  "data": {"doc_id": 10, "content": "hello \"x\"", "embedding": [0.5, -1.25]}}],
+                ["EMBED_DELETE", {"table": "public.chunks", "key": {"id": 1}}],
+            ])
+        );
+        assert_eq!(count("SELECT count(*) FROM outbox_log WHERE keys::text LIKE '%secret%' OR data::text LIKE '%secret%'"), 0);
+    }
+
+    #[pg_test]
+    fn payload_values_match_to_jsonb() {
+        run("CREATE TABLE typed (id uuid PRIMARY KEY, n numeric, f float8, b boolean, t timestamptz, j jsonb, \
+             tags text[], v varchar(10), c char(3), i2 int2, nothing text)");
+        run("SELECT outbox_attach('typed', payload_columns => ARRAY['n','f','b','t','j','tags','v','c','i2','nothing'])");
+        run("INSERT INTO typed VALUES ('6f1e9a52-8f2b-4c3e-9d7a-0a1b2c3d4e5f', 12.50, 'NaN', true, \
+             '2024-05-06 07:08:09+00', '{\"k\": [1, null]}', ARRAY['x', 'y\"z'], 'vc', 'ab', -3, NULL)");
+        let expected = value(
+            "SELECT jsonb_build_object('table', 'public.typed', 'key', jsonb_build_object('id', id), \
+                    'data', jsonb_build_object('n', n, 'f', f, 'b', b, 't', t, 'j', j, 'tags', tags, 'v', v, \
+                                               'c', c, 'i2', i2, 'nothing', nothing)) FROM typed",
+        );
+        assert_eq!(value("SELECT payload FROM outbox_events"), expected);
+    }
+
+    #[pg_test]
+    fn updates_of_unwatched_columns_and_identical_rows_emit_nothing() {
+        chunks();
+        run("SELECT outbox_attach('chunks', watch_columns => ARRAY['content', 'embedding'])");
+        run("INSERT INTO chunks VALUES (1, 10, 'a', '{1}', 's')");
+        run("UPDATE chunks SET secret = 'changed', doc_id = 11");
+        run("UPDATE chunks SET content = content, embedding = embedding");
+        assert_eq!(count("SELECT count(*) FROM outbox_events"), 1);
+        run("UPDATE chunks SET embedding = '{2}'");
+        assert_eq!(count("SELECT count(*) FROM outbox_events"), 2);
+
+        run("SELECT outbox_attach('chunks')"); // every column watched
+        run("UPDATE chunks SET secret = secret");
+        assert_eq!(count("SELECT count(*) FROM outbox_events"), 2, "identical row");
+        run("UPDATE chunks SET secret = 'again'");
+        assert_eq!(count("SELECT count(*) FROM outbox_events"), 3);
+    }
+
+    #[pg_test]
+    fn key_change_is_a_delete_then_an_upsert() {
+        run("CREATE TABLE chunks (id bigint PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, doc_id int, content text, \
+             embedding real[], secret text)");
+        run("SELECT outbox_attach('chunks', watch_columns => ARRAY['content'])");
+        run("INSERT INTO chunks VALUES (1, 10, 'a', '{1}', 's'), (2, 10, 'b', '{1}', 's')");
+        run("DELETE FROM outbox_log");
+        run("UPDATE chunks SET id = 3 - id"); // swaps keys 1 and 2
+        let got = events();
+        let ops: Vec<(String, i64)> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_str().unwrap().to_string(), e[1]["key"]["id"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(ops.len(), 4);
+        assert!(ops[..2].iter().all(|(t, _)| t == "EMBED_DELETE"), "{ops:?}");
+        assert!(ops[2..].iter().all(|(t, _)| t == "EMBED_UPSERT"), "{ops:?}");
+    }
+
+    #[pg_test]
+    fn truncate_emits_one_event_and_prefix_is_used() {
+        chunks();
+        run("SELECT outbox_attach('chunks', event_prefix => 'DOC')");
+        run("INSERT INTO chunks SELECT g, 1, 'x', '{1}', 's' FROM generate_series(1, 5) g");
+        run("TRUNCATE chunks");
+        assert_eq!(count("SELECT count(*) FROM outbox_events WHERE type = 'DOC_UPSERT'"), 5);
+        assert_eq!(value("SELECT jsonb_agg(payload) FROM outbox_events WHERE type = 'DOC_TRUNCATE'"), json!([{"table": "public.chunks"}]));
+    }
+
+    #[pg_test]
+    fn key_columns_replace_the_primary_key() {
+        run("CREATE TABLE nokey (doc text, part int, body text)");
+        run("SELECT outbox_attach('nokey', key_columns => ARRAY['doc', 'part'])");
+        run("INSERT INTO nokey VALUES ('d', 1, 'x')");
+        assert_eq!(value("SELECT payload FROM outbox_events"), json!({"table": "public.nokey", "key": {"doc": "d", "part": 1}}));
+    }
+
+    #[pg_test]
+    fn bulk_statements_share_log_rows() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("INSERT INTO chunks SELECT g, 1, 'x', '{1}', 's' FROM generate_series(1, 5000) g");
+        assert_eq!(count("SELECT count(*) FROM outbox_events"), 5000);
+        assert_eq!(count("SELECT count(*) FROM outbox_log"), 2, "4096 events per log row");
+        assert_eq!(count("SELECT count(DISTINCT id) FROM outbox_events"), 5000);
+    }
+
+    #[pg_test]
+    fn rolled_back_subtransaction_leaves_no_event() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("DO $$ BEGIN
+                INSERT INTO chunks VALUES (1, 1, 'kept', '{1}', 's');
+                BEGIN
+                    INSERT INTO chunks VALUES (2, 1, 'lost', '{1}', 's');
+                    RAISE EXCEPTION 'roll back';
+                EXCEPTION WHEN OTHERS THEN NULL;
+                END;
+             END $$");
+        assert_eq!(value("SELECT jsonb_agg(payload->'key') FROM outbox_events"), json!([{"id": 1}]));
+    }
+
+    #[pg_test]
+    fn reattach_changes_settings_and_detach_stops_capture() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("INSERT INTO chunks VALUES (1, 1, 'a', '{1}', 's')");
+        run("SELECT outbox_attach('chunks', payload_columns => ARRAY['content'], event_prefix => 'V2')");
+        run("INSERT INTO chunks VALUES (2, 1, 'b', '{1}', 's')");
+        assert_eq!(
+            value("SELECT jsonb_agg(jsonb_build_array(type, payload->'data') ORDER BY id) FROM outbox_events"),
+            json!([["EMBED_UPSERT", null], ["V2_UPSERT", {"content": "b"}]])
+        );
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'chunks'::regclass"), 4);
+        run("SELECT outbox_detach('chunks')");
+        run("INSERT INTO chunks VALUES (3, 1, 'c', '{1}', 's')");
+        assert_eq!(count("SELECT count(*) FROM outbox_events"), 2);
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'chunks'::regclass"), 0);
+        assert_eq!(count("SELECT count(*) FROM outbox_attachments"), 0);
+    }
+
+    #[pg_test]
+    fn partitioned_tables_are_captured() {
+        run("CREATE TABLE parts (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)");
+        run("CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu')");
+        run("CREATE TABLE parts_us PARTITION OF parts FOR VALUES IN ('us')");
+        run("SELECT outbox_attach('parts')");
+        run("INSERT INTO parts VALUES (1, 'eu'), (2, 'us')");
+        run("INSERT INTO parts_eu VALUES (3, 'eu')"); // the parent's statement trigger does not fire
+        run("UPDATE parts SET region = 'us' WHERE id = 1"); // moves between partitions: a key change
+        // the direct insert waited for the next statement's flush (or commit)
+        assert_eq!(
+            value("SELECT jsonb_agg(jsonb_build_array(type, payload) ORDER BY id) FROM outbox_events"),
+            json!([
+                ["EMBED_UPSERT", {"table": "public.parts", "key": {"id": 1, "region": "eu"}}],
+                ["EMBED_UPSERT", {"table": "public.parts", "key": {"id": 2, "region": "us"}}],
+                ["EMBED_UPSERT", {"table": "public.parts", "key": {"id": 3, "region": "eu"}}],
+                ["EMBED_DELETE", {"table": "public.parts", "key": {"id": 1, "region": "eu"}}],
+                ["EMBED_UPSERT", {"table": "public.parts", "key": {"id": 1, "region": "us"}}],
+            ])
+        );
+    }
+
+    // --- bad input: each names the problem and changes nothing --------------------------
+
+    #[pg_test(error = "outbox: table public.nokey has no primary key; pass key_columns to say which columns identify a row")]
+    fn table_without_key_is_refused() {
+        run("CREATE TABLE nokey (a int)");
+        run("SELECT outbox_attach('nokey')");
+    }
+
+    #[pg_test(error = "outbox: column \"nope\" named in payload_columns does not exist in table public.chunks")]
+    fn unknown_payload_column_is_refused() {
+        chunks();
+        run("SELECT outbox_attach('chunks', payload_columns => ARRAY['content', 'nope'])");
+    }
+
+    #[pg_test(error = "outbox: column \"Content\" named in watch_columns does not exist in table public.chunks")]
+    fn unknown_watch_column_is_refused() {
+        chunks();
+        run("SELECT outbox_attach('chunks', watch_columns => ARRAY['Content'])");
+    }
+
+    #[pg_test(error = "outbox: column \"nope\" named in key_columns does not exist in table public.chunks")]
+    fn unknown_key_column_is_refused() {
+        chunks();
+        run("SELECT outbox_attach('chunks', key_columns => ARRAY['nope'])");
+    }
+
+    #[pg_test(error = "outbox: invalid event_prefix \"a b\": only letters, digits and underscores are allowed")]
+    fn bad_prefix_is_refused() {
+        chunks();
+        run("SELECT outbox_attach('chunks', event_prefix => 'a b')");
+    }
+
+    #[pg_test(error = "outbox: public.v is not a table; outbox_attach needs an ordinary or partitioned table")]
+    fn views_are_refused() {
+        chunks();
+        run("CREATE VIEW v AS SELECT * FROM chunks");
+        run("SELECT outbox_attach('v')");
+    }
+
+    #[pg_test(error = "outbox: table public.chunks is not attached to the outbox")]
+    fn detaching_an_unattached_table_is_refused() {
+        chunks();
+        run("SELECT outbox_detach('chunks')");
+    }
+
+    #[pg_test(error = "outbox: subscription \"search\" already exists")]
+    fn duplicate_subscription_is_refused() {
+        run("SELECT outbox_subscribe('search')");
+        run("SELECT outbox_subscribe('search')");
+    }
+
+    #[pg_test(error = "outbox: subscription \"nope\" does not exist")]
+    fn unknown_subscription_in_claim() {
+        run("SELECT * FROM outbox_claim(subscription => 'nope')");
+    }
+
+    #[pg_test(error = "outbox: subscription \"nope\" does not exist")]
+    fn unknown_subscription_in_ack() {
+        run("SELECT outbox_ack(ARRAY[1], 'nope')");
+    }
+
+    #[pg_test(error = "outbox: batch_size must be between 1 and 10000, got 0")]
+    fn zero_batch_is_refused() {
+        run("SELECT * FROM outbox_claim(0)");
+    }
+
+    #[pg_test(error = "outbox: batch_size must be between 1 and 10000, got -5")]
+    fn negative_batch_is_refused() {
+        run("SELECT * FROM outbox_claim(-5)");
+    }
+
+    #[pg_test(error = "outbox: batch_size must be between 1 and 10000, got 10001")]
+    fn oversized_batch_is_refused() {
+        run("SELECT * FROM outbox_claim(10001)");
+    }
+
+    #[pg_test(error = "outbox: lease must be a positive interval, got 00:00:00")]
+    fn zero_lease_is_refused() {
+        run("SELECT * FROM outbox_claim(lease => '0 seconds')");
+    }
+
+    #[pg_test(error = "outbox: lease must be a positive interval, got -00:00:05")]
+    fn negative_lease_is_refused() {
+        run("SELECT * FROM outbox_claim(lease => '-5 seconds')");
+    }
+
+    #[pg_test(error = "outbox: ids must not be NULL")]
+    fn null_ids_in_ack_are_refused() {
+        run("SELECT outbox_ack(NULL)");
+    }
+
+    #[pg_test(error = "outbox: ids must not be NULL")]
+    fn null_ids_in_fail_are_refused() {
+        run("SELECT outbox_fail(NULL, 'x')");
+    }
+
+    #[pg_test(error = "outbox: invalid options for subscription: max_attempts must be a positive integer, got 0")]
+    fn bad_subscription_options_are_refused() {
+        run("SELECT outbox_subscribe('s', options => '{\"max_attempts\": 0}')");
+    }
+
+    #[pg_test(error = "outbox: unknown sink \"kafka\"; expected one of: pull, function, http")]
+    fn unknown_sink_is_refused() {
+        run("SELECT outbox_subscribe('s', 'kafka')");
+    }
+
+    #[pg_test(error = "outbox: outbox_replay needs since or ids to say which events to replay")]
+    fn replay_needs_a_selection() {
+        run("SELECT outbox_replay('default')");
+    }
+
+    #[pg_test]
+    fn acking_unknown_ids_counts_zero() {
+        assert_eq!(count("SELECT outbox_ack(ARRAY[42, 4242])::bigint"), 0);
+        assert_eq!(count("SELECT outbox_fail(ARRAY[]::bigint[], 'x')::bigint"), 0);
+    }
+
+    // --- settings ---------------------------------------------------------------------
+
+    #[pg_test]
+    fn settings_have_documented_defaults() {
+        assert_eq!(Spi::get_one::<String>("SHOW outbox.max_attempts").unwrap().unwrap(), "12");
+        assert_eq!(Spi::get_one::<String>("SHOW outbox.backoff_base").unwrap().unwrap(), "1s");
+        assert_eq!(Spi::get_one::<String>("SHOW outbox.backoff_max").unwrap().unwrap(), "10min");
+        assert_eq!(Spi::get_one::<String>("SHOW outbox.retention").unwrap().unwrap(), "1d");
+    }
+
+    // --- privileges -------------------------------------------------------------------
+
+    #[pg_test]
+    fn public_is_granted_nothing() {
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e' \
+                 JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox' \
+                 WHERE has_function_privilege('public', p.oid, 'EXECUTE')"
+            ),
+            0
+        );
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM pg_class c JOIN pg_depend d ON d.objid = c.oid AND d.deptype = 'e' \
+                 JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox' \
+                 WHERE c.relkind IN ('r', 'p', 'v', 'S') \
+                   AND (has_table_privilege('public', c.oid, 'SELECT') OR has_table_privilege('public', c.oid, 'INSERT'))"
+            ),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn security_definer_functions_pin_search_path() {
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e' \
+                 JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox' \
+                 WHERE p.prosecdef AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)"
+            ),
+            0
+        );
+        assert!(count("SELECT count(*) FROM pg_proc WHERE prosecdef AND proname LIKE 'outbox%'") >= 8);
+    }
+}
