@@ -433,8 +433,11 @@ pub static SEGMENT_RETIRABLE: Sql = Sql {
     text: "SELECT NOT EXISTS (SELECT 1 FROM @extschema@.outbox_log l WHERE l.slot = $1 AND l.created_at > $2) \
              AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_ledger l WHERE l.slot = $1 AND l.at > $2) \
              AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_log l, @extschema@.outbox_subscriptions s \
-                             WHERE l.slot = $1 AND NOT (l.base <= s.done_seq \
-                                   AND pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot))) \
+                             WHERE l.slot = $1 \
+                               AND NOT (l.base <= s.done_seq \
+                                        AND pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot)) \
+                               AND NOT (l.base + l.n - 1 <= s.window_cursor AND l.base <= s.window_seq \
+                                        AND pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot))) \
              AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_ledger l \
                              JOIN @extschema@.outbox_claims c USING (subscription_id, claim_id) WHERE l.slot = $1) \
              AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_claims c \

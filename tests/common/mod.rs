@@ -1,0 +1,202 @@
+//! A real Postgres for integration tests: a throwaway cluster under the temp dir, run by the
+//! `postgres` user when the tests run as root (initdb refuses root), reached over its socket.
+//! The extension must be installed first (`cargo pgrx install`, which scripts/test.sh does).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use postgres::{Client, NoTls};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    bin: PathBuf,
+    as_postgres: bool,
+}
+
+fn pg_bindir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| {
+        let debian = "/usr/lib/postgresql/15/bin/pg_config";
+        if Path::new(debian).exists() { debian.to_string() } else { "pg_config".to_string() }
+    });
+    let out = Command::new(&pg_config).arg("--bindir").output().expect("pg_config runs");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    /// A new cluster with extra postgresql.conf lines, started.
+    pub fn start(settings: &[&str]) -> Cluster {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("outbox-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cluster = Cluster { dir, port: free_port(), bin: pg_bindir(), as_postgres: is_root() };
+        if cluster.as_postgres {
+            assert!(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.dir).status().unwrap().success());
+        }
+        let data = cluster.data();
+        cluster.run("initdb", &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        let mut conf = format!(
+            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = on\n\
+             max_connections = 100\nshared_buffers = 128MB\nlog_min_messages = warning\n",
+            cluster.port,
+            cluster.dir.display()
+        );
+        for setting in settings {
+            conf.push_str(setting);
+            conf.push('\n');
+        }
+        let conf_path = format!("{data}/postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing).unwrap();
+        cluster.pg_ctl_start();
+        cluster.reap_when_tests_exit();
+        cluster
+    }
+
+    pub fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn command(&self, program: &str, args: &[&str]) -> Command {
+        let path = self.bin.join(program);
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        command.args(args);
+        command
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self.command(program, args).output().unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn pg_ctl_start(&self) {
+        let log = self.dir.join("server.log").display().to_string();
+        self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "-t", "60", "start"]);
+    }
+
+    /// `pg_ctl stop -m <mode>`: "fast" or "immediate" (a crash: no checkpoint, WAL replay on start).
+    pub fn stop(&self, mode: &str) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", mode, "-w", "-t", "60", "stop"]);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Stops the server and removes the directory when the test process is gone, however it
+    /// ends (statics are never dropped).
+    fn reap_when_tests_exit(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let stop = if self.as_postgres {
+            format!("runuser -u postgres -- {} -D {} -m immediate stop", pg_ctl.display(), self.data())
+        } else {
+            format!("{} -D {} -m immediate stop", pg_ctl.display(), self.data())
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            dir = self.dir.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn reaper");
+    }
+
+    pub fn dsn(&self, db: &str) -> String {
+        format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
+    }
+
+    pub fn connect(&self, db: &str) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Client::connect(&self.dsn(db), NoTls) {
+                Ok(client) => return client,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("connect to {db}: {e}"),
+            }
+        }
+    }
+
+    /// A fresh database with the extension created.
+    pub fn database(&self, name: &str) -> String {
+        let mut admin = self.connect("postgres");
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let mut client = self.connect(name);
+        client.batch_execute("CREATE EXTENSION outbox").unwrap();
+        name.to_string()
+    }
+}
+
+/// One cluster shared by the tests of a test binary; each test uses its own database.
+pub fn shared() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| Cluster::start(&[]))
+}
+
+/// The `chunks` table of the README, attached with the given extra arguments.
+pub fn chunks(client: &mut Client, attach_args: &str) {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[]);
+             SELECT outbox_attach('chunks'{attach_args});"
+        ))
+        .unwrap();
+}
+
+/// (id, type, key id, attempts) of a claim.
+pub fn claim(client: &mut Client, sql: &str) -> Vec<(i64, String, i64, i32)> {
+    client
+        .query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let payload: serde_json::Value = r.get("payload");
+            (r.get("id"), r.get("type"), payload["key"]["id"].as_i64().unwrap_or(-1), r.get("attempts"))
+        })
+        .collect()
+}
+
+pub fn ids(claimed: &[(i64, String, i64, i32)]) -> Vec<i64> {
+    claimed.iter().map(|c| c.0).collect()
+}
+
+pub fn scalar_i64(client: &mut Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).unwrap().get::<_, i64>(0)
+}
+
+pub fn error_of(client: &mut Client, sql: &str) -> String {
+    match client.batch_execute(sql) {
+        Ok(()) => panic!("{sql} succeeded"),
+        Err(e) => e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()),
+    }
+}

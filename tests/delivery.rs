@@ -1,0 +1,443 @@
+//! Claim, ack, fail, dead letters, replay and retention, from outside over real connections.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn setup(name: &str, attach_args: &str) -> (String, Client) {
+    let cluster = shared();
+    let db = cluster.database(name);
+    let mut client = cluster.connect(&db);
+    chunks(&mut client, attach_args);
+    (db, client)
+}
+
+fn insert(client: &mut Client, ids: std::ops::RangeInclusive<i64>) {
+    for id in ids {
+        client.execute("INSERT INTO chunks VALUES ($1, 1, 'c', '{0.5}')", &[&id]).unwrap();
+    }
+}
+
+#[test]
+fn claim_hands_out_oldest_first_with_all_columns() {
+    let (_, mut c) = setup("claim_columns", ", payload_columns => ARRAY['content']");
+    insert(&mut c, 1..=3);
+    let rows = c.query("SELECT * FROM outbox_claim(batch_size => 10)", &[]).unwrap();
+    assert_eq!(rows.len(), 3);
+    let columns: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
+    assert_eq!(columns, ["id", "type", "payload", "created_at", "attempts"]);
+    let ids: Vec<i64> = rows.iter().map(|r| r.get("id")).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let payload: serde_json::Value = rows[0].get("payload");
+    assert_eq!(payload, serde_json::json!({"table": "public.chunks", "key": {"id": 1}, "data": {"content": "c"}}));
+    assert_eq!(rows[0].get::<_, String>("type"), "EMBED_UPSERT");
+    assert_eq!(rows[0].get::<_, i32>("attempts"), 1);
+    assert!(c.query("SELECT * FROM outbox_claim(10)", &[]).unwrap().is_empty(), "claimed events are leased");
+}
+
+#[test]
+fn lease_expiry_hands_events_out_again_and_counts_attempts() {
+    let (_, mut c) = setup("lease_expiry", "");
+    insert(&mut c, 1..=2);
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '300 milliseconds')");
+    assert_eq!(first.len(), 2);
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty());
+    std::thread::sleep(Duration::from_millis(400));
+    let again = claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '300 milliseconds')");
+    assert_eq!(ids(&again), ids(&first));
+    assert!(again.iter().all(|e| e.3 == 2), "{again:?}");
+    std::thread::sleep(Duration::from_millis(400));
+    let third = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert!(third.iter().all(|e| e.3 == 3), "{third:?}");
+    // a late ack of an expired hand-out still counts
+    assert_eq!(c.query_one("SELECT outbox_ack($1)", &[&ids(&first)]).unwrap().get::<_, i32>(0), 2);
+}
+
+#[test]
+fn ack_counts_only_newly_processed_events_and_records_the_time() {
+    let (_, mut c) = setup("ack_counts", "");
+    insert(&mut c, 1..=3);
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '200 milliseconds')"));
+    let ack = |c: &mut Client, ids: &[i64]| c.query_one("SELECT outbox_ack($1)", &[&ids]).unwrap().get::<_, i32>(0);
+    assert_eq!(ack(&mut c, &claimed[..2]), 2);
+    assert_eq!(ack(&mut c, &claimed[..2]), 0, "acking twice");
+    assert_eq!(ack(&mut c, &[999_999]), 0, "unknown id");
+    assert_eq!(ack(&mut c, &claimed), 1, "only the third is new");
+    let processed = scalar_i64(&mut c, "SELECT count(*) FROM outbox_processed WHERE processed_at IS NOT NULL AND subscription = 'default'");
+    assert_eq!(processed, 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty(), "processed events are never claimed again");
+}
+
+#[test]
+fn fail_retries_after_retry_after_or_backoff() {
+    let (_, mut c) = setup("fail_backoff", "");
+    c.batch_execute("SELECT outbox_subscribe('quick', options => '{\"backoff_base\": \"400ms\", \"backoff_max\": \"1s\"}', from_start => true)").unwrap();
+    insert(&mut c, 1..=1);
+
+    let id = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"))[0];
+    let failed: i32 = c.query_one("SELECT outbox_fail($1, 'sink said no', retry_after => '500 milliseconds')", &[&vec![id]]).unwrap().get(0);
+    assert_eq!(failed, 1);
+    let error: String = c.query_one("SELECT last_error FROM outbox_retries WHERE event_id = $1", &[&id]).unwrap().get(0);
+    assert_eq!(error, "sink said no");
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty());
+    std::thread::sleep(Duration::from_millis(600));
+    let again = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!((again[0].0, again[0].3), (id, 2));
+
+    // backoff from the subscription's options: 400 ms ± 10 % after the first failure
+    let id = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 'quick')"))[0];
+    let started = Instant::now();
+    c.query_one("SELECT outbox_fail($1, 'x', 'quick')", &[&vec![id]]).unwrap();
+    let mut seen = None;
+    while started.elapsed() < Duration::from_secs(3) {
+        if !claim(&mut c, "SELECT * FROM outbox_claim(10, 'quick')").is_empty() {
+            seen = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let waited = seen.expect("claimable again after the backoff");
+    assert!(waited >= Duration::from_millis(360) && waited < Duration::from_millis(1000), "{waited:?}");
+}
+
+#[test]
+fn events_move_to_the_dead_letters_after_max_attempts() {
+    let (_, mut c) = setup("dead_letters", ", payload_columns => ARRAY['content']");
+    c.batch_execute("SELECT outbox_subscribe('strict', options => '{\"max_attempts\": 2}')").unwrap();
+    insert(&mut c, 1..=1);
+    for attempt in 1..=2 {
+        let claimed = claim(&mut c, "SELECT * FROM outbox_claim(10, 'strict')");
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].3, attempt);
+        c.execute("SELECT outbox_fail($1, $2, 'strict', retry_after => '0')", &[&ids(&claimed), &format!("failure {attempt}")]).unwrap();
+    }
+    let dead = c.query_one("SELECT * FROM outbox_dead_letters", &[]).unwrap();
+    assert_eq!(dead.get::<_, String>("subscription"), "strict");
+    assert_eq!(dead.get::<_, String>("type"), "EMBED_UPSERT");
+    assert_eq!(dead.get::<_, serde_json::Value>("payload")["data"]["content"], "c");
+    assert_eq!(dead.get::<_, i32>("attempts"), 2);
+    assert_eq!(dead.get::<_, String>("last_error"), "failure 2");
+    assert!(c.query("SELECT failed_at FROM outbox_dead_letters WHERE failed_at <= now()", &[]).unwrap().len() == 1);
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10, 'strict')").is_empty(), "dead events are not claimed");
+    assert_eq!(scalar_i64(&mut c, "SELECT dead FROM outbox_backlog WHERE subscription = 'strict'"), 1);
+    assert_eq!(scalar_i64(&mut c, "SELECT dead FROM outbox_backlog WHERE subscription = 'default'"), 0);
+    assert_eq!(ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)")).len(), 1, "the default subscription is unaffected");
+
+    // requeue resets attempts
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_requeue_dead('strict')"), 1);
+    let back = claim(&mut c, "SELECT * FROM outbox_claim(10, 'strict')");
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].3, 1);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters"), 0);
+}
+
+#[test]
+fn poison_event_holds_back_only_later_events_of_its_row() {
+    let (_, mut c) = setup("poison", "");
+    c.batch_execute("SELECT outbox_subscribe('s', options => '{\"max_attempts\": 3}')").unwrap();
+    insert(&mut c, 1..=3);
+    c.batch_execute("UPDATE chunks SET content = 'again' WHERE id = 1").unwrap(); // a later event of row 1
+    insert(&mut c, 4..=4);
+
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(10, 's')");
+    assert_eq!(first.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2, 3, 4], "row 1's second event waits");
+    let poison = first[0].0;
+    c.execute("SELECT outbox_ack($1, 's')", &[&first[1..].iter().map(|e| e.0).collect::<Vec<_>>()]).unwrap();
+
+    for attempt in 1..=2 {
+        c.execute("SELECT outbox_fail($1, 'poison', 's', retry_after => '0')", &[&vec![poison]]).unwrap();
+        insert(&mut c, 100 + attempt..=100 + attempt);
+        let next = claim(&mut c, "SELECT * FROM outbox_claim(10, 's')");
+        assert!(next.iter().any(|e| e.2 == 100 + attempt), "events behind the poison flow: {next:?}");
+        assert!(!next.iter().any(|e| e.2 == 1 && e.0 != poison), "row 1's next event waits: {next:?}");
+        assert!(next.iter().any(|e| e.0 == poison && e.3 == attempt as i32 + 1), "{next:?}");
+        let others: Vec<i64> = next.iter().filter(|e| e.0 != poison).map(|e| e.0).collect();
+        c.execute("SELECT outbox_ack($1, 's')", &[&others]).unwrap();
+    }
+    // the third failure uses up the budget
+    c.execute("SELECT outbox_fail($1, 'poison', 's', retry_after => '0')", &[&vec![poison]]).unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters WHERE subscription = 's'"), 1);
+    let after = claim(&mut c, "SELECT * FROM outbox_claim(10, 's')");
+    assert_eq!(after.iter().map(|e| e.2).collect::<Vec<_>>(), [1], "with the poison dead, row 1 moves on");
+    assert_ne!(after[0].0, poison);
+}
+
+#[test]
+fn one_row_is_never_in_flight_twice_and_comes_out_in_commit_order() {
+    let (_, mut c) = setup("per_key", ", payload_columns => ARRAY['content']");
+    insert(&mut c, 1..=1);
+    for round in 1..=4 {
+        c.execute("UPDATE chunks SET content = $1 WHERE id = 1", &[&format!("v{round}")]).unwrap();
+    }
+    insert(&mut c, 2..=3);
+    let cluster = shared();
+    let mut other = cluster.connect("per_key");
+    let mut seen = Vec::new();
+    loop {
+        let a = c.query("SELECT id, payload FROM outbox_claim(10)", &[]).unwrap();
+        let b = other.query("SELECT id, payload FROM outbox_claim(10)", &[]).unwrap();
+        let row1: Vec<(i64, String)> = a
+            .iter()
+            .chain(b.iter())
+            .filter(|r| r.get::<_, serde_json::Value>("payload")["key"]["id"] == 1)
+            .map(|r| (r.get("id"), r.get::<_, serde_json::Value>("payload")["data"]["content"].as_str().unwrap().to_string()))
+            .collect();
+        assert!(row1.len() <= 1, "two events of row 1 in flight: {row1:?}");
+        seen.extend(row1.into_iter().map(|(_, content)| content));
+        let all: Vec<i64> = a.iter().chain(b.iter()).map(|r| r.get("id")).collect();
+        if all.is_empty() {
+            break;
+        }
+        c.execute("SELECT outbox_ack($1)", &[&all]).unwrap();
+    }
+    assert_eq!(seen, ["c", "v1", "v2", "v3", "v4"]);
+}
+
+#[test]
+fn concurrent_claimers_never_receive_the_same_event() {
+    let (db, mut c) = setup("concurrent", "");
+    c.batch_execute("INSERT INTO chunks SELECT g, 1, 'x', '{1}' FROM generate_series(1, 3000) g").unwrap();
+    for id in 3001i64..=3400 {
+        c.execute("INSERT INTO chunks VALUES ($1, 1, 'x', '{1}')", &[&id]).unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let seen = seen.clone();
+            let db = db.clone();
+            std::thread::spawn(move || {
+                let mut c = shared().connect(&db);
+                loop {
+                    let got: Vec<i64> = c.query("SELECT id FROM outbox_claim(57)", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+                    if got.is_empty() {
+                        break;
+                    }
+                    seen.lock().unwrap().extend(&got);
+                    c.execute("SELECT outbox_ack($1)", &[&got]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    let unique: HashSet<i64> = seen.iter().copied().collect();
+    assert_eq!(seen.len(), unique.len(), "an event was handed out twice");
+    assert_eq!(unique.len(), 3400);
+    assert_eq!(scalar_i64(&mut c, "SELECT pending + in_flight FROM outbox_backlog WHERE subscription = 'default'"), 0);
+}
+
+#[test]
+fn a_transaction_committing_after_a_later_one_is_not_skipped() {
+    let (db, mut c) = setup("out_of_order", "");
+    let cluster = shared();
+    let mut early = cluster.connect(&db);
+    let mut late = cluster.connect(&db);
+    early.batch_execute("BEGIN; INSERT INTO chunks VALUES (1, 1, 'early', '{1}')").unwrap(); // draws the lower id
+    late.batch_execute("BEGIN; INSERT INTO chunks VALUES (2, 1, 'late', '{1}'); COMMIT").unwrap();
+
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(first.iter().map(|e| e.2).collect::<Vec<_>>(), [2]);
+    c.execute("SELECT outbox_ack($1)", &[&ids(&first)]).unwrap();
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty());
+    late.batch_execute("INSERT INTO chunks VALUES (3, 1, 'later still', '{1}')").unwrap();
+    let second = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(second.iter().map(|e| e.2).collect::<Vec<_>>(), [3]);
+    c.execute("SELECT outbox_ack($1)", &[&ids(&second)]).unwrap();
+
+    early.batch_execute("COMMIT").unwrap();
+    let third = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(third.iter().map(|e| e.2).collect::<Vec<_>>(), [1], "the early transaction's event");
+    assert!(third[0].0 < first[0].0, "it has the lower id");
+}
+
+#[test]
+fn rollback_leaves_no_event_and_commit_exactly_one_per_change() {
+    let (_, mut c) = setup("rollback", "");
+    c.batch_execute("BEGIN; INSERT INTO chunks VALUES (1, 1, 'x', '{1}'); ROLLBACK").unwrap();
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty());
+    c.batch_execute("BEGIN; INSERT INTO chunks VALUES (2, 1, 'x', '{1}'); UPDATE chunks SET content = 'y'; DELETE FROM chunks; COMMIT").unwrap();
+    let mut events = Vec::new();
+    loop {
+        let got = claim(&mut c, "SELECT * FROM outbox_claim(10)"); // one at a time: all are row 2
+        if got.is_empty() {
+            break;
+        }
+        c.execute("SELECT outbox_ack($1)", &[&ids(&got)]).unwrap();
+        events.extend(got.into_iter().map(|e| (e.1, e.2)));
+    }
+    assert_eq!(
+        events,
+        [("EMBED_UPSERT".to_string(), 2), ("EMBED_UPSERT".to_string(), 2), ("EMBED_DELETE".to_string(), 2)]
+    );
+}
+
+#[test]
+fn bulk_insert_and_copy_are_captured() {
+    let (_, mut c) = setup("bulk", "");
+    c.batch_execute("INSERT INTO chunks SELECT g, 1, 'x', '{1}' FROM generate_series(1, 10000) g").unwrap();
+    let data: String = (10001..=15000).map(|i| format!("{i}\t1\tx\t{{1}}\n")).collect();
+    let mut writer = c.copy_in("COPY chunks FROM STDIN").unwrap();
+    std::io::Write::write_all(&mut writer, data.as_bytes()).unwrap();
+    writer.finish().unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_events"), 15000);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(DISTINCT payload->'key') FROM outbox_events"), 15000);
+    let mut delivered = 0;
+    loop {
+        let got: Vec<i64> = c.query("SELECT id FROM outbox_claim(1000)", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+        if got.is_empty() {
+            break;
+        }
+        delivered += got.len();
+        c.execute("SELECT outbox_ack($1)", &[&got]).unwrap();
+    }
+    assert_eq!(delivered, 15000);
+}
+
+#[test]
+fn subscriptions_are_independent_and_start_where_they_are_created() {
+    let (_, mut c) = setup("subscriptions", "");
+    insert(&mut c, 1..=2);
+    c.batch_execute("SELECT outbox_subscribe('late'); SELECT outbox_subscribe('all', from_start => true)").unwrap();
+    insert(&mut c, 3..=3);
+    let keys = |c: &mut Client, sub: &str| -> Vec<i64> {
+        claim(c, &format!("SELECT * FROM outbox_claim(10, '{sub}')")).iter().map(|e| e.2).collect()
+    };
+    assert_eq!(keys(&mut c, "late"), [3]);
+    assert_eq!(keys(&mut c, "all"), [1, 2, 3]);
+    let default = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(default.len(), 3);
+    c.execute("SELECT outbox_ack($1)", &[&ids(&default)]).unwrap();
+    let backlog: HashMap<String, i64> = c
+        .query("SELECT subscription, in_flight FROM outbox_backlog", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(backlog["default"], 0);
+    assert_eq!(backlog["late"], 1);
+    assert_eq!(backlog["all"], 3, "acking in one subscription leaves the others alone");
+
+    c.batch_execute("SELECT outbox_unsubscribe('all')").unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_subscriptions WHERE name = 'all'"), 0);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_claims c JOIN outbox_subscriptions s ON s.id = c.subscription_id"), 1);
+    assert!(error_of(&mut c, "SELECT outbox_unsubscribe('all')").contains("subscription \"all\" does not exist"));
+}
+
+#[test]
+fn replay_makes_processed_events_deliverable_without_duplicating_pending_ones() {
+    let (_, mut c) = setup("replay", "");
+    insert(&mut c, 1..=3);
+    let first = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    c.execute("SELECT outbox_ack($1)", &[&first[..2].to_vec()]).unwrap();
+    insert(&mut c, 4..=4); // pending, not yet handed out
+
+    // the third is in flight and the fourth is pending: only the two processed ones come back
+    let replayed = c.query_one("SELECT outbox_replay('default', since => now() - interval '1 hour')", &[]).unwrap().get::<_, i64>(0);
+    assert_eq!(replayed, 2);
+    assert_eq!(c.query_one("SELECT outbox_replay('default', ids => $1)", &[&first]).unwrap().get::<_, i64>(0), 0, "already pending");
+    c.execute("SELECT outbox_ack($1)", &[&vec![first[2]]]).unwrap();
+    let again: Vec<i64> = claim(&mut c, "SELECT * FROM outbox_claim(10)").iter().map(|e| e.2).collect();
+    assert_eq!(again, [1, 2, 4]);
+}
+
+#[test]
+fn purge_removes_processed_events_after_retention_and_keeps_the_rest() {
+    let (_, mut c) = setup("retention", "");
+    c.batch_execute("SELECT outbox_subscribe('lagging')").unwrap();
+    insert(&mut c, 1..=5);
+    let all = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    c.execute("SELECT outbox_ack($1)", &[&all]).unwrap();
+    c.batch_execute("SET outbox.retention = 0").unwrap();
+    c.batch_execute("SELECT outbox_purge()").unwrap(); // starts a new segment
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0, "'lagging' has not processed them");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_events"), 5);
+
+    let lagging = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 'lagging')"));
+    c.execute("SELECT outbox_ack($1, 'lagging')", &[&lagging]).unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 5);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_events"), 0);
+
+    c.batch_execute("RESET outbox.retention").unwrap();
+    insert(&mut c, 6..=6);
+    let six = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    c.execute("SELECT outbox_ack($1)", &[&six]).unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0, "a day of retention keeps it");
+}
+
+#[test]
+fn backlog_reports_every_state_and_latency() {
+    let (_, mut c) = setup("backlog", "");
+    c.batch_execute("SELECT outbox_subscribe('s', options => '{\"max_attempts\": 1}')").unwrap();
+    insert(&mut c, 1..=4);
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(3, 's')"));
+    c.execute("SELECT outbox_ack($1, 's')", &[&vec![claimed[0]]]).unwrap();
+    c.execute("SELECT outbox_fail($1, 'bad', 's')", &[&vec![claimed[1]]]).unwrap();
+    let row = c.query_one("SELECT * FROM outbox_backlog WHERE subscription = 's'", &[]).unwrap();
+    assert_eq!(row.get::<_, i64>("pending"), 1);
+    assert_eq!(row.get::<_, i64>("in_flight"), 1);
+    assert_eq!(row.get::<_, i64>("retrying"), 0);
+    assert_eq!(row.get::<_, i64>("dead"), 1);
+    let ages = c
+        .query_one(
+            "SELECT extract(epoch FROM oldest_pending_age)::float8, extract(epoch FROM avg_propagation_latency)::float8 \
+             FROM outbox_backlog WHERE subscription = 's'",
+            &[],
+        )
+        .unwrap();
+    let (age, latency): (f64, f64) = (ages.get(0), ages.get(1));
+    assert!(age > 0.0 && age < 60.0, "{age}");
+    assert!(latency > 0.0 && latency < 60.0, "{latency}");
+    c.execute("SELECT outbox_fail($1, 'again', 's', retry_after => '1 hour')", &[&vec![claimed[2]]]).unwrap();
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let (_, mut c) = setup("bad_input", "");
+    insert(&mut c, 1..=2);
+    let snapshot = |c: &mut Client| -> String {
+        c.query_one(
+            "SELECT concat_ws('|', (SELECT string_agg(name || window_cursor, ',' ORDER BY name) FROM outbox_subscriptions), \
+                    (SELECT count(*) FROM outbox_claims), (SELECT count(*) FROM outbox_retries), \
+                    (SELECT count(*) FROM outbox_attachments), (SELECT count(*) FROM outbox_ledger))",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let before = snapshot(&mut c);
+    let cases = [
+        ("SELECT * FROM outbox_claim(subscription => 'nope')", "subscription \"nope\" does not exist"),
+        ("SELECT * FROM outbox_claim(0)", "batch_size must be between 1 and 10000, got 0"),
+        ("SELECT * FROM outbox_claim(-1)", "batch_size must be between 1 and 10000, got -1"),
+        ("SELECT * FROM outbox_claim(10001)", "batch_size must be between 1 and 10000, got 10001"),
+        ("SELECT * FROM outbox_claim(lease => '0')", "lease must be a positive interval"),
+        ("SELECT * FROM outbox_claim(lease => '-1 second')", "lease must be a positive interval"),
+        ("SELECT outbox_ack(NULL)", "ids must not be NULL"),
+        ("SELECT outbox_fail(NULL)", "ids must not be NULL"),
+        ("SELECT outbox_ack(ARRAY[1], 'nope')", "subscription \"nope\" does not exist"),
+        ("SELECT outbox_subscribe('default')", "subscription \"default\" already exists"),
+        ("CREATE TABLE nokey (a int); SELECT outbox_attach('nokey')", "has no primary key"),
+        ("SELECT outbox_attach('chunks', payload_columns => ARRAY['content', 'x'])", "column \"x\" named in payload_columns does not exist"),
+        ("SELECT outbox_attach('chunks', watch_columns => ARRAY['y'])", "column \"y\" named in watch_columns does not exist"),
+        ("SELECT outbox_attach('chunks', key_columns => ARRAY['z'])", "column \"z\" named in key_columns does not exist"),
+        ("SELECT outbox_attach('chunks', payload_columns => ARRAY[]::text[])", "payload_columns must not be empty"),
+        ("SELECT outbox_fail(ARRAY[1], retry_after => '-1 second')", "retry_after must not be negative"),
+        ("SELECT outbox_requeue_dead('nope')", "subscription \"nope\" does not exist"),
+    ];
+    for (sql, expected) in cases {
+        let message = error_of(&mut c, sql);
+        assert!(message.contains(expected), "{sql}: {message}");
+        assert!(message.starts_with("outbox: "), "{sql}: {message}");
+        assert_eq!(snapshot(&mut c), before, "{sql} changed something");
+    }
+    // the attachment kept its old settings
+    let payload: Option<Vec<String>> = c.query_one("SELECT payload_columns FROM outbox_attachments", &[]).unwrap().get(0);
+    assert_eq!(payload, None);
+}
