@@ -1,4 +1,5 @@
 //! Claim, ack, fail, dead letters, replay and retention, from outside over real connections.
+#![cfg(not(feature = "pg_test"))] // run by scripts/test.sh against the installed extension, not by cargo pgrx test
 
 mod common;
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds and installs the extension, starts a throwaway Postgres 15 under a temp dir, runs the
+# demo in scripts/demo.sql, and removes the server again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+BIN=/usr/lib/postgresql/15/bin
+cargo pgrx install --pg-config "$BIN/pg_config"
+
+dir=$(mktemp -d /tmp/outbox-demo.XXXXXX)
+as_postgres=()
+if [[ $(id -u) -eq 0 ]]; then
+    chown postgres "$dir"
+    as_postgres=(runuser -u postgres --)
+fi
+stop() {
+    "${as_postgres[@]}" "$BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+    rm -rf "$dir"
+}
+trap stop EXIT
+"${as_postgres[@]}" "$BIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
+"${as_postgres[@]}" "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+    -o "-c listen_addresses='' -c unix_socket_directories='$dir' -p 5432" start >/dev/null
+
+"$BIN/psql" -X -q -h "$dir" -U postgres -d postgres -v ON_ERROR_STOP=1 -f scripts/demo.sql

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: plain Rust tests and #[pg_test]s inside Postgres (cargo pgrx test),
+# then the integration tests in tests/, which start Postgres servers of their own and use the
+# extension installed into Debian's PostgreSQL 15.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+pgdata=$(mktemp -d /tmp/outbox-pgtest.XXXXXX)
+trap 'rm -rf "$pgdata"' EXIT
+if [[ $(id -u) -eq 0 ]]; then
+    chown postgres "$pgdata"
+    cargo pgrx test pg15 --runas postgres --pgdata "$pgdata/data"
+else
+    cargo pgrx test pg15 --pgdata "$pgdata/data"
+fi
+
+# cargo pgrx test installed a build with the test schema; install the real one
+cargo pgrx install --pg-config "$PG_CONFIG"
+cargo test --tests -- --test-threads 4

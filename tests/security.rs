@@ -1,0 +1,163 @@
+//! Privileges and search_path safety, checked with real roles over real connections.
+#![cfg(not(feature = "pg_test"))] // run by scripts/test.sh against the installed extension, not by cargo pgrx test
+
+mod common;
+
+use common::*;
+
+/// The GRANT line README.md documents for `role`.
+fn documented_grant(role: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    readme
+        .lines()
+        .find(|line| line.starts_with("GRANT") && line.contains(&format!("TO {role};")))
+        .unwrap_or_else(|| panic!("README documents no GRANT for {role}"))
+        .to_string()
+}
+
+fn setup(name: &str) -> (String, Client) {
+    let cluster = shared();
+    let db = cluster.database(name);
+    let mut owner = cluster.connect(&db);
+    chunks(&mut owner, ", payload_columns => ARRAY['content']");
+    owner
+        .batch_execute(
+            "CREATE TABLE private_notes (id int PRIMARY KEY, note text);
+             INSERT INTO private_notes VALUES (1, 'salary data');
+             INSERT INTO chunks VALUES (1, 1, 'visible', '{1}');",
+        )
+        .unwrap();
+    (db, owner)
+}
+
+fn connect_as(db: &str, role: &str) -> Client {
+    Client::connect(&format!("{} user={role}", shared().dsn(db)), NoTls).unwrap()
+}
+
+fn refused(client: &mut Client, sql: &str) {
+    let message = error_of(client, sql);
+    assert!(message.contains("permission denied") || message.contains("must be owner"), "{sql}: {message}");
+}
+
+#[test]
+fn public_can_do_nothing() {
+    let (db, mut owner) = setup("public_nothing");
+    owner.batch_execute("CREATE ROLE nobody LOGIN").unwrap();
+    let mut nobody = connect_as(&db, "nobody");
+    for sql in [
+        "SELECT * FROM outbox_claim()",
+        "SELECT outbox_ack(ARRAY[1])",
+        "SELECT outbox_fail(ARRAY[1])",
+        "SELECT * FROM outbox_backlog",
+        "SELECT * FROM outbox_events",
+        "SELECT * FROM outbox_log",
+        "SELECT * FROM outbox_dead_letters",
+        "SELECT * FROM outbox_subscriptions",
+        "SELECT outbox_subscribe('mine')",
+        "SELECT outbox_replay('default', ids => ARRAY[1])",
+        "SELECT outbox_purge()",
+        "SELECT outbox_attach('chunks')",
+        "SELECT * FROM outbox_events_for(ARRAY[1])",
+        "SELECT * FROM outbox_claim_ids(1, 'default', '1 minute')",
+    ] {
+        refused(&mut nobody, sql);
+    }
+}
+
+#[test]
+fn documented_consumer_grant_is_enough_and_no_more() {
+    let (db, mut owner) = setup("consumer_grant");
+    owner.batch_execute("CREATE ROLE outbox_consumer LOGIN").unwrap();
+    owner.batch_execute(&documented_grant("outbox_consumer")).unwrap();
+    let mut consumer = connect_as(&db, "outbox_consumer");
+
+    let claimed = claim(&mut consumer, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(consumer.query_one("SELECT outbox_ack($1)", &[&ids(&claimed)]).unwrap().get::<_, i32>(0), 1);
+    assert_eq!(consumer.query_one("SELECT outbox_fail(ARRAY[12345], 'x')", &[]).unwrap().get::<_, i32>(0), 0);
+    assert_eq!(scalar_i64(&mut consumer, "SELECT pending FROM outbox_backlog WHERE subscription = 'default'"), 0);
+
+    // nothing beyond the API: no tables, no admin functions, no other tables through the API
+    for sql in [
+        "SELECT * FROM outbox_log",
+        "SELECT * FROM outbox_subscriptions",
+        "SELECT * FROM outbox_dead_letters",
+        "SELECT * FROM private_notes",
+        "SELECT outbox_subscribe('mine')",
+        "SELECT outbox_replay('default', ids => ARRAY[1])",
+        "SELECT outbox_attach('private_notes', key_columns => ARRAY['id'])",
+        "SELECT * FROM outbox_events_for(ARRAY[1])",
+    ] {
+        refused(&mut consumer, sql);
+    }
+    // a consumer never sees a column that was not chosen for the payload
+    owner.batch_execute("INSERT INTO chunks VALUES (2, 1, 'also visible', '{9}')").unwrap();
+    let rows = consumer.query("SELECT payload::text FROM outbox_claim(10)", &[]).unwrap();
+    assert!(rows.iter().all(|r| !r.get::<_, String>(0).contains("embedding")));
+}
+
+#[test]
+fn documented_admin_grant_runs_the_outbox() {
+    let (db, mut owner) = setup("admin_grant");
+    owner.batch_execute("CREATE ROLE outbox_admin LOGIN").unwrap();
+    owner.batch_execute(&documented_grant("outbox_admin")).unwrap();
+    owner.batch_execute("CREATE TABLE admin_docs (id int PRIMARY KEY, body text); ALTER TABLE admin_docs OWNER TO outbox_admin").unwrap();
+    let mut admin = connect_as(&db, "outbox_admin");
+    admin.batch_execute("SELECT outbox_subscribe('search', from_start => true)").unwrap();
+    admin.batch_execute("SELECT outbox_attach('admin_docs')").unwrap();
+    admin.batch_execute("INSERT INTO admin_docs VALUES (1, 'x')").unwrap();
+    assert_eq!(scalar_i64(&mut admin, "SELECT count(*) FROM outbox_events"), 2);
+    let claimed = claim(&mut admin, "SELECT * FROM outbox_claim(10, 'search')");
+    assert_eq!(claimed.len(), 2);
+    admin.execute("SELECT outbox_fail($1, 'no', 'search', retry_after => '0')", &[&ids(&claimed)]).unwrap();
+    assert_eq!(scalar_i64(&mut admin, "SELECT count(*) FROM outbox_dead_letters"), 0);
+    assert_eq!(scalar_i64(&mut admin, "SELECT outbox_purge()"), 0);
+    admin.batch_execute("SELECT outbox_detach('admin_docs')").unwrap();
+    // attaching needs ownership of the table, not just EXECUTE
+    refused(&mut admin, "SELECT outbox_attach('private_notes', key_columns => ARRAY['id'])");
+    admin.batch_execute("SELECT outbox_unsubscribe('search')").unwrap();
+}
+
+#[test]
+fn writers_need_no_outbox_privileges() {
+    let (db, mut owner) = setup("writer");
+    owner.batch_execute("CREATE ROLE writer LOGIN; GRANT INSERT, UPDATE, DELETE, SELECT ON chunks TO writer").unwrap();
+    let mut writer = connect_as(&db, "writer");
+    writer.batch_execute("INSERT INTO chunks VALUES (10, 1, 'from writer', '{1}'); UPDATE chunks SET content = 'w2' WHERE id = 10").unwrap();
+    assert_eq!(scalar_i64(&mut owner, "SELECT count(*) FROM outbox_events WHERE payload->'key'->>'id' = '10'"), 2);
+    refused(&mut writer, "SELECT * FROM outbox_events");
+}
+
+#[test]
+fn hostile_search_path_objects_change_nothing() {
+    let (db, mut owner) = setup("search_path_attack");
+    // Hostile same-named objects in a schema searched before pg_catalog.
+    owner
+        .batch_execute(
+            "CREATE SCHEMA evil;
+             CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE sql AS $$ SELECT '2000-01-01'::timestamptz $$;
+             CREATE FUNCTION evil.clock_timestamp() RETURNS timestamptz LANGUAGE sql AS $$ SELECT '2000-01-01'::timestamptz $$;
+             CREATE FUNCTION evil.nextval(regclass) RETURNS bigint LANGUAGE sql AS $$ SELECT 1::bigint $$;
+             CREATE FUNCTION evil.pg_current_xact_id() RETURNS xid8 LANGUAGE sql AS $$ SELECT '1'::xid8 $$;
+             CREATE FUNCTION evil.jsonb_build_object(text, jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
+             CREATE FUNCTION evil.never(bigint, bigint) RETURNS boolean LANGUAGE sql AS $$ SELECT false $$;
+             CREATE OPERATOR evil.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = evil.never);
+             CREATE FUNCTION evil.never_text(text, text) RETURNS boolean LANGUAGE sql AS $$ SELECT false $$;
+             CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.never_text);
+             GRANT USAGE ON SCHEMA evil TO PUBLIC;",
+        )
+        .unwrap();
+    let mut victim = shared().connect(&db);
+    victim.batch_execute("SET search_path = evil, public, pg_catalog").unwrap();
+    victim.batch_execute("INSERT INTO chunks VALUES (2, 1, 'second', '{2}'); UPDATE chunks SET content = 'third' WHERE id = 2").unwrap();
+    let claimed = claim(&mut victim, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(claimed.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2], "row 2's update waits behind its insert");
+    assert_eq!(victim.query_one("SELECT outbox_ack($1)", &[&ids(&claimed)]).unwrap().get::<_, i32>(0), 2);
+    let next = claim(&mut victim, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(next.len(), 1);
+    let created: bool = victim.query_one("SELECT bool_and(created_at > pg_catalog.now() - interval '1 hour') FROM outbox_events", &[]).unwrap().get(0);
+    assert!(created, "timestamps come from pg_catalog");
+    // (this test's own query must not use the hostile `=`)
+    let in_flight: i64 = victim.query_one("SELECT in_flight FROM outbox_backlog", &[]).unwrap().get(0);
+    assert_eq!(in_flight, 1);
+}
