@@ -18,4 +18,4 @@ fi
 
 # cargo pgrx test installed a build with the test schema; install the real one
 cargo pgrx install --pg-config "$PG_CONFIG"
-cargo test --tests -- --test-threads 4
+cargo test --test '*' -- --test-threads 4

@@ -25,7 +25,8 @@ SELECT l.base OPERATOR(pg_catalog.+) e.ord OPERATOR(pg_catalog.-) 1 AS id,
        l.source,
        l.txid
 FROM @extschema@.outbox_log l
-CROSS JOIN LATERAL ROWS FROM (pg_catalog.jsonb_array_elements(l.keys), pg_catalog.jsonb_array_elements(l.data))
+CROSS JOIN LATERAL ROWS FROM (pg_catalog.jsonb_array_elements(l.keys::pg_catalog.jsonb),
+                               pg_catalog.jsonb_array_elements(l.data::pg_catalog.jsonb))
     WITH ORDINALITY AS e(key, data, ord);
 
 -- The events with these ids, reading only the log rows that hold them.
@@ -34,7 +35,7 @@ RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT l.base + e.ord - 1, l.type, @extschema@.outbox_payload(l.source_name, e.key, e.data), l.created_at
     FROM @extschema@.outbox_log l
-    CROSS JOIN LATERAL ROWS FROM (jsonb_array_elements(l.keys), jsonb_array_elements(l.data))
+    CROSS JOIN LATERAL ROWS FROM (jsonb_array_elements(l.keys::jsonb), jsonb_array_elements(l.data::jsonb))
         WITH ORDINALITY AS e(key, data, ord)
     JOIN unnest(ids) AS wanted(id) ON wanted.id = l.base + e.ord - 1
     WHERE l.base = ANY (ARRAY(SELECT DISTINCT i - (i - 1) % 4096 FROM unnest(ids) AS i))

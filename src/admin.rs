@@ -142,6 +142,7 @@ pub fn purge() -> Result<i64, OutboxError> {
         let next = (current + 1) % SEGMENTS;
         if age >= rotation_period && in_use(client, current)? && !in_use(client, next)? {
             run(client, &extension, &q::ROTATE, &[next.into(), timestamp(now).into()])?;
+            crate::capture::forget_segment();
         }
         run(client, &extension, &q::FOLD_STATS, &[timestamp(now - 3_600_000_000).into()])?;
         Ok(removed)

@@ -7,11 +7,12 @@
 //! commit (a statement aimed at a partition directly, whose parent's statement trigger does not
 //! fire) is written by the pre-commit callback, so nothing captured is ever lost.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::fmt::Write;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -19,6 +20,7 @@ use pgrx::prelude::*;
 use crate::error::{OrRaise, OutboxError};
 use crate::ext::Extension;
 use crate::ordering::{log_rows, order_for_flush, CapturedEvent};
+use crate::append::{append, LogRow};
 use crate::queries;
 use crate::shape::{json_array, key_hash, push_json_string, table_hash, ObjectWriter, Op};
 
@@ -73,6 +75,29 @@ struct Pending {
 thread_local! {
     static ATTACHMENTS: RefCell<HashMap<pg_sys::Oid, Rc<Attachment>>> = RefCell::new(HashMap::new());
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+    /// The segment new log rows go to, and when it was read.
+    static SEGMENT: Cell<Option<(i16, Instant)>> = const { Cell::new(None) };
+}
+
+/// How long a backend keeps writing to the segment it last read. Writing to a segment that
+/// is no longer current is harmless: retention checks every row of a segment before emptying
+/// it, and cannot empty it while a writer holds its lock.
+const SEGMENT_RECHECK: Duration = Duration::from_secs(1);
+
+/// Makes the next flush read the current segment again (after this backend rotated).
+pub fn forget_segment() {
+    SEGMENT.with(|s| s.set(None));
+}
+
+fn current_segment(client: &mut pgrx::spi::SpiClient<'_>, extension: &Extension) -> Result<i16, OutboxError> {
+    if let Some((slot, read_at)) = SEGMENT.with(Cell::get) {
+        if read_at.elapsed() < SEGMENT_RECHECK {
+            return Ok(slot);
+        }
+    }
+    let slot = queries::run(client, extension, &queries::CURRENT_SEGMENT, &[])?.first().get::<i16>(1)?.unwrap_or(0);
+    SEGMENT.with(|s| s.set(Some((slot, Instant::now()))));
+    Ok(slot)
 }
 
 pub fn init() {
@@ -217,35 +242,39 @@ fn flush() -> Result<(), OutboxError> {
     }
     order_for_flush(&mut events);
     let extension = Extension::current()?;
-    extension.as_owner(|| {
-        Spi::connect_mut(|client| {
-            for row in log_rows(&events) {
-                let events = &events[row];
-                let first = &events[0];
-                let shape = &shapes[&first.source];
-                let keys = json_array(events.iter().map(|e| e.key.as_str()));
-                let data = events[0].data.is_some().then(|| json_array(events.iter().map(|e| e.data.as_deref().unwrap_or("null"))));
-                let hashes: Vec<i64> = events.iter().map(|e| e.key_hash).collect();
-                queries::run(
-                    client,
-                    &extension,
-                    &queries::APPEND_LOG_ROW,
-                    &[
-                        (events.len() as i32).into(),
-                        pg_sys::Oid::from(first.source).into(),
-                        shape.source_name.as_str().into(),
-                        first.op.code().into(),
-                        first.op.event_type(&shape.prefix).into(),
-                        keys.into(),
-                        data.into(),
-                        hashes.into(),
-                        table_hash(first.source).into(),
-                    ],
-                )?;
-            }
-            Ok(())
-        })
-    })
+    // as the owner: the writer may use neither the rotation table nor the id sequence
+    extension.as_owner(|| write_log_rows(&extension, &events, &shapes))
+}
+
+fn write_log_rows(extension: &Extension, events: &[CapturedEvent], shapes: &HashMap<u32, Rc<Shape>>) -> Result<(), OutboxError> {
+    let slot = Spi::connect_mut(|client| current_segment(client, extension))?;
+    let segment = *extension
+        .log_segments
+        .get(slot as usize)
+        .ok_or_else(|| OutboxError::Capture("outbox_log".into(), format!("no log segment {slot}")))?;
+    for row in log_rows(events) {
+        let events = &events[row];
+        let first = &events[0];
+        let shape = &shapes[&first.source];
+        let keys = json_array(events.iter().map(|e| e.key.as_str()));
+        let data = first.data.is_some().then(|| json_array(events.iter().map(|e| e.data.as_deref().unwrap_or("null"))));
+        let hashes: Vec<i64> = events.iter().map(|e| e.key_hash).collect();
+        let event_type = first.op.event_type(&shape.prefix);
+        let row = LogRow {
+            slot,
+            n: events.len() as i32,
+            source: pg_sys::Oid::from(first.source),
+            source_name: &shape.source_name,
+            op: first.op,
+            event_type: &event_type,
+            keys: &keys,
+            data: data.as_deref(),
+            key_hashes: &hashes,
+            table_hash: table_hash(first.source),
+        };
+        unsafe { append(segment, extension.event_id_seq, &row)? };
+    }
+    Ok(())
 }
 
 /// The attachment of the trigger's table, from the backend cache or freshly loaded. The

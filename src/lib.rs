@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 mod admin;
 mod api;
+mod append;
 mod attach;
 mod capture;
 mod consume;
@@ -35,6 +36,7 @@ extension_sql_file!("../sql/privileges.sql", name = "outbox_privileges", finaliz
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
+    ext::init();
     capture::init();
 }
 

@@ -60,14 +60,7 @@ pub fn run<'conn>(
 // ---------------------------------------------------------------------------------------
 // capture (runs under the writer's search_path)
 
-pub static APPEND_LOG_ROW: Sql = Sql {
-    text: "INSERT INTO @extschema@.outbox_log \
-             (slot, n, source, source_name, op, type, keys, data, key_hashes, table_hash) \
-           SELECT r.current_slot, $1, $2, $3, $4::pg_catalog.\"char\", $5, $6::pg_catalog.jsonb, \
-                  $7::pg_catalog.jsonb, $8, $9 \
-           FROM @extschema@.outbox_rotation r",
-    args: &[INT4, OID, TEXT, TEXT, TEXT, TEXT, TEXT, INT8S, INT8],
-};
+pub static CURRENT_SEGMENT: Sql = Sql { text: "SELECT current_slot FROM @extschema@.outbox_rotation", args: &[] };
 
 /// The attachment of a table, or for a partition the attachment of its nearest attached
 /// ancestor (row triggers are cloned onto partitions).

@@ -6,7 +6,7 @@
 /// an id names its log row without a lookup (`id - (id - 1) % 4096` in the queries).
 pub const EVENTS_PER_ROW: i64 = 4096;
 
-/// What happened to a source row. Stored as a one-letter code in the log.
+/// What happened to a source row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     Upsert,
@@ -15,11 +15,12 @@ pub enum Op {
 }
 
 impl Op {
-    pub fn code(self) -> &'static str {
+    /// The `op` column's "char".
+    pub fn code(self) -> u8 {
         match self {
-            Op::Upsert => "U",
-            Op::Delete => "D",
-            Op::Truncate => "T",
+            Op::Upsert => b'U',
+            Op::Delete => b'D',
+            Op::Truncate => b'T',
         }
     }
 

@@ -1,0 +1,291 @@
+//! Write-path and drain-path benchmarks, each against its baselines in the same run, on a
+//! Postgres started for the purpose. Prints markdown tables with ratios.
+//!
+//!     scripts/bench.sh            (installs a release build, then `cargo bench --bench outbox`)
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ROWS: i64 = 100_000;
+const PER_STATEMENT: i64 = 1_000;
+const ROUNDS: usize = 5;
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    samples[samples.len() / 2]
+}
+
+fn main() {
+    let cluster = Cluster::start(&[
+        "shared_buffers = 1GB",
+        "max_wal_size = 8GB",
+        "checkpoint_timeout = 30min",
+        "work_mem = 16MB",
+    ]);
+    let db = cluster.database("bench");
+    let mut c = cluster.connect(&db);
+    c.batch_execute(&format!(
+        "CREATE EXTENSION pgq;
+         CREATE TABLE stage AS
+             SELECT g::bigint AS id, 'document ' || g AS doc,
+                    (SELECT array_agg(random()::real) FROM generate_series(1, 384) WHERE g > 0) AS embedding
+             FROM generate_series(1, {ROWS}) g;
+         CREATE UNIQUE INDEX ON stage (id);
+         CREATE SEQUENCE bench_ids;
+         CREATE TABLE t_none (id bigint PRIMARY KEY, doc text, embedding real[]);
+         CREATE TABLE t_outbox (LIKE t_none INCLUDING ALL);
+         CREATE TABLE t_plpgsql (LIKE t_none INCLUDING ALL);
+         CREATE TABLE t_pgq (LIKE t_none INCLUDING ALL);
+         SELECT outbox_attach('t_outbox');
+         SELECT outbox_unsubscribe('default');
+         CREATE TABLE plpgsql_outbox (id bigserial PRIMARY KEY, type text, payload jsonb,
+                                      created_at timestamptz DEFAULT clock_timestamp());
+         CREATE FUNCTION plpgsql_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO plpgsql_outbox (type, payload)
+             VALUES ('EMBED_UPSERT', jsonb_build_object('table', TG_TABLE_NAME, 'key', jsonb_build_object('id', NEW.id)));
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER capture AFTER INSERT ON t_plpgsql FOR EACH ROW EXECUTE FUNCTION plpgsql_capture();
+         SELECT pgq.create_queue('writes');
+         CREATE TRIGGER capture AFTER INSERT ON t_pgq FOR EACH ROW EXECUTE FUNCTION pgq.logutriga('writes');"
+    ))
+    .unwrap();
+    c.batch_execute("VACUUM ANALYZE stage").unwrap();
+
+    println!("# outbox benchmarks\n");
+    println!("PostgreSQL 15, {} cores; {ROWS} rows of (id bigint primary key, doc text, embedding real[384]).\n", num_cpus());
+    write_path(&mut c);
+    single_row_tps(&cluster, &db, &mut c);
+    drain_path(&mut c);
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Time to load all rows, PER_STATEMENT rows per INSERT … SELECT, each its own transaction.
+fn load(c: &mut Client, table: &str) -> f64 {
+    c.batch_execute(&format!("TRUNCATE {table}; TRUNCATE outbox_log, plpgsql_outbox")).unwrap();
+    c.batch_execute("SELECT pgq.drop_queue('writes', true); SELECT pgq.create_queue('writes'); CHECKPOINT").unwrap();
+    let insert = c.prepare(&format!("INSERT INTO {table} SELECT * FROM stage WHERE id BETWEEN $1 AND $2")).unwrap();
+    let started = Instant::now();
+    let mut first = 1;
+    while first <= ROWS {
+        c.execute(&insert, &[&first, &(first + PER_STATEMENT - 1)]).unwrap();
+        first += PER_STATEMENT;
+    }
+    started.elapsed().as_secs_f64()
+}
+
+fn write_path(c: &mut Client) {
+    let methods = [
+        ("no capture", "t_none"),
+        ("outbox", "t_outbox"),
+        ("PL/pgSQL row trigger into an outbox table", "t_plpgsql"),
+        ("PgQ 3.5 pgq.logutriga", "t_pgq"),
+    ];
+    let mut samples = vec![Vec::new(); methods.len()];
+    for round in 0..ROUNDS {
+        for i in 0..methods.len() {
+            let i = (i + round) % methods.len(); // rotate the order between rounds
+            samples[i].push(load(c, methods[i].1));
+        }
+    }
+    let medians: Vec<f64> = samples.into_iter().map(median).collect();
+    println!("## Write path: bulk INSERT … SELECT, {PER_STATEMENT} rows per statement\n");
+    println!("Median of {ROUNDS} rounds, order rotated each round.\n");
+    println!("| capture | seconds for {ROWS} rows | ratio to no capture |\n|---|---|---|");
+    for (i, (name, _)) in methods.iter().enumerate() {
+        println!("| {name} | {:.3} | {:.3} |", medians[i], medians[i] / medians[0]);
+    }
+    println!();
+}
+
+fn pgbench(cluster: &Cluster, db: &str, script: &str, seconds: u32) -> f64 {
+    let path = cluster.dir.join("bench.sql");
+    std::fs::write(&path, script).unwrap();
+    let out = Command::new("/usr/lib/postgresql/15/bin/pgbench")
+        .args(["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string(), "-f"])
+        .arg(&path)
+        .args(["-h", &cluster.dir.display().to_string(), "-p", &cluster.port.to_string(), "-U", "postgres", db])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in {text}"))
+}
+
+fn single_row_tps(cluster: &Cluster, db: &str, c: &mut Client) {
+    let script = |table: &str| {
+        format!(
+            "\\set id random(1, {ROWS})\n\
+             INSERT INTO {table} SELECT nextval('bench_ids'), doc, embedding FROM stage WHERE id = :id;\n"
+        )
+    };
+    let (mut none, mut outbox) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        c.batch_execute("TRUNCATE t_none, t_outbox, outbox_log; CHECKPOINT").unwrap();
+        none.push(pgbench(cluster, db, &script("t_none"), 15));
+        c.batch_execute("CHECKPOINT").unwrap();
+        outbox.push(pgbench(cluster, db, &script("t_outbox"), 15));
+    }
+    let (none, outbox) = (median(none), median(outbox));
+    println!("## Write path: single-row transactions, 4 concurrent clients (pgbench, 15 s, 2 rounds)\n");
+    println!("| capture | transactions/s |\n|---|---|");
+    println!("| no capture | {none:.0} |\n| outbox | {outbox:.0} |");
+    println!("\nTPS with capture ÷ TPS without: **{:.3}**\n", outbox / none);
+}
+
+/// Events per second for one consumer draining `events` events with `round_trip`.
+fn drain(events: i64, mut round_trip: impl FnMut() -> usize) -> f64 {
+    let started = Instant::now();
+    let mut drained = 0usize;
+    loop {
+        let n = round_trip();
+        if n == 0 {
+            break;
+        }
+        drained += n;
+    }
+    assert_eq!(drained as i64, events, "drained everything exactly once");
+    events as f64 / started.elapsed().as_secs_f64()
+}
+
+fn drain_path(c: &mut Client) {
+    c.batch_execute(
+        "CREATE TABLE skip_queue (id bigserial PRIMARY KEY, type text, payload jsonb,
+                                  created_at timestamptz DEFAULT now(), locked_until timestamptz,
+                                  attempts int NOT NULL DEFAULT 0, processed_at timestamptz);
+         CREATE INDEX skip_queue_pending ON skip_queue (id) WHERE processed_at IS NULL;
+         SELECT pgq.create_queue('drain');
+         UPDATE pgq.queue SET queue_ticker_max_count = 1000 WHERE queue_name = 'drain';
+         SELECT pgq.register_consumer('drain', 'bench');
+         CREATE PROCEDURE load_single(n bigint) LANGUAGE plpgsql AS $$
+         BEGIN
+             FOR i IN 1..n LOOP
+                 INSERT INTO t_outbox SELECT * FROM stage WHERE id = i;
+                 COMMIT;
+             END LOOP;
+         END $$;",
+    )
+    .unwrap();
+
+    let mut results = Vec::new();
+    for (label, bulk) in [("bulk-captured (1,000-row statements)", true), ("single-row transactions", false)] {
+        c.batch_execute("TRUNCATE t_outbox, outbox_log, outbox_ledger, outbox_claims, outbox_retries").unwrap();
+        c.batch_execute("SELECT outbox_subscribe('drain')").unwrap();
+        if bulk {
+            load(c, "t_outbox");
+        } else {
+            c.batch_execute("SET synchronous_commit = off").unwrap();
+            c.batch_execute(&format!("CALL load_single({ROWS})")).unwrap();
+            c.batch_execute("RESET synchronous_commit").unwrap();
+        }
+        c.batch_execute("VACUUM ANALYZE outbox_log").unwrap();
+        let claim = c.prepare("SELECT id, type, payload FROM outbox_claim(1000, 'drain')").unwrap();
+        let ack = c.prepare("SELECT outbox_ack($1, 'drain')").unwrap();
+        let rate = drain(ROWS, || {
+            let rows = c.query(&claim, &[]).unwrap();
+            let ids: Vec<i64> = rows
+                .iter()
+                .map(|r| {
+                    let _payload: serde_json::Value = r.get(2);
+                    r.get(0)
+                })
+                .collect();
+            if !ids.is_empty() {
+                c.query_one(&ack, &[&ids]).unwrap();
+            }
+            ids.len()
+        });
+        c.batch_execute("SELECT outbox_unsubscribe('drain')").unwrap();
+        results.push((format!("outbox, {label}"), rate));
+    }
+
+    // FOR UPDATE SKIP LOCKED with per-row claim and ack updates, on the same events
+    c.batch_execute(&format!(
+        "INSERT INTO skip_queue (type, payload)
+         SELECT 'EMBED_UPSERT', jsonb_build_object('table', 'public.t_outbox', 'key', jsonb_build_object('id', g))
+         FROM generate_series(1, {ROWS}) g"
+    ))
+    .unwrap();
+    c.batch_execute("VACUUM ANALYZE skip_queue").unwrap();
+    let claim = c
+        .prepare(
+            "UPDATE skip_queue q SET locked_until = now() + interval '30 seconds', attempts = attempts + 1
+             FROM (SELECT id FROM skip_queue WHERE processed_at IS NULL AND (locked_until IS NULL OR locked_until < now())
+                   ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED) c
+             WHERE q.id = c.id RETURNING q.id, q.type, q.payload",
+        )
+        .unwrap();
+    let ack = c.prepare("UPDATE skip_queue SET processed_at = now() WHERE id = ANY ($1)").unwrap();
+    let rate = drain(ROWS, || {
+        let rows = c.query(&claim, &[]).unwrap();
+        let ids: Vec<i64> = rows
+            .iter()
+            .map(|r| {
+                let _payload: serde_json::Value = r.get(2);
+                r.get(0)
+            })
+            .collect();
+        if !ids.is_empty() {
+            c.execute(&ack, &[&ids]).unwrap();
+        }
+        ids.len()
+    });
+    results.push(("FOR UPDATE SKIP LOCKED claim + UPDATE processed_at ack".to_string(), rate));
+
+    // PgQ: the same events, a tick after every 1,000
+    c.batch_execute(&format!(
+        "DO $$ BEGIN
+             FOR b IN 0..{} LOOP
+                 PERFORM pgq.insert_event('drain', 'EMBED_UPSERT',
+                     jsonb_build_object('table', 'public.t_outbox', 'key', jsonb_build_object('id', g))::text)
+                 FROM generate_series(b * 1000 + 1, b * 1000 + 1000) g;
+                 COMMIT;
+                 PERFORM pgq.ticker();
+             END LOOP;
+         END $$;",
+        ROWS / 1000 - 1
+    ))
+    .unwrap();
+    c.batch_execute("SELECT pgq.force_tick('drain'); SELECT pgq.ticker()").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    c.batch_execute("SELECT pgq.ticker()").unwrap();
+    let next = c.prepare("SELECT pgq.next_batch('drain', 'bench')").unwrap();
+    let events = c.prepare("SELECT ev_id, ev_type, ev_data FROM pgq.get_batch_events($1)").unwrap();
+    let finish = c.prepare("SELECT pgq.finish_batch($1)").unwrap();
+    let rate = drain(ROWS, || loop {
+        let batch: Option<i64> = c.query_one(&next, &[]).unwrap().get(0);
+        let Some(batch) = batch else { return 0 };
+        let rows = c.query(&events, &[&batch]).unwrap();
+        for r in &rows {
+            let _payload: serde_json::Value = serde_json::from_str(r.get::<_, &str>(2)).unwrap();
+        }
+        c.query_one(&finish, &[&batch]).unwrap();
+        if !rows.is_empty() {
+            return rows.len();
+        }
+    });
+    results.push(("PgQ 3.5 next_batch / get_batch_events / finish_batch".to_string(), rate));
+
+    println!("## Drain path: {ROWS} queued events, one consumer, batches of 1,000\n");
+    println!("Every consumer decodes each payload as JSON and acknowledges each batch.\n");
+    let skip = results[2].1;
+    let pgq = results[3].1;
+    println!("| consumer | events/s | ÷ SKIP LOCKED | ÷ PgQ |\n|---|---|---|---|");
+    for (name, rate) in &results {
+        println!("| {name} | {rate:.0} | {:.2} | {:.2} |", rate / skip, rate / pgq);
+    }
+    println!();
+}
