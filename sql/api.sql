@@ -5,40 +5,47 @@ INSERT INTO @extschema@.outbox_subscriptions (name, done_snapshot, done_seq, win
 SELECT 'default', pg_catalog.pg_current_snapshot(), s.last_value, pg_catalog.pg_current_snapshot(), s.last_value
 FROM @extschema@.outbox_event_id_seq s;
 
--- {"table": ..., "key": {...}, "data": {...}}; no key for a TRUNCATE, no data unless captured.
-CREATE FUNCTION @extschema@.outbox_payload(source_name text, key jsonb, data jsonb) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE
-        WHEN pg_catalog.jsonb_typeof(key) OPERATOR(pg_catalog.=) 'null'
-            THEN pg_catalog.jsonb_build_object('table', source_name)
-        WHEN data IS NULL THEN pg_catalog.jsonb_build_object('table', source_name, 'key', key)
-        ELSE pg_catalog.jsonb_build_object('table', source_name, 'key', key, 'data', data)
-    END
+-- The events of one log row. The payload is put together as text and parsed once:
+-- {"table": ..., "key": {...}, "data": {...}}, with no key for a TRUNCATE and no data unless
+-- payload columns were captured. Inlined by the planner into the queries that use it.
+CREATE FUNCTION @extschema@.outbox_log_events(l @extschema@.outbox_log)
+RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT l.base OPERATOR(pg_catalog.+) e.ord OPERATOR(pg_catalog.-) 1,
+           l.type,
+           (CASE
+                WHEN pg_catalog.json_typeof(e.key) OPERATOR(pg_catalog.=) 'null'
+                    THEN '{"table":' OPERATOR(pg_catalog.||) pg_catalog.to_json(l.source_name)::text
+                         OPERATOR(pg_catalog.||) '}'
+                WHEN e.data IS NULL
+                    THEN '{"table":' OPERATOR(pg_catalog.||) pg_catalog.to_json(l.source_name)::text
+                         OPERATOR(pg_catalog.||) ',"key":' OPERATOR(pg_catalog.||) e.key::text OPERATOR(pg_catalog.||) '}'
+                ELSE '{"table":' OPERATOR(pg_catalog.||) pg_catalog.to_json(l.source_name)::text
+                     OPERATOR(pg_catalog.||) ',"key":' OPERATOR(pg_catalog.||) e.key::text
+                     OPERATOR(pg_catalog.||) ',"data":' OPERATOR(pg_catalog.||) e.data::text OPERATOR(pg_catalog.||) '}'
+            END)::pg_catalog.jsonb,
+           l.created_at
+    FROM ROWS FROM (pg_catalog.json_array_elements(l.keys::pg_catalog.json),
+                    pg_catalog.json_array_elements(l.data::pg_catalog.json)) WITH ORDINALITY AS e(key, data, ord)
 $$;
 
 -- Every retained event, one row each.
 CREATE VIEW @extschema@.outbox_events AS
-SELECT l.base OPERATOR(pg_catalog.+) e.ord OPERATOR(pg_catalog.-) 1 AS id,
-       l.type,
-       @extschema@.outbox_payload(l.source_name, e.key, e.data) AS payload,
-       l.created_at,
-       l.source,
-       l.txid
+SELECT e.id, e.type, e.payload, e.created_at, l.source, l.txid
 FROM @extschema@.outbox_log l
-CROSS JOIN LATERAL ROWS FROM (pg_catalog.jsonb_array_elements(l.keys::pg_catalog.jsonb),
-                               pg_catalog.jsonb_array_elements(l.data::pg_catalog.jsonb))
-    WITH ORDINALITY AS e(key, data, ord);
+CROSS JOIN LATERAL @extschema@.outbox_log_events(l) e;
 
 -- The events with these ids, reading only the log rows that hold them.
 CREATE FUNCTION @extschema@.outbox_events_for(ids bigint[])
 RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT l.base + e.ord - 1, l.type, @extschema@.outbox_payload(l.source_name, e.key, e.data), l.created_at
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT e.id, e.type, e.payload, e.created_at
     FROM @extschema@.outbox_log l
-    CROSS JOIN LATERAL ROWS FROM (jsonb_array_elements(l.keys::jsonb), jsonb_array_elements(l.data::jsonb))
-        WITH ORDINALITY AS e(key, data, ord)
-    JOIN unnest(ids) AS wanted(id) ON wanted.id = l.base + e.ord - 1
-    WHERE l.base = ANY (ARRAY(SELECT DISTINCT i - (i - 1) % 4096 FROM unnest(ids) AS i))
+    CROSS JOIN LATERAL @extschema@.outbox_log_events(l) e
+    JOIN pg_catalog.unnest(ids) AS wanted(id) ON wanted.id OPERATOR(pg_catalog.=) e.id
+    WHERE l.base OPERATOR(pg_catalog.=) ANY (ARRAY(
+        SELECT DISTINCT i OPERATOR(pg_catalog.-) ((i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.%) 4096)
+        FROM pg_catalog.unnest(ids) AS i))
 $$;
 
 CREATE FUNCTION @extschema@.outbox_claim(
@@ -48,23 +55,25 @@ CREATE FUNCTION @extschema@.outbox_claim(
 RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz, attempts integer)
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH claimed AS MATERIALIZED (
-        SELECT c.id, c.attempts
+        SELECT c.ids, c.attempts
         FROM @extschema@.outbox_claim_ids(outbox_claim.batch_size, outbox_claim.subscription, outbox_claim.lease) c
+    ), items AS (
+        SELECT u.id, u.attempts FROM claimed, unnest(claimed.ids, claimed.attempts) AS u(id, attempts)
     ), copies AS (
         -- events requeued from the dead letters carry their own copy
         SELECT r.event_id, r.type, r.payload, r.created_at
         FROM @extschema@.outbox_retries r
         WHERE r.payload IS NOT NULL
-          AND r.event_id IN (SELECT claimed.id FROM claimed)
+          AND r.event_id IN (SELECT items.id FROM items)
           AND r.subscription_id = (SELECT s.id FROM @extschema@.outbox_subscriptions s
                                    WHERE s.name = outbox_claim.subscription)
     )
-    SELECT c.id, coalesce(k.type, e.type), coalesce(k.payload, e.payload),
-           coalesce(k.created_at, e.created_at), c.attempts
-    FROM claimed c
-    LEFT JOIN copies k ON k.event_id = c.id
-    LEFT JOIN @extschema@.outbox_events_for(ARRAY(SELECT claimed.id FROM claimed)) e ON e.id = c.id
-    ORDER BY c.id
+    SELECT i.id, coalesce(k.type, e.type), coalesce(k.payload, e.payload),
+           coalesce(k.created_at, e.created_at), i.attempts
+    FROM items i
+    LEFT JOIN copies k ON k.event_id = i.id
+    LEFT JOIN @extschema@.outbox_events_for((SELECT claimed.ids FROM claimed)) e ON e.id = i.id
+    ORDER BY i.id
 $$;
 
 -- One row per subscription. pending: not yet handed out (or waiting behind its row);

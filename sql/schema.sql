@@ -99,6 +99,23 @@ BEGIN
 END
 $$;
 
+-- Key hashes are random and do not compress: store them uncompressed rather than let pglz
+-- try on every row. Where lz4 is available (PostgreSQL 14 and later, built --with-lz4), the
+-- compressible arrays and key lists use it: pglz was the largest single cost of a claim.
+ALTER TABLE @extschema@.outbox_log ALTER COLUMN key_hashes SET STORAGE EXTERNAL;
+ALTER TABLE @extschema@.outbox_ledger ALTER COLUMN key_hashes SET STORAGE EXTERNAL;
+DO $$
+BEGIN
+    IF 'lz4' OPERATOR(pg_catalog.=) ANY (
+        SELECT pg_catalog.unnest(enumvals) FROM pg_catalog.pg_settings WHERE name OPERATOR(pg_catalog.=) 'default_toast_compression')
+    THEN
+        ALTER TABLE @extschema@.outbox_log ALTER COLUMN keys SET COMPRESSION lz4, ALTER COLUMN data SET COMPRESSION lz4;
+        ALTER TABLE @extschema@.outbox_ledger ALTER COLUMN event_ids SET COMPRESSION lz4,
+            ALTER COLUMN table_hashes SET COMPRESSION lz4, ALTER COLUMN created_ats SET COMPRESSION lz4;
+    END IF;
+END
+$$;
+
 CREATE SEQUENCE @extschema@.outbox_claim_id_seq AS bigint;
 
 CREATE TABLE @extschema@.outbox_claims (

@@ -53,17 +53,19 @@ fn outbox_unsubscribe(name: Option<&str>) {
     admin::unsubscribe(given(name, "name")).or_raise()
 }
 
-/// The claim decision; `outbox_claim` (SQL) adds type, payload and created_at to its rows.
+/// The claim decision, as one row of two arrays; `outbox_claim` (SQL) turns it into rows with
+/// type, payload and created_at.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_claim_ids(
     batch_size: Option<i32>,
     subscription: Option<&str>,
     lease: Option<Interval>,
-) -> TableIterator<'static, (name!(id, i64), name!(attempts, i32))> {
+) -> TableIterator<'static, (name!(ids, Vec<i64>), name!(attempts, Vec<i32>))> {
     let claimed = consume::claim(given(batch_size, "batch_size"), given(subscription, "subscription"), &given(lease, "lease"))
         .or_raise();
-    TableIterator::new(claimed.into_iter().map(|c| (c.id, c.attempts)))
+    let (ids, attempts) = claimed.into_iter().map(|c| (c.id, c.attempts)).unzip();
+    TableIterator::once((ids, attempts))
 }
 
 #[pg_extern(volatile, parallel_unsafe, security_definer)]

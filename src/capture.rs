@@ -89,13 +89,15 @@ pub fn forget_segment() {
     SEGMENT.with(|s| s.set(None));
 }
 
-fn current_segment(client: &mut pgrx::spi::SpiClient<'_>, extension: &Extension) -> Result<i16, OutboxError> {
+fn current_segment(extension: &Extension) -> Result<i16, OutboxError> {
     if let Some((slot, read_at)) = SEGMENT.with(Cell::get) {
         if read_at.elapsed() < SEGMENT_RECHECK {
             return Ok(slot);
         }
     }
-    let slot = queries::run(client, extension, &queries::CURRENT_SEGMENT, &[])?.first().get::<i16>(1)?.unwrap_or(0);
+    let slot = Spi::connect_mut(|client| {
+        Ok::<_, OutboxError>(queries::run(client, extension, &queries::CURRENT_SEGMENT, &[])?.first().get::<i16>(1)?.unwrap_or(0))
+    })?;
     SEGMENT.with(|s| s.set(Some((slot, Instant::now()))));
     Ok(slot)
 }
@@ -247,7 +249,7 @@ fn flush() -> Result<(), OutboxError> {
 }
 
 fn write_log_rows(extension: &Extension, events: &[CapturedEvent], shapes: &HashMap<u32, Rc<Shape>>) -> Result<(), OutboxError> {
-    let slot = Spi::connect_mut(|client| current_segment(client, extension))?;
+    let slot = current_segment(extension)?;
     let segment = *extension
         .log_segments
         .get(slot as usize)

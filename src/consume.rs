@@ -129,22 +129,34 @@ fn unresolved(
     Ok(all.filter(|&i| !resolved.contains(&claim.event_ids[i])).collect())
 }
 
-/// Events that go to `outbox_retries` together, with what each needs there.
+/// Events handed out together by a window claim, with what the ledger keeps of each.
 #[derive(Default)]
-struct RetryBatch {
+struct EventBatch {
     ids: Vec<i64>,
     key_hashes: Vec<i64>,
     table_hashes: Vec<i64>,
     created_ats: Vec<TimestampWithTimeZone>,
+}
+
+impl EventBatch {
+    fn push(&mut self, id: i64, key: OrderKey, created_at: TimestampWithTimeZone) {
+        self.ids.push(id);
+        self.key_hashes.push(key.key_hash);
+        self.table_hashes.push(key.table_hash);
+        self.created_ats.push(created_at);
+    }
+}
+
+/// Events that go to `outbox_retries` together, each visible again at its own time.
+#[derive(Default)]
+struct RetryBatch {
+    events: EventBatch,
     visible_ats: Vec<TimestampWithTimeZone>,
 }
 
 impl RetryBatch {
     fn push(&mut self, id: i64, key: OrderKey, created_at: TimestampWithTimeZone, visible_at: Micros) {
-        self.ids.push(id);
-        self.key_hashes.push(key.key_hash);
-        self.table_hashes.push(key.table_hash);
-        self.created_ats.push(created_at);
+        self.events.push(id, key, created_at);
         self.visible_ats.push(timestamp(visible_at));
     }
 
@@ -157,19 +169,20 @@ impl RetryBatch {
         leased_until: Option<Micros>,
         error: Option<&str>,
     ) -> Result<(), OutboxError> {
-        if self.ids.is_empty() {
+        if self.events.ids.is_empty() {
             return Ok(());
         }
+        let events = self.events;
         run(
             client,
             extension,
             &q::ADD_RETRIES,
             &[
                 subscription.into(),
-                self.ids.into(),
-                self.key_hashes.into(),
-                self.table_hashes.into(),
-                self.created_ats.into(),
+                events.ids.into(),
+                events.key_hashes.into(),
+                events.table_hashes.into(),
+                events.created_ats.into(),
                 attempts.into(),
                 leased_until.map(timestamp).into(),
                 error.into(),
@@ -375,7 +388,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
 
         // The retry table first: it holds the oldest undelivered events.
         let mut claimed = Vec::with_capacity(batch);
-        let has_retries = run(client, &extension, &q::HAS_RETRIES, &[sub.into()])?.first().get::<bool>(1)?.unwrap_or(false);
+        let has_retries = has_retries(client, &extension, sub)?;
         if has_retries {
             let candidates =
                 run(client, &extension, &q::RETRY_CANDIDATES, &[sub.into(), timestamp(now).into(), batch_size.into()])?;
@@ -405,7 +418,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
         }
 
         // Then the window, in id order, deferring events whose row is busy.
-        let mut taken = RetryBatch::default();
+        let mut taken = EventBatch::default();
         let mut deferred = RetryBatch::default();
         let mut advanced = false;
         let last_straddler = |done_seq: i64| done_seq + EVENTS_PER_ROW - 1;
@@ -441,7 +454,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
                     if blocked.blocks(key) {
                         deferred.push(id, key, row.created_at, now);
                     } else {
-                        taken.push(id, key, row.created_at, now);
+                        taken.push(id, key, row.created_at);
                     }
                     blocked.add(key);
                     cursor = id;
@@ -486,6 +499,10 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
         claimed.sort_unstable_by_key(|c| c.id);
         Ok(claimed)
     })
+}
+
+fn has_retries(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32) -> Result<bool, OutboxError> {
+    Ok(run(client, extension, &q::HAS_RETRIES, &[subscription.into()])?.first().get::<bool>(1)?.unwrap_or(false))
 }
 
 /// Adds the pending retries that share a row or table with these log rows' events.
@@ -555,11 +572,13 @@ pub fn ack(ids: Option<Vec<Option<i64>>>, subscription: &str) -> Result<i32, Out
             stats.acked += hits.len() as i64;
             stats.latency_sum += hits.iter().map(|&i| age(claim.created_ats[i])).sum::<f64>();
         }
-        let list: Vec<i64> = wanted.into_iter().collect();
         let mut retried = Vec::new();
-        for row in run(client, &extension, &q::ACK_RETRIES, &[sub.into(), list.into()])? {
-            retried.push(required::<i64>(&row, 1)?);
-            stats.latency_sum += age(required(&row, 2)?);
+        if has_retries(client, &extension, sub)? {
+            let list: Vec<i64> = wanted.into_iter().collect();
+            for row in run(client, &extension, &q::ACK_RETRIES, &[sub.into(), list.into()])? {
+                retried.push(required::<i64>(&row, 1)?);
+                stats.latency_sum += age(required(&row, 2)?);
+            }
         }
         if !retried.is_empty() {
             stats.acked += retried.len() as i64;

@@ -1,7 +1,7 @@
 //! Where the extension lives and who owns it. SQL run from Rust is qualified with the
 //! extension's schema, and work done on behalf of a writer or consumer runs as the owner.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use pgrx::pg_sys;
@@ -10,7 +10,6 @@ use pgrx::prelude::*;
 use crate::error::OutboxError;
 
 pub struct Extension {
-    pub oid: pg_sys::Oid,
     /// The schema name, quoted for use in SQL text.
     pub schema: String,
     pub owner: pg_sys::Oid,
@@ -21,42 +20,34 @@ pub struct Extension {
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Extension>>> = const { RefCell::new(None) };
-    /// Counts ended transactions: the extension can only be dropped or created by one.
-    static TRANSACTIONS: Cell<u64> = const { Cell::new(0) };
-    static CHECKED_IN: Cell<u64> = const { Cell::new(u64::MAX) };
 }
 
 pub fn init() {
-    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_end), std::ptr::null_mut()) };
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0)) };
 }
 
+/// Dropping the extension drops its relations, which invalidates them in every backend: the
+/// cached lookup goes with them, and the capture trigger needs no catalog lookup otherwise.
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    use pg_sys::XactEvent::*;
-    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE) {
-        TRANSACTIONS.with(|t| t.set(t.get() + 1));
-    }
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    CURRENT.with(|c| {
+        let mut current = c.borrow_mut();
+        let ours = current.as_ref().is_some_and(|e| e.event_id_seq == relid || e.log_segments.contains(&relid));
+        if relid == pg_sys::InvalidOid || ours {
+            *current = None;
+        }
+    });
 }
 
 impl Extension {
-    /// The installed extension of the current database. The catalog is consulted once per
-    /// transaction (the capture trigger runs for every statement), and the schema and owner
-    /// are read again when the extension was dropped and created anew.
+    /// The installed extension of the current database, looked up once per backend.
     pub fn current() -> Result<Rc<Extension>, OutboxError> {
-        let transaction = TRANSACTIONS.with(Cell::get);
-        let cached = CURRENT.with(|c| c.borrow().clone());
-        if let Some(cached) = &cached {
-            if CHECKED_IN.with(Cell::get) == transaction {
-                return Ok(cached.clone());
-            }
+        if let Some(cached) = CURRENT.with(|c| c.borrow().clone()) {
+            return Ok(cached);
         }
         let oid = unsafe { pg_sys::get_extension_oid(c"outbox".as_ptr(), true) };
         if oid == pg_sys::InvalidOid {
             return Err(OutboxError::NotInstalled);
-        }
-        if let Some(cached) = cached.filter(|e| e.oid == oid) {
-            CHECKED_IN.with(|c| c.set(transaction));
-            return Ok(cached);
         }
         // runs under any search_path (from the capture trigger): everything is qualified
         let (schema, owner, log_segments, event_id_seq) = Spi::connect(|client| {
@@ -85,7 +76,6 @@ impl Extension {
             ))
         })?;
         let extension = Rc::new(Extension {
-            oid,
             schema: schema.ok_or(OutboxError::NotInstalled)?,
             owner: owner.ok_or(OutboxError::NotInstalled)?,
             log_segments: log_segments.unwrap_or_default(),
@@ -93,7 +83,6 @@ impl Extension {
         });
         crate::queries::forget_plans();
         CURRENT.with(|c| *c.borrow_mut() = Some(extension.clone()));
-        CHECKED_IN.with(|c| c.set(transaction));
         Ok(extension)
     }
 

@@ -2,6 +2,7 @@
 //! into log rows, and which events a claim may hand out without breaking per-key order.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 
 use crate::shape::{Op, EVENTS_PER_ROW};
@@ -78,13 +79,35 @@ impl OrderKey {
     }
 }
 
+/// Key and table hashes are already FNV hashes: hashing them again (SipHash) only costs time.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 << 8) | u64::from(*byte);
+        }
+    }
+
+    fn write_i64(&mut self, value: i64) {
+        self.0 = value as u64;
+    }
+}
+
+type HashSet64 = HashSet<i64, BuildHasherDefault<PassThrough>>;
+
 /// The rows and tables that already have an event in flight or waiting ahead in a
 /// subscription. An event must wait while its row is blocked; a TRUNCATE must wait while
 /// anything of its table is; any row event must wait behind a pending TRUNCATE of its table.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Blocked {
-    keys: HashSet<i64>,
-    tables: HashSet<i64>,
+    keys: HashSet64,
+    tables: HashSet64,
 }
 
 impl Blocked {
