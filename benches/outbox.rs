@@ -13,7 +13,9 @@ use common::*;
 
 const ROWS: i64 = 100_000;
 const PER_STATEMENT: i64 = 1_000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
+const TPS_ROUNDS: usize = 5;
+const TPS_SECONDS: u32 = 10;
 
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -133,16 +135,20 @@ fn single_row_tps(cluster: &Cluster, db: &str, c: &mut Client) {
         )
     };
     let (mut none, mut outbox) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
+    for _ in 0..TPS_ROUNDS {
         c.batch_execute("TRUNCATE t_none, t_outbox, outbox_log; CHECKPOINT").unwrap();
-        none.push(pgbench(cluster, db, &script("t_none"), 15));
-        c.batch_execute("CHECKPOINT").unwrap();
-        outbox.push(pgbench(cluster, db, &script("t_outbox"), 15));
+        none.push(pgbench(cluster, db, &script("t_none"), TPS_SECONDS));
+        c.batch_execute("TRUNCATE t_none, t_outbox, outbox_log; CHECKPOINT").unwrap();
+        outbox.push(pgbench(cluster, db, &script("t_outbox"), TPS_SECONDS));
     }
+    let spread = |v: &[f64]| format!("{:.0}–{:.0}", v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max));
+    let (none_spread, outbox_spread) = (spread(&none), spread(&outbox));
     let (none, outbox) = (median(none), median(outbox));
-    println!("## Write path: single-row transactions, 4 concurrent clients (pgbench, 15 s, 2 rounds)\n");
-    println!("| capture | transactions/s |\n|---|---|");
-    println!("| no capture | {none:.0} |\n| outbox | {outbox:.0} |");
+    println!(
+        "## Write path: single-row transactions, 4 concurrent clients (pgbench, {TPS_SECONDS} s runs, median of {TPS_ROUNDS}, alternating)\n"
+    );
+    println!("| capture | transactions/s (median) | range |\n|---|---|---|");
+    println!("| no capture | {none:.0} | {none_spread} |\n| outbox | {outbox:.0} | {outbox_spread} |");
     println!("\nTPS with capture ÷ TPS without: **{:.3}**\n", outbox / none);
 }
 

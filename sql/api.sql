@@ -48,32 +48,35 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         FROM pg_catalog.unnest(ids) AS i))
 $$;
 
+-- PL/pgSQL rather than SQL: it keeps the plan of its query between calls, and passing the
+-- claimed ids as a variable lets the planner inline outbox_events_for.
 CREATE FUNCTION @extschema@.outbox_claim(
     batch_size integer DEFAULT 100,
     subscription text DEFAULT 'default',
     lease interval DEFAULT '30 seconds')
 RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz, attempts integer)
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH claimed AS MATERIALIZED (
-        SELECT c.ids, c.attempts
-        FROM @extschema@.outbox_claim_ids(outbox_claim.batch_size, outbox_claim.subscription, outbox_claim.lease) c
-    ), items AS (
-        SELECT u.id, u.attempts FROM claimed, unnest(claimed.ids, claimed.attempts) AS u(id, attempts)
-    ), copies AS (
-        -- events requeued from the dead letters carry their own copy
-        SELECT r.event_id, r.type, r.payload, r.created_at
-        FROM @extschema@.outbox_retries r
-        WHERE r.payload IS NOT NULL
-          AND r.event_id IN (SELECT items.id FROM items)
-          AND r.subscription_id = (SELECT s.id FROM @extschema@.outbox_subscriptions s
-                                   WHERE s.name = outbox_claim.subscription)
-    )
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    claimed_ids bigint[];
+    claimed_attempts integer[];
+BEGIN
+    SELECT c.ids, c.attempts INTO claimed_ids, claimed_attempts
+    FROM @extschema@.outbox_claim_ids(outbox_claim.batch_size, outbox_claim.subscription, outbox_claim.lease) c;
+    IF cardinality(claimed_ids) = 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
     SELECT i.id, coalesce(k.type, e.type), coalesce(k.payload, e.payload),
            coalesce(k.created_at, e.created_at), i.attempts
-    FROM items i
-    LEFT JOIN copies k ON k.event_id = i.id
-    LEFT JOIN @extschema@.outbox_events_for((SELECT claimed.ids FROM claimed)) e ON e.id = i.id
-    ORDER BY i.id
+    FROM unnest(claimed_ids, claimed_attempts) AS i(id, attempts)
+    -- events requeued from the dead letters carry their own copy
+    LEFT JOIN @extschema@.outbox_retries k
+           ON k.event_id = i.id AND k.payload IS NOT NULL
+          AND k.subscription_id = (SELECT s.id FROM @extschema@.outbox_subscriptions s
+                                   WHERE s.name = outbox_claim.subscription)
+    LEFT JOIN @extschema@.outbox_events_for(claimed_ids) e ON e.id = i.id
+    ORDER BY i.id;
+END
 $$;
 
 -- One row per subscription. pending: not yet handed out (or waiting behind its row);

@@ -105,13 +105,22 @@ $$;
 ALTER TABLE @extschema@.outbox_log ALTER COLUMN key_hashes SET STORAGE EXTERNAL;
 ALTER TABLE @extschema@.outbox_ledger ALTER COLUMN key_hashes SET STORAGE EXTERNAL;
 DO $$
+DECLARE
+    slot integer;
 BEGIN
     IF 'lz4' OPERATOR(pg_catalog.=) ANY (
         SELECT pg_catalog.unnest(enumvals) FROM pg_catalog.pg_settings WHERE name OPERATOR(pg_catalog.=) 'default_toast_compression')
     THEN
-        ALTER TABLE @extschema@.outbox_log ALTER COLUMN keys SET COMPRESSION lz4, ALTER COLUMN data SET COMPRESSION lz4;
-        ALTER TABLE @extschema@.outbox_ledger ALTER COLUMN event_ids SET COMPRESSION lz4,
-            ALTER COLUMN table_hashes SET COMPRESSION lz4, ALTER COLUMN created_ats SET COMPRESSION lz4;
+        -- SET COMPRESSION does not recurse to partitions
+        FOR slot IN 0..7 LOOP
+            EXECUTE pg_catalog.format(
+                'ALTER TABLE @extschema@.%I ALTER COLUMN keys SET COMPRESSION lz4, ALTER COLUMN data SET COMPRESSION lz4',
+                'outbox_log_' OPERATOR(pg_catalog.||) slot);
+            EXECUTE pg_catalog.format(
+                'ALTER TABLE @extschema@.%I ALTER COLUMN event_ids SET COMPRESSION lz4, '
+                'ALTER COLUMN table_hashes SET COMPRESSION lz4, ALTER COLUMN created_ats SET COMPRESSION lz4',
+                'outbox_ledger_' OPERATOR(pg_catalog.||) slot);
+        END LOOP;
     END IF;
 END
 $$;
