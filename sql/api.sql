@@ -80,7 +80,8 @@ END
 $$;
 
 -- One row per subscription. pending: not yet handed out (or waiting behind its row);
--- in_flight: leased; retrying: failed or expired, waiting for their next attempt.
+-- in_flight: leased; retrying: failed or expired, waiting for their next attempt. For sink
+-- subscriptions, what the delivery worker last saw of the sink.
 CREATE VIEW @extschema@.outbox_backlog AS
 SELECT s.name AS subscription,
        w.waiting OPERATOR(pg_catalog.+) r.pending AS pending,
@@ -88,8 +89,15 @@ SELECT s.name AS subscription,
        c.expired OPERATOR(pg_catalog.+) r.retrying AS retrying,
        d.dead,
        pg_catalog.now() OPERATOR(pg_catalog.-) LEAST(w.oldest, r.oldest, c.oldest) AS oldest_pending_age,
-       lat.latency AS avg_propagation_latency
+       lat.latency AS avg_propagation_latency,
+       s.sink,
+       k.last_success_at,
+       k.last_error,
+       k.last_error_at,
+       coalesce(k.backing_off_until OPERATOR(pg_catalog.>) pg_catalog.now(), false) AS backing_off,
+       k.backing_off_until
 FROM @extschema@.outbox_subscriptions s
+LEFT JOIN @extschema@.outbox_sink_state k ON k.subscription_id OPERATOR(pg_catalog.=) s.id
 CROSS JOIN LATERAL (
     SELECT coalesce(pg_catalog.sum(x.waiting), 0)::bigint AS waiting,
            pg_catalog.min(x.created_at) FILTER (WHERE x.waiting OPERATOR(pg_catalog.>) 0) AS oldest

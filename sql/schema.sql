@@ -181,3 +181,12 @@ CREATE TABLE @extschema@.outbox_stats (
     dead bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (subscription_id, bucket)
 );
+
+-- What the delivery worker last saw of each sink, written when it changes (outbox_backlog).
+CREATE TABLE @extschema@.outbox_sink_state (
+    subscription_id integer PRIMARY KEY,
+    last_success_at timestamptz,
+    last_error text,
+    last_error_at timestamptz,
+    backing_off_until timestamptz
+);

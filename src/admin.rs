@@ -10,9 +10,8 @@ use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
 use crate::policy::SubscriptionOptions;
+use crate::sink::Sink;
 use crate::queries::{self as q, run};
-
-pub const SINKS: [&str; 3] = ["pull", "function", "http"];
 
 /// Segments of the log and ledger; retention empties whole segments.
 pub const SEGMENTS: i16 = 8;
@@ -33,12 +32,15 @@ fn check_subscription_name(name: &str) -> Result<(), OutboxError> {
 
 pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> Result<(), OutboxError> {
     check_subscription_name(name)?;
-    if !SINKS.contains(&sink) {
-        return Err(OutboxError::UnknownSink(sink.to_string()));
-    }
+    let parsed = Sink::parse(sink, options)?;
     SubscriptionOptions::parse(options)?;
     let extension = Extension::current()?;
     Spi::connect_mut(|client| {
+        if let Sink::Function { function, .. } = &parsed {
+            if run(client, &extension, &q::FUNCTION_SINK, &[function.as_str().into()])?.is_empty() {
+                return Err(OutboxError::InvalidOptions(format!("function {function}(jsonb) does not exist")));
+            }
+        }
         let created = run(
             client,
             &extension,
@@ -47,6 +49,9 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
         )?;
         if created.is_empty() {
             return Err(OutboxError::DuplicateSubscription(name.to_string()));
+        }
+        if parsed != Sink::Pull {
+            crate::worker::wake_at_commit();
         }
         Ok(())
     })

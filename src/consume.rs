@@ -557,39 +557,48 @@ fn claims_holding(
 pub fn ack(ids: Option<Vec<Option<i64>>>, subscription: &str) -> Result<i32, OutboxError> {
     let wanted = wanted_ids(ids)?;
     let extension = Extension::current()?;
-    Spi::connect_mut(|client| {
-        let (sub, _) = subscription_by_name(client, &extension, subscription)?;
-        if wanted.is_empty() {
-            return Ok(0);
+    Spi::connect_mut(|client| ack_in(client, &extension, wanted, subscription))
+}
+
+/// Acks `ids` in `subscription`; returns how many were newly processed.
+pub fn ack_in(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    ids: impl IntoIterator<Item = i64>,
+    subscription: &str,
+) -> Result<i32, OutboxError> {
+    let wanted: HashSet<i64> = ids.into_iter().collect();
+    let (sub, _) = subscription_by_name(client, extension, subscription)?;
+    if wanted.is_empty() {
+        return Ok(0);
+    }
+    let now = now();
+    let age = |created_at: TimestampWithTimeZone| (now - micros_of(created_at)) as f64 / 1e6;
+    let mut stats = Stats::default();
+    for (claim, hits) in claims_holding(client, extension, sub, &wanted)? {
+        let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
+        record_resolution(client, extension, sub, Some(claim.claim_id), "a", ids, now)?;
+        settle(client, extension, sub, &claim, hits.len())?;
+        stats.acked += hits.len() as i64;
+        stats.latency_sum += hits.iter().map(|&i| age(claim.created_ats[i])).sum::<f64>();
+    }
+    let mut retried = Vec::new();
+    if has_retries(client, extension, sub)? {
+        let list: Vec<i64> = wanted.into_iter().collect();
+        for row in run(client, extension, &q::ACK_RETRIES, &[sub.into(), list.into()])? {
+            retried.push(required::<i64>(&row, 1)?);
+            stats.latency_sum += age(required(&row, 2)?);
         }
-        let now = now();
-        let age = |created_at: TimestampWithTimeZone| (now - micros_of(created_at)) as f64 / 1e6;
-        let mut stats = Stats::default();
-        for (claim, hits) in claims_holding(client, &extension, sub, &wanted)? {
-            let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
-            record_resolution(client, &extension, sub, Some(claim.claim_id), "a", ids, now)?;
-            settle(client, &extension, sub, &claim, hits.len())?;
-            stats.acked += hits.len() as i64;
-            stats.latency_sum += hits.iter().map(|&i| age(claim.created_ats[i])).sum::<f64>();
-        }
-        let mut retried = Vec::new();
-        if has_retries(client, &extension, sub)? {
-            let list: Vec<i64> = wanted.into_iter().collect();
-            for row in run(client, &extension, &q::ACK_RETRIES, &[sub.into(), list.into()])? {
-                retried.push(required::<i64>(&row, 1)?);
-                stats.latency_sum += age(required(&row, 2)?);
-            }
-        }
-        if !retried.is_empty() {
-            stats.acked += retried.len() as i64;
-            record_resolution(client, &extension, sub, None, "a", retried, now)?;
-        }
-        let acked = stats.acked as i32;
-        if acked > 0 {
-            count_stats(client, &extension, sub, now, stats)?;
-        }
-        Ok(acked)
-    })
+    }
+    if !retried.is_empty() {
+        stats.acked += retried.len() as i64;
+        record_resolution(client, extension, sub, None, "a", retried, now)?;
+    }
+    let acked = stats.acked as i32;
+    if acked > 0 {
+        count_stats(client, extension, sub, now, stats)?;
+    }
+    Ok(acked)
 }
 
 pub fn fail(
@@ -605,58 +614,88 @@ pub fn fail(
         None => None,
     };
     let extension = Extension::current()?;
-    Spi::connect_mut(|client| {
-        let (sub, options) = subscription_by_name(client, &extension, subscription)?;
-        if wanted.is_empty() {
-            return Ok(0);
-        }
-        let policy = guc::retry_policy().with_overrides(&options.0)?;
-        let now = now();
-        let retry_at = |attempts: i32| {
-            let delay = retry_after.unwrap_or_else(|| policy.backoff(attempts, random_unit()).as_micros() as i64);
-            now.saturating_add(delay)
-        };
-        let mut failed = 0i64;
-        let mut dead = Vec::new();
+    Spi::connect_mut(|client| fail_in(client, &extension, wanted, error, subscription, retry_after, true))
+}
 
-        // events of window claims have been handed out once
-        let mut later = RetryBatch::default();
-        for (claim, hits) in claims_holding(client, &extension, sub, &wanted)? {
-            let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
-            record_resolution(client, &extension, sub, Some(claim.claim_id), "f", ids, now)?;
-            settle(client, &extension, sub, &claim, hits.len())?;
-            failed += hits.len() as i64;
-            for i in hits {
-                if policy.exhausted(1) {
-                    dead.push(Dead { id: claim.event_ids[i], attempts: 1, key: claim.order_key(i) });
-                } else {
-                    later.push(claim.event_ids[i], claim.order_key(i), claim.created_ats[i], retry_at(1));
-                }
-            }
-        }
-        later.insert(client, &extension, sub, 1, None, error)?;
+/// Fails `ids` in `subscription`: they are delivered again after `retry_after` (microseconds)
+/// or the backoff. A `counted` failure uses up an attempt and may dead-letter the event; an
+/// uncounted one (the sink was down, or the worker restarted) gives the hand-out back.
+pub fn fail_in(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    ids: impl IntoIterator<Item = i64>,
+    error: Option<&str>,
+    subscription: &str,
+    retry_after: Option<i64>,
+    counted: bool,
+) -> Result<i32, OutboxError> {
+    let wanted: HashSet<i64> = ids.into_iter().collect();
+    let (sub, options) = subscription_by_name(client, extension, subscription)?;
+    if wanted.is_empty() {
+        return Ok(0);
+    }
+    let policy = guc::retry_policy().with_overrides(&options.0)?;
+    let now = now();
+    let retry_at = |attempts: i32| {
+        let delay = retry_after.unwrap_or_else(|| policy.backoff(attempts.max(1), random_unit()).as_micros() as i64);
+        now.saturating_add(delay)
+    };
+    let exhausted = |attempts: i32| counted && policy.exhausted(attempts);
+    let mut failed = 0i64;
+    let mut dead = Vec::new();
 
-        let list: Vec<i64> = wanted.into_iter().collect();
-        let mut again = (Vec::new(), Vec::new());
-        for row in run(client, &extension, &q::LEASED_RETRIES, &[sub.into(), list.into()])? {
-            let id: i64 = required(&row, 1)?;
-            let attempts: i32 = required(&row, 2)?;
-            let key = OrderKey { key_hash: required(&row, 3)?, table_hash: required(&row, 4)? };
-            failed += 1;
-            if policy.exhausted(attempts) {
-                dead.push(Dead { id, attempts, key });
+    // events of window claims have been handed out once
+    let mut later = RetryBatch::default();
+    for (claim, hits) in claims_holding(client, extension, sub, &wanted)? {
+        let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
+        record_resolution(client, extension, sub, Some(claim.claim_id), "f", ids, now)?;
+        settle(client, extension, sub, &claim, hits.len())?;
+        failed += hits.len() as i64;
+        for i in hits {
+            if exhausted(1) {
+                dead.push(Dead { id: claim.event_ids[i], attempts: 1, key: claim.order_key(i) });
             } else {
-                again.0.push(id);
-                again.1.push(timestamp(retry_at(attempts)));
+                later.push(claim.event_ids[i], claim.order_key(i), claim.created_ats[i], retry_at(1));
             }
         }
-        if !again.0.is_empty() {
-            run(client, &extension, &q::RETRY_LATER, &[sub.into(), again.0.into(), again.1.into(), error.into()])?;
+    }
+    later.insert(client, extension, sub, if counted { 1 } else { 0 }, None, error)?;
+
+    let list: Vec<i64> = wanted.into_iter().collect();
+    let mut again = (Vec::new(), Vec::new());
+    for row in run(client, extension, &q::LEASED_RETRIES, &[sub.into(), list.into()])? {
+        let id: i64 = required(&row, 1)?;
+        let attempts: i32 = required(&row, 2)?;
+        let key = OrderKey { key_hash: required(&row, 3)?, table_hash: required(&row, 4)? };
+        failed += 1;
+        if exhausted(attempts) {
+            dead.push(Dead { id, attempts, key });
+        } else {
+            again.0.push(id);
+            again.1.push(timestamp(retry_at(attempts)));
         }
-        bury(client, &extension, sub, dead, error, now)?;
-        if failed > 0 {
-            count_stats(client, &extension, sub, now, Stats { failed, ..Stats::default() })?;
-        }
-        Ok(failed as i32)
-    })
+    }
+    if !again.0.is_empty() {
+        let given_back = if counted { 0 } else { 1 };
+        run(client, extension, &q::RETRY_LATER, &[sub.into(), again.0.into(), again.1.into(), error.into(), given_back.into()])?;
+    }
+    bury(client, extension, sub, dead, error, now)?;
+    if failed > 0 {
+        count_stats(client, extension, sub, now, Stats { failed, ..Stats::default() })?;
+    }
+    Ok(failed as i32)
+}
+
+/// Gives back, uncounted, every event of `subscription` that is in flight: a worker that
+/// starts owns nothing its predecessor claimed.
+pub fn recover_in(client: &mut SpiClient<'_>, extension: &Extension, subscription: &str) -> Result<i32, OutboxError> {
+    let (sub, _) = subscription_by_name(client, extension, subscription)?;
+    let mut ids = Vec::new();
+    for claim in read_claims(run(client, extension, &q::OPEN_CLAIMS, &[sub.into()])?)? {
+        ids.extend(unresolved(client, extension, sub, &claim)?.into_iter().map(|i| claim.event_ids[i]));
+    }
+    for row in run(client, extension, &q::IN_FLIGHT_RETRIES, &[sub.into()])? {
+        ids.push(required(&row, 1)?);
+    }
+    fail_in(client, extension, ids, Some("delivery worker restarted"), subscription, Some(0), false)
 }

@@ -18,7 +18,9 @@ mod ordering;
 mod policy;
 mod queries;
 mod shape;
+mod sink;
 mod triggers;
+mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
@@ -38,6 +40,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     ext::init();
     capture::init();
+    worker::init();
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub struct Sql {
 
 use pg_sys::{
     BOOLOID as BOOL, INT2OID as INT2, INT4OID as INT4, INT8ARRAYOID as INT8S, INT8OID as INT8, JSONBOID as JSONB, OIDOID as OID, TEXTARRAYOID as TEXTS, TEXTOID as TEXT, TIMESTAMPTZARRAYOID as TIMES,
-    TIMESTAMPTZOID as TIME,
+    TIMESTAMPTZOID as TIME, INTERVALOID as INTERVAL,
 };
 
 thread_local! {
@@ -131,6 +131,7 @@ pub static UNSUBSCRIBE: Sql = Sql {
                 r AS (DELETE FROM @extschema@.outbox_retries USING gone WHERE subscription_id = gone.id), \
                 c AS (DELETE FROM @extschema@.outbox_claims USING gone WHERE subscription_id = gone.id), \
                 s AS (DELETE FROM @extschema@.outbox_stats USING gone WHERE subscription_id = gone.id), \
+                k AS (DELETE FROM @extschema@.outbox_sink_state USING gone WHERE subscription_id = gone.id), \
                 d AS (DELETE FROM @extschema@.outbox_dead_letters USING gone WHERE subscription = gone.name) \
            SELECT count(*) FROM gone",
     args: &[TEXT],
@@ -318,11 +319,18 @@ pub static LEASED_RETRIES: Sql = Sql {
     args: &[INT4, INT8S],
 };
 
+/// `$5` is 1 to give the hand-out back (an uncounted failure), 0 otherwise.
 pub static RETRY_LATER: Sql = Sql {
-    text: "UPDATE @extschema@.outbox_retries r SET visible_at = e.visible_at, last_error = $4, leased_until = NULL \
+    text: "UPDATE @extschema@.outbox_retries r \
+           SET visible_at = e.visible_at, last_error = $4, leased_until = NULL, attempts = r.attempts - $5 \
            FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3)) AS e(id, visible_at) \
            WHERE r.subscription_id = $1 AND r.event_id = e.id",
-    args: &[INT4, INT8S, TIMES, TEXT],
+    args: &[INT4, INT8S, TIMES, TEXT, INT4],
+};
+
+pub static IN_FLIGHT_RETRIES: Sql = Sql {
+    text: "SELECT event_id FROM @extschema@.outbox_retries WHERE subscription_id = $1 AND leased_until > pg_catalog.now()",
+    args: &[INT4],
 };
 
 /// Moves events to the dead letters, taking type and payload from the retry table's copy or
@@ -474,4 +482,46 @@ pub static FOLD_STATS: Sql = Sql {
              latency_sum = s.latency_sum + EXCLUDED.latency_sum, failed = s.failed + EXCLUDED.failed, \
              dead = s.dead + EXCLUDED.dead",
     args: &[TIME],
+};
+
+// ---------------------------------------------------------------------------------------
+// delivery worker
+
+/// Subscriptions with a sink, and when their next retry or expiring lease is due.
+pub static SINK_SUBSCRIPTIONS: Sql = Sql {
+    text: "SELECT s.id, s.name, s.sink, s.options, \
+                  LEAST((SELECT min(GREATEST(r.visible_at, coalesce(r.leased_until, r.visible_at))) \
+                         FROM @extschema@.outbox_retries r WHERE r.subscription_id = s.id), \
+                        (SELECT min(c.expires_at) FROM @extschema@.outbox_claims c WHERE c.subscription_id = s.id)) \
+           FROM @extschema@.outbox_subscriptions s WHERE s.sink <> 'pull' ORDER BY s.id",
+    args: &[],
+};
+
+/// A batch for a sink, each event as the JSON object the sink receives.
+pub static WORKER_CLAIM: Sql = Sql {
+    text: "SELECT c.id, pg_catalog.jsonb_build_object('id', c.id, 'type', c.type, 'payload', c.payload, \
+                  'created_at', c.created_at, 'attempts', c.attempts)::text \
+           FROM @extschema@.outbox_claim($1, $2, $3) c",
+    args: &[INT4, TEXT, INTERVAL],
+};
+
+/// The function of a function sink, `name(jsonb)`, and its owner, who it runs as.
+pub static FUNCTION_SINK: Sql = Sql {
+    text: "SELECT p.oid, p.proowner FROM pg_catalog.pg_proc p \
+           WHERE p.oid = pg_catalog.to_regprocedure($1 || '(jsonb)')",
+    args: &[TEXT],
+};
+
+pub static SINK_SUCCEEDED: Sql = Sql {
+    text: "INSERT INTO @extschema@.outbox_sink_state (subscription_id, last_success_at) VALUES ($1, pg_catalog.now()) \
+           ON CONFLICT (subscription_id) DO UPDATE SET last_success_at = pg_catalog.now(), backing_off_until = NULL",
+    args: &[INT4],
+};
+
+pub static SINK_FAILED: Sql = Sql {
+    text: "INSERT INTO @extschema@.outbox_sink_state (subscription_id, last_error, last_error_at, backing_off_until) \
+           VALUES ($1, $2, pg_catalog.now(), $3) \
+           ON CONFLICT (subscription_id) DO UPDATE SET last_error = $2, last_error_at = pg_catalog.now(), \
+             backing_off_until = $3",
+    args: &[INT4, TEXT, TIME],
 };

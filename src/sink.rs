@@ -1,0 +1,358 @@
+//! What the delivery worker decides without Postgres: sink configuration, how an HTTP answer
+//! is judged, when a whole sink backs off, and how a rejected batch is split. Pure Rust.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::error::OutboxError;
+use crate::policy::{as_object, duration_option, RetryPolicy, MAX_BATCH_SIZE};
+
+/// Keys every subscription may carry, whatever its sink.
+const POLICY_KEYS: [&str; 3] = ["max_attempts", "backoff_base", "backoff_max"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    /// External consumers call outbox_claim; the worker leaves it alone.
+    Pull,
+    /// A SQL function `function(jsonb)` called with the batch, in the transaction that acks it.
+    Function { function: String, batch_size: Option<i32> },
+    Http(HttpSink),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSink {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub batch_size: Option<i32>,
+}
+
+/// How long an HTTP request may take unless the subscription says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn invalid(message: String) -> OutboxError {
+    OutboxError::InvalidOptions(message)
+}
+
+fn reject_unknown_keys(options: &Value, allowed: &[&str], sink: &str) -> Result<(), OutboxError> {
+    for key in as_object(options)?.keys() {
+        if !POLICY_KEYS.contains(&key.as_str()) && !allowed.contains(&key.as_str()) {
+            let mut known: Vec<&str> = POLICY_KEYS.iter().chain(allowed).copied().collect();
+            known.sort_unstable();
+            return Err(invalid(format!("unknown option \"{key}\" for a {sink} sink; known options: {}", known.join(", "))));
+        }
+    }
+    Ok(())
+}
+
+fn batch_size_option(options: &Value) -> Result<Option<i32>, OutboxError> {
+    match options.get("batch_size") {
+        None => Ok(None),
+        Some(value) => value
+            .as_i64()
+            .filter(|n| (1..=i64::from(MAX_BATCH_SIZE)).contains(n))
+            .map(|n| Some(n as i32))
+            .ok_or_else(|| invalid(format!("batch_size must be an integer between 1 and {MAX_BATCH_SIZE}, got {value}"))),
+    }
+}
+
+/// A header name is an HTTP token; a value may not break the header line.
+fn check_header(name: &str, value: &str) -> Result<(), OutboxError> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(invalid(format!("header name {name:?} is not a valid HTTP header name")));
+    }
+    if value.chars().any(|c| c == '\r' || c == '\n') {
+        return Err(invalid(format!("the value of header {name:?} contains a line break")));
+    }
+    Ok(())
+}
+
+impl Sink {
+    /// Parses and checks a sink and its options, naming whatever is wrong.
+    pub fn parse(sink: &str, options: &Value) -> Result<Sink, OutboxError> {
+        as_object(options)?;
+        match sink {
+            "pull" => {
+                reject_unknown_keys(options, &[], sink)?;
+                Ok(Sink::Pull)
+            }
+            "function" => {
+                reject_unknown_keys(options, &["function", "batch_size"], sink)?;
+                let function = options
+                    .get("function")
+                    .and_then(Value::as_str)
+                    .filter(|f| !f.trim().is_empty())
+                    .ok_or_else(|| invalid("a function sink needs {\"function\": \"schema.name\"}".into()))?;
+                Ok(Sink::Function { function: function.to_string(), batch_size: batch_size_option(options)? })
+            }
+            "http" => {
+                reject_unknown_keys(options, &["url", "headers", "timeout", "batch_size"], sink)?;
+                let url = options
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| invalid("an http sink needs {\"url\": \"http://host:port/path\"}".into()))?;
+                check_url(url)?;
+                let mut headers = Vec::new();
+                if let Some(given) = options.get("headers") {
+                    let given = given.as_object().ok_or_else(|| invalid(format!("headers must be a JSON object, got {given}")))?;
+                    for (name, value) in given {
+                        let value = value
+                            .as_str()
+                            .ok_or_else(|| invalid(format!("the value of header {name:?} must be a string")))?;
+                        check_header(name, value)?;
+                        headers.push((name.clone(), value.to_string()));
+                    }
+                }
+                let timeout = match options.get("timeout") {
+                    None => DEFAULT_TIMEOUT,
+                    Some(value) => duration_option("timeout", value)?,
+                };
+                if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(3600) {
+                    return Err(invalid("timeout must be between 1s and 1h".into()));
+                }
+                Ok(Sink::Http(HttpSink { url: url.to_string(), headers, timeout, batch_size: batch_size_option(options)? }))
+            }
+            other => Err(OutboxError::UnknownSink(other.to_string())),
+        }
+    }
+
+    pub fn batch_size(&self) -> Option<i32> {
+        match self {
+            Sink::Pull => None,
+            Sink::Function { batch_size, .. } => *batch_size,
+            Sink::Http(http) => http.batch_size,
+        }
+    }
+}
+
+fn check_url(url: &str) -> Result<(), OutboxError> {
+    let schemes: &[&str] = if cfg!(feature = "https") { &["http://", "https://"] } else { &["http://"] };
+    let Some(rest) = schemes.iter().find_map(|s| url.strip_prefix(s)) else {
+        let why = if cfg!(feature = "https") {
+            "url must start with http:// or https://"
+        } else {
+            "url must start with http:// (this build has no TLS; put a TLS-terminating proxy in front, or build with --features https)"
+        };
+        return Err(invalid(format!("{why}, got {url:?}")));
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || host.chars().any(char::is_whitespace) {
+        return Err(invalid(format!("url {url:?} names no host")));
+    }
+    Ok(())
+}
+
+/// What a delivery attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: ack.
+    Delivered,
+    /// A 4xx other than 408 and 429: something in the batch is at fault.
+    Rejected(String),
+    /// Transport errors, timeouts, 5xx, 408, 429 and redirects: the sink is at fault. The
+    /// events go back without using an attempt; the sink backs off as a whole.
+    Unavailable { reason: String, retry_after: Option<Duration> },
+}
+
+/// Judges an HTTP answer.
+pub fn judge(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
+    let snippet: String = body.chars().take(200).collect();
+    let reason = if snippet.trim().is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {}", snippet.trim()) };
+    match status {
+        200..=299 => Outcome::Delivered,
+        408 | 429 | 300..=399 | 500..=599 => Outcome::Unavailable { reason, retry_after: retry_after.and_then(parse_retry_after) },
+        _ => Outcome::Rejected(reason),
+    }
+}
+
+/// `Retry-After` in delta-seconds. (An HTTP-date is rare from APIs and falls back to backoff.)
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s.min(86_400)))
+}
+
+/// The `Idempotency-Key` header for a batch: its event ids, so a receiver can drop repeats.
+pub fn idempotency_key(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Joins events already rendered as JSON objects into the request body.
+pub fn batch_body<'a>(events: impl IntoIterator<Item = &'a str>) -> String {
+    crate::shape::json_array(events)
+}
+
+/// The halves a rejected batch is retried as. A single event is not split: it is failed.
+pub fn halves<T: Clone>(batch: &[T]) -> Option<(Vec<T>, Vec<T>)> {
+    (batch.len() > 1).then(|| {
+        let (a, b) = batch.split_at(batch.len() / 2);
+        (a.to_vec(), b.to_vec())
+    })
+}
+
+/// A whole sink backs off while it is unavailable, as a circuit breaker would: no claims until
+/// `open_until`, then one batch as a probe. The delay grows like the retry backoff and never
+/// exceeds `backoff_max`, so delivery resumes within one backoff cap of the sink returning.
+#[derive(Debug, Default, Clone)]
+pub struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+/// A change of a sink's state, worth one log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    Unchanged,
+    BackingOff { delay: Duration },
+    Recovered,
+}
+
+impl Breaker {
+    pub fn allows(&self, now: Instant) -> bool {
+        self.open_until.is_none_or(|until| now >= until)
+    }
+
+    pub fn open_until(&self) -> Option<Instant> {
+        self.open_until
+    }
+
+    pub fn delivered(&mut self) -> Transition {
+        let was_failing = self.failures > 0;
+        self.failures = 0;
+        self.open_until = None;
+        if was_failing {
+            Transition::Recovered
+        } else {
+            Transition::Unchanged
+        }
+    }
+
+    /// Records an unavailable sink. `unit` is a random number in [0, 1) for jitter.
+    pub fn unavailable(&mut self, now: Instant, retry_after: Option<Duration>, policy: &RetryPolicy, unit: f64) -> Transition {
+        self.failures = self.failures.saturating_add(1);
+        let delay = retry_after.unwrap_or_else(|| policy.backoff(self.failures as i32, unit)).min(policy.backoff_max);
+        self.open_until = Some(now + delay);
+        if self.failures == 1 {
+            Transition::BackingOff { delay }
+        } else {
+            Transition::Unchanged
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sinks_parse_with_their_options() {
+        assert_eq!(Sink::parse("pull", &json!({"max_attempts": 3})).unwrap(), Sink::Pull);
+        assert_eq!(
+            Sink::parse("function", &json!({"function": "app.apply", "batch_size": 50})).unwrap(),
+            Sink::Function { function: "app.apply".into(), batch_size: Some(50) }
+        );
+        let http = Sink::parse(
+            "http",
+            &json!({"url": "http://127.0.0.1:8080/v1/upsert", "headers": {"Authorization": "Bearer x"}, "timeout": "2s"}),
+        )
+        .unwrap();
+        assert_eq!(
+            http,
+            Sink::Http(HttpSink {
+                url: "http://127.0.0.1:8080/v1/upsert".into(),
+                headers: vec![("Authorization".into(), "Bearer x".into())],
+                timeout: Duration::from_secs(2),
+                batch_size: None,
+            })
+        );
+        assert_eq!(http.batch_size(), None);
+    }
+
+    #[test]
+    fn bad_sink_options_are_named() {
+        let cases = [
+            ("function", json!({}), "a function sink needs"),
+            ("function", json!({"function": "f", "url": "x"}), "unknown option \"url\" for a function sink"),
+            ("http", json!({}), "an http sink needs"),
+            ("http", json!({"url": "ftp://x"}), "url must start with http://"),
+            ("http", json!({"url": "http:///path"}), "names no host"),
+            ("http", json!({"url": "http://h", "headers": ["a"]}), "headers must be a JSON object"),
+            ("http", json!({"url": "http://h", "headers": {"a b": "x"}}), "not a valid HTTP header name"),
+            ("http", json!({"url": "http://h", "headers": {"X": "a\r\nb"}}), "contains a line break"),
+            ("http", json!({"url": "http://h", "headers": {"X": 1}}), "must be a string"),
+            ("http", json!({"url": "http://h", "timeout": "10ms"}), "timeout must be between 1s and 1h"),
+            ("http", json!({"url": "http://h", "batch_size": 0}), "batch_size must be an integer between 1 and 10000"),
+            ("http", json!({"url": "http://h", "retries": 3}), "unknown option \"retries\""),
+            ("pull", json!({"url": "http://h"}), "unknown option \"url\" for a pull sink"),
+        ];
+        for (sink, options, expected) in cases {
+            let message = Sink::parse(sink, &options).unwrap_err().to_string();
+            assert!(message.contains(expected), "{sink} {options}: {message}");
+        }
+        assert!(Sink::parse("kafka", &json!({})).unwrap_err().to_string().contains("unknown sink"));
+    }
+
+    #[test]
+    fn answers_are_judged_by_status() {
+        assert_eq!(judge(200, None, ""), Outcome::Delivered);
+        assert_eq!(judge(204, None, ""), Outcome::Delivered);
+        assert_eq!(judge(400, None, "bad vector\n"), Outcome::Rejected("HTTP 400: bad vector".into()));
+        assert_eq!(judge(422, None, ""), Outcome::Rejected("HTTP 422".into()));
+        assert_eq!(
+            judge(429, Some("7"), "slow down"),
+            Outcome::Unavailable { reason: "HTTP 429: slow down".into(), retry_after: Some(Duration::from_secs(7)) }
+        );
+        for status in [408, 500, 502, 503, 301] {
+            assert!(matches!(judge(status, None, ""), Outcome::Unavailable { retry_after: None, .. }), "{status}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_delta_seconds() {
+        assert_eq!(parse_retry_after(" 3 "), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("999999999"), Some(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn batches_carry_ids_and_split_in_halves() {
+        assert_eq!(idempotency_key(&[4097, 4098, 8193]), "4097,4098,8193");
+        assert_eq!(batch_body(["{\"id\":1}", "{\"id\":2}"]), "[{\"id\":1},{\"id\":2}]");
+        assert_eq!(halves(&[1, 2, 3]), Some((vec![1], vec![2, 3])));
+        assert_eq!(halves(&[1]), None);
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy { max_attempts: 3, backoff_base: Duration::from_secs(1), backoff_max: Duration::from_secs(4) }
+    }
+
+    #[test]
+    fn breaker_backs_off_once_grows_and_recovers() {
+        let now = Instant::now();
+        let mut breaker = Breaker::default();
+        assert!(breaker.allows(now));
+        assert_eq!(breaker.unavailable(now, None, &policy(), 0.5), Transition::BackingOff { delay: Duration::from_secs(1) });
+        assert!(!breaker.allows(now));
+        assert!(breaker.allows(now + Duration::from_secs(1)));
+        assert_eq!(breaker.unavailable(now, None, &policy(), 0.5), Transition::Unchanged);
+        assert_eq!(breaker.open_until(), Some(now + Duration::from_secs(2)));
+        for _ in 0..10 {
+            breaker.unavailable(now, None, &policy(), 0.99);
+        }
+        assert!(breaker.open_until().unwrap() <= now + Duration::from_secs(4), "never beyond backoff_max");
+        assert_eq!(breaker.delivered(), Transition::Recovered);
+        assert!(breaker.allows(now));
+        assert_eq!(breaker.delivered(), Transition::Unchanged);
+    }
+
+    #[test]
+    fn retry_after_sets_the_pause_up_to_the_cap() {
+        let now = Instant::now();
+        let mut breaker = Breaker::default();
+        breaker.unavailable(now, Some(Duration::from_secs(3)), &policy(), 0.5);
+        assert_eq!(breaker.open_until(), Some(now + Duration::from_secs(3)));
+        breaker.unavailable(now, Some(Duration::from_secs(60)), &policy(), 0.5);
+        assert_eq!(breaker.open_until(), Some(now + Duration::from_secs(4)));
+    }
+}

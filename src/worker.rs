@@ -1,0 +1,529 @@
+//! The delivery worker: with `shared_preload_libraries = 'outbox'` it delivers every
+//! subscription that has a sink, through the same claim/ack/fail as any consumer.
+//!
+//! * A commit that captured events sets the worker's latch (as pg_net does; no NOTIFY), so
+//!   delivery starts within milliseconds and an idle worker sleeps.
+//! * No transaction stays open while a sink works: a batch for an HTTP sink is claimed and
+//!   committed, posted from a thread of its own (one per sink, so a slow sink delays nobody
+//!   else), and acked or failed in a new transaction. Those threads never call Postgres.
+//! * A function sink runs in the transaction that acks its batch, so an in-database processor
+//!   applies each batch exactly once.
+//! * A rejected batch (HTTP 4xx, or a function error) is split in halves until the poison
+//!   event is alone; an unavailable sink (transport error, timeout, 5xx, 429) gets its events
+//!   back without using an attempt and backs off as a whole.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::{pg_shmem_init, PgAtomic};
+
+use crate::consume::{self, required};
+use crate::error::OutboxError;
+use crate::ext::Extension;
+use crate::guc;
+use crate::policy::RetryPolicy;
+use crate::queries::{self as q, run};
+use crate::sink::{batch_body, halves, idempotency_key, judge, Breaker, HttpSink, Outcome, Sink, Transition};
+
+/// The worker's latch, published while it has sinks to serve; 0 otherwise.
+static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"outbox_worker_latch") };
+/// Set in the postmaster when the library is preloaded; backends inherit it.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    static WAKE_AT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A claim by the worker is recovered when the worker restarts, so it can be long.
+const WORKER_LEASE: Duration = Duration::from_secs(3600);
+/// `last_success_at` in `outbox_sink_state` is written at most this often.
+const SUCCESS_RECORD_INTERVAL: Duration = Duration::from_secs(1);
+
+pub fn init() {
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_end), std::ptr::null_mut()) };
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    PRELOADED.store(true, Ordering::SeqCst);
+    pg_shmem_init!(WORKER_LATCH = AtomicUsize::new(0));
+    BackgroundWorkerBuilder::new("outbox delivery worker")
+        .set_type("outbox delivery worker")
+        .set_library("outbox")
+        .set_function("outbox_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+/// Asks for the worker to be woken when the current transaction commits.
+pub fn wake_at_commit() {
+    WAKE_AT_COMMIT.with(|w| w.set(true));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if WAKE_AT_COMMIT.with(|w| w.replace(false)) && PRELOADED.load(Ordering::Relaxed) {
+                let latch = WORKER_LATCH.get().load(Ordering::Acquire);
+                if latch != 0 {
+                    unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+                }
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => WAKE_AT_COMMIT.with(|w| w.set(false)),
+        _ => {}
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::worker_database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    log!("outbox worker started for database \"{database}\"");
+    let mut worker = Worker::new();
+    loop {
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            if guc::worker_database() != database {
+                log!("outbox.database changed; the outbox worker restarts to serve \"{}\"", guc::worker_database());
+                break;
+            }
+        }
+        let wait = if guc::worker_enabled() { worker.round() } else { worker.pause() };
+        worker.wait(wait);
+    }
+    WORKER_LATCH.get().store(0, Ordering::Release);
+    // exit code 1: the postmaster starts the worker again, unless it is shutting down
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// What a sink's HTTP thread is asked to post.
+struct HttpJob {
+    subscription: i32,
+    ids: Vec<i64>,
+    body: String,
+}
+
+struct HttpResult {
+    subscription: i32,
+    ids: Vec<i64>,
+    outcome: Outcome,
+}
+
+/// A batch an HTTP sink is working through: the piece being posted and the halves still to
+/// post after a rejection.
+struct InFlight {
+    events: HashMap<i64, String>,
+    queue: VecDeque<Vec<i64>>,
+}
+
+struct SinkRunner {
+    name: String,
+    sink: Sink,
+    policy: RetryPolicy,
+    breaker: Breaker,
+    lane: Option<mpsc::Sender<HttpJob>>,
+    in_flight: Option<InFlight>,
+    last_success_recorded: Option<Instant>,
+}
+
+struct Worker {
+    sinks: HashMap<i32, SinkRunner>,
+    results: mpsc::Receiver<HttpResult>,
+    results_sender: mpsc::Sender<HttpResult>,
+    wake_read: UnixStream,
+    wake_write: UnixStream,
+}
+
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Worker {
+    fn new() -> Worker {
+        let (results_sender, results) = mpsc::channel();
+        let (wake_read, wake_write) = UnixStream::pair().expect("socket pair");
+        wake_read.set_nonblocking(true).expect("non-blocking socket");
+        Worker { sinks: HashMap::new(), results, results_sender, wake_read, wake_write }
+    }
+
+    /// With the worker disabled: forget the sinks and let backends stop waking us.
+    fn pause(&mut self) -> Duration {
+        self.sinks.clear();
+        WORKER_LATCH.get().store(0, Ordering::Release);
+        guc::poll_interval()
+    }
+
+    /// Sleeps until a commit sets the latch, an HTTP thread finishes, or `timeout` passes.
+    fn wait(&mut self, timeout: Duration) {
+        if timeout.is_zero() {
+            return;
+        }
+        let events = pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+        unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                events as i32,
+                self.wake_read.as_raw_fd(),
+                timeout.as_millis().clamp(1, i32::MAX as u128) as i64,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        let mut drained = [0u8; 64];
+        while matches!(self.wake_read.read(&mut drained), Ok(n) if n > 0) {}
+    }
+
+    /// One pass: settle finished HTTP deliveries, then start new ones. Returns how long to
+    /// sleep before the next pass.
+    fn round(&mut self) -> Duration {
+        while let Ok(result) = self.results.try_recv() {
+            BackgroundWorker::transaction(AssertUnwindSafe(|| self.settle(result))).unwrap_or_else(|e| e.raise());
+        }
+        let (wait, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.deliver())).unwrap_or_else(|e| e.raise());
+        for (subscription, job) in jobs {
+            self.post(subscription, job);
+        }
+        wait
+    }
+
+    /// Refreshes the sink list, claims for every sink that is ready, and runs function sinks.
+    fn deliver(&mut self) -> Result<(Duration, Vec<(i32, HttpJob)>), OutboxError> {
+        if unsafe { pg_sys::get_extension_oid(c"outbox".as_ptr(), true) } == pg_sys::InvalidOid {
+            // not created yet, or dropped: check again later instead of failing
+            self.sinks.clear();
+            WORKER_LATCH.get().store(0, Ordering::Release);
+            return Ok((guc::poll_interval(), Vec::new()));
+        }
+        let extension = Extension::current()?;
+        Spi::connect_mut(|client| {
+            let next_due = self.refresh(client, &extension)?;
+            let now = Instant::now();
+            let mut jobs = Vec::new();
+            let mut busy = false;
+            let ids: Vec<i32> = self.sinks.keys().copied().collect();
+            for id in ids {
+                let runner = self.sinks.get_mut(&id).expect("listed");
+                if runner.in_flight.is_some() || !runner.breaker.allows(now) {
+                    continue;
+                }
+                let batch_size = runner.sink.batch_size().unwrap_or_else(guc::worker_batch_size);
+                let events = claim_rendered(client, &extension, &runner.name, batch_size)?;
+                if events.is_empty() {
+                    continue;
+                }
+                busy |= events.len() == batch_size as usize;
+                match runner.sink.clone() {
+                    Sink::Function { function, .. } => {
+                        let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
+                        let rendered: HashMap<i64, String> = events.into_iter().collect();
+                        apply_function(client, &extension, id, runner, &function, &rendered, ids)?;
+                    }
+                    Sink::Http(_) => {
+                        let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
+                        let body = batch_body(events.iter().map(|(_, e)| e.as_str()));
+                        runner.in_flight = Some(InFlight { events: events.into_iter().collect(), queue: VecDeque::new() });
+                        jobs.push((id, HttpJob { subscription: id, ids, body }));
+                    }
+                    Sink::Pull => {}
+                }
+            }
+            let breakers = self.sinks.values().filter_map(|r| r.breaker.open_until()).min();
+            let wait = if busy {
+                Duration::ZERO
+            } else {
+                let mut wait = guc::poll_interval();
+                for due in [next_due, breakers].into_iter().flatten() {
+                    wait = wait.min(due.saturating_duration_since(Instant::now()));
+                }
+                wait
+            };
+            Ok((wait, jobs))
+        })
+    }
+
+    /// Brings the sink list up to date. Returns when the next retry or lease expiry is due.
+    fn refresh(&mut self, client: &mut SpiClient<'_>, extension: &Extension) -> Result<Option<Instant>, OutboxError> {
+        let mut seen = HashSet::new();
+        let mut next_due: Option<Instant> = None;
+        let now_micros = consume::now();
+        for row in run(client, extension, &q::SINK_SUBSCRIPTIONS, &[])? {
+            let id: i32 = required(&row, 1)?;
+            let name: String = required(&row, 2)?;
+            let sink_name: String = required(&row, 3)?;
+            let options: pgrx::JsonB = required(&row, 4)?;
+            if let Some(due) = row.get::<pgrx::datum::TimestampWithTimeZone>(5)? {
+                let micros = pg_sys::TimestampTz::from(due) - now_micros;
+                let at = Instant::now() + Duration::from_micros(micros.max(0) as u64);
+                next_due = Some(next_due.map_or(at, |n| n.min(at)));
+            }
+            seen.insert(id);
+            let sink = match Sink::parse(&sink_name, &options.0) {
+                Ok(sink) => sink,
+                Err(e) => {
+                    warning!("outbox: subscription \"{name}\" is not delivered: {e}");
+                    continue;
+                }
+            };
+            let policy = guc::retry_policy().with_overrides(&options.0)?;
+            let changed = self.sinks.get(&id).is_none_or(|r| r.sink != sink || r.name != name);
+            if changed {
+                if !self.sinks.contains_key(&id) {
+                    // whatever this subscription had in flight belongs to a worker that is gone
+                    consume::recover_in(client, extension, &name)?;
+                }
+                let lane = match &sink {
+                    Sink::Http(http) => Some(spawn_lane(http.clone(), self.results_sender.clone(), self.wake_write.try_clone().expect("socket clone"))),
+                    _ => None,
+                };
+                log!("outbox: delivering subscription \"{name}\" to its {sink_name} sink");
+                self.sinks.insert(
+                    id,
+                    SinkRunner { name, sink, policy, breaker: Breaker::default(), lane, in_flight: None, last_success_recorded: None },
+                );
+            } else if let Some(runner) = self.sinks.get_mut(&id) {
+                runner.policy = policy;
+            }
+        }
+        self.sinks.retain(|id, _| seen.contains(id));
+        // backends only wake a worker that has something to deliver
+        let latch = if self.sinks.is_empty() { 0 } else { (unsafe { pg_sys::MyLatch }) as usize };
+        WORKER_LATCH.get().store(latch, Ordering::Release);
+        Ok(next_due)
+    }
+
+    fn post(&mut self, subscription: i32, job: HttpJob) {
+        if let Some(lane) = self.sinks.get(&subscription).and_then(|r| r.lane.as_ref()) {
+            if lane.send(job).is_err() {
+                warning!("outbox: the HTTP thread of subscription {subscription} is gone");
+            }
+        }
+    }
+
+    /// Acks, fails or gives back a piece an HTTP sink answered, and posts the next piece.
+    fn settle(&mut self, result: HttpResult) -> Result<(), OutboxError> {
+        let Some(runner) = self.sinks.get_mut(&result.subscription) else { return Ok(()) };
+        let extension = Extension::current()?;
+        let Some(mut in_flight) = runner.in_flight.take() else { return Ok(()) };
+        let next = Spi::connect_mut(|client| -> Result<Option<HttpJob>, OutboxError> {
+            match &result.outcome {
+                Outcome::Delivered => {
+                    consume::ack_in(client, &extension, result.ids.clone(), &runner.name)?;
+                    record_success(client, &extension, result.subscription, runner)?;
+                }
+                Outcome::Rejected(reason) => match halves(&result.ids) {
+                    Some((first, second)) => {
+                        in_flight.queue.push_front(second);
+                        in_flight.queue.push_front(first);
+                    }
+                    None => {
+                        consume::fail_in(client, &extension, result.ids.clone(), Some(reason), &runner.name, None, true)?;
+                        record_error(client, &extension, result.subscription, reason, None)?;
+                    }
+                },
+                Outcome::Unavailable { reason, retry_after } => {
+                    // the sink is at fault, not the events: give every piece back, uncounted
+                    let mut back = result.ids.clone();
+                    back.extend(in_flight.queue.drain(..).flatten());
+                    consume::fail_in(client, &extension, back, Some(reason), &runner.name, Some(0), false)?;
+                    let transition = runner.breaker.unavailable(Instant::now(), *retry_after, &runner.policy, random_unit());
+                    let until = runner.breaker.open_until().map(|u| u.saturating_duration_since(Instant::now()));
+                    if let Transition::BackingOff { delay } = transition {
+                        log!("outbox: sink of subscription \"{}\" is unavailable ({reason}); backing off for {delay:?}", runner.name);
+                    }
+                    record_error(client, &extension, result.subscription, reason, until)?;
+                }
+            }
+            let Some(piece) = in_flight.queue.pop_front() else { return Ok(None) };
+            let body = batch_body(piece.iter().map(|id| in_flight.events[id].as_str()));
+            Ok(Some(HttpJob { subscription: result.subscription, ids: piece, body }))
+        })?;
+        if next.is_some() {
+            runner.in_flight = Some(in_flight);
+        }
+        if let Some(job) = next {
+            self.post(result.subscription, job);
+        }
+        Ok(())
+    }
+}
+
+fn record_success(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32, runner: &mut SinkRunner) -> Result<(), OutboxError> {
+    if let Transition::Recovered = runner.breaker.delivered() {
+        log!("outbox: sink of subscription \"{}\" is delivering again", runner.name);
+        runner.last_success_recorded = None;
+    }
+    if runner.last_success_recorded.is_none_or(|at| at.elapsed() >= SUCCESS_RECORD_INTERVAL) {
+        run(client, extension, &q::SINK_SUCCEEDED, &[subscription.into()])?;
+        runner.last_success_recorded = Some(Instant::now());
+    }
+    Ok(())
+}
+
+fn record_error(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    error: &str,
+    backing_off: Option<Duration>,
+) -> Result<(), OutboxError> {
+    let until = backing_off.map(|d| consume::timestamp(consume::now() + d.as_micros() as i64));
+    run(client, extension, &q::SINK_FAILED, &[subscription.into(), error.into(), until.into()])?;
+    Ok(())
+}
+
+/// Claims a batch for the worker, each event rendered as the JSON object a sink receives.
+fn claim_rendered(client: &mut SpiClient<'_>, extension: &Extension, subscription: &str, batch_size: i32) -> Result<Vec<(i64, String)>, OutboxError> {
+    let lease = pgrx::datum::Interval::from_micros(WORKER_LEASE.as_micros() as i64);
+    let rows = run(client, extension, &q::WORKER_CLAIM, &[batch_size.into(), subscription.into(), lease.into()])?;
+    rows.into_iter().map(|row| Ok((required(&row, 1)?, required(&row, 2)?))).collect()
+}
+
+/// Calls a function sink with `ids` and acks them; on an error, splits the batch until the
+/// failing event is alone and fails it. Each call runs in a subtransaction, as its function's
+/// owner, so the function neither aborts the worker's transaction nor runs as superuser.
+fn apply_function(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    runner: &mut SinkRunner,
+    function: &str,
+    events: &HashMap<i64, String>,
+    ids: Vec<i64>,
+) -> Result<(), OutboxError> {
+    let resolved = run(client, extension, &q::FUNCTION_SINK, &[function.into()])?.into_iter().next();
+    let Some(target) = resolved else {
+        let reason = format!("function {function}(jsonb) does not exist");
+        consume::fail_in(client, extension, ids, Some(&reason), &runner.name, None, false)?;
+        record_error(client, extension, subscription, &reason, None)?;
+        return Ok(());
+    };
+    let function_oid: pg_sys::Oid = required(&target, 1)?;
+    let owner: pg_sys::Oid = required(&target, 2)?;
+    let mut pending = VecDeque::from([ids]);
+    while let Some(piece) = pending.pop_front() {
+        let body = batch_body(piece.iter().map(|id| events[id].as_str()));
+        match call_in_subtransaction(function_oid, owner, &body) {
+            Ok(()) => {
+                consume::ack_in(client, extension, piece, &runner.name)?;
+                record_success(client, extension, subscription, runner)?;
+            }
+            Err(reason) => match halves(&piece) {
+                Some((first, second)) => {
+                    pending.push_front(second);
+                    pending.push_front(first);
+                }
+                None => {
+                    consume::fail_in(client, extension, piece, Some(&reason), &runner.name, None, true)?;
+                    record_error(client, extension, subscription, &reason, None)?;
+                }
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Runs `function(batch)` as `owner` in a subtransaction; an ERROR rolls the subtransaction
+/// back and comes back as its message.
+fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str) -> Result<(), String> {
+    unsafe {
+        let memory = pg_sys::CurrentMemoryContext;
+        let resources = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(memory);
+        let batch = std::ffi::CString::new(batch).map_err(|e| e.to_string())?;
+        PgTryBuilder::new(|| {
+            let mut user = pg_sys::InvalidOid;
+            let mut context = 0;
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(
+                owner,
+                context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+            );
+            let jsonb = pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(batch.as_ptr()))])
+                .expect("jsonb_in returns a value");
+            pg_sys::OidFunctionCall1Coll(function, pg_sys::InvalidOid, jsonb);
+            pg_sys::SetUserIdAndSecContext(user, context);
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(memory);
+            pg_sys::CurrentResourceOwner = resources;
+            Ok(())
+        })
+        .catch_others(|error| {
+            pg_sys::MemoryContextSwitchTo(memory);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(memory);
+            pg_sys::CurrentResourceOwner = resources;
+            Err(match error {
+                pg_sys::panic::CaughtError::PostgresError(report)
+                | pg_sys::panic::CaughtError::ErrorReport(report)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => report.message().to_string(),
+            })
+        })
+        .execute()
+    }
+}
+
+/// Starts the thread that posts a sink's batches. Signals stay with the main thread: the
+/// thread is spawned with every signal blocked.
+fn spawn_lane(http: HttpSink, results: mpsc::Sender<HttpResult>, mut wake: UnixStream) -> mpsc::Sender<HttpJob> {
+    let (sender, jobs) = mpsc::channel::<HttpJob>();
+    let http = Arc::new(http);
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+        std::thread::spawn(move || {
+            for job in jobs {
+                let outcome = post_batch(&http, &job);
+                if results.send(HttpResult { subscription: job.subscription, ids: job.ids, outcome }).is_err() {
+                    break;
+                }
+                let _ = wake.write(&[1]);
+            }
+        });
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+    }
+    sender
+}
+
+fn post_batch(http: &HttpSink, job: &HttpJob) -> Outcome {
+    let mut request = minreq::post(http.url.as_str())
+        .with_timeout(http.timeout.as_secs().max(1))
+        .with_header("Content-Type", "application/json")
+        .with_header("Idempotency-Key", idempotency_key(&job.ids))
+        .with_body(job.body.as_bytes());
+    for (name, value) in &http.headers {
+        request = request.with_header(name.as_str(), value.as_str());
+    }
+    match request.send() {
+        Ok(response) => judge(
+            response.status_code.clamp(0, 999) as u16,
+            response.headers.get("retry-after").map(String::as_str),
+            response.as_str().unwrap_or(""),
+        ),
+        Err(error) => Outcome::Unavailable { reason: error.to_string(), retry_after: None },
+    }
+}
