@@ -263,10 +263,11 @@ impl Worker {
         })
     }
 
-    /// Brings the sink list up to date. Returns when the next retry or lease expiry is due.
+    /// Brings the sink list up to date. Returns when the next retry or lease expiry of a sink
+    /// that could deliver it falls due.
     fn refresh(&mut self, client: &mut SpiClient<'_>, extension: &Extension) -> Result<Option<Instant>, OutboxError> {
         let mut seen = HashSet::new();
-        let mut next_due: Option<Instant> = None;
+        let mut due_at: HashMap<i32, Instant> = HashMap::new();
         let now_micros = consume::now();
         for row in run(client, extension, &q::SINK_SUBSCRIPTIONS, &[])? {
             let id: i32 = required(&row, 1)?;
@@ -274,9 +275,11 @@ impl Worker {
             let sink_name: String = required(&row, 3)?;
             let options: pgrx::JsonB = required(&row, 4)?;
             if let Some(due) = row.get::<pgrx::datum::TimestampWithTimeZone>(5)? {
+                // a due time already past was claimable in this round, or is held back by its row
                 let micros = pg_sys::TimestampTz::from(due) - now_micros;
-                let at = Instant::now() + Duration::from_micros(micros.max(0) as u64);
-                next_due = Some(next_due.map_or(at, |n| n.min(at)));
+                if micros > 0 {
+                    due_at.insert(id, Instant::now() + Duration::from_micros(micros as u64));
+                }
             }
             seen.insert(id);
             let sink = match Sink::parse(&sink_name, &options.0) {
@@ -307,6 +310,12 @@ impl Worker {
             }
         }
         self.sinks.retain(|id, _| seen.contains(id));
+        let now = Instant::now();
+        let next_due = due_at
+            .into_iter()
+            .filter(|(id, _)| self.sinks.get(id).is_some_and(|r| r.in_flight.is_none() && r.breaker.allows(now)))
+            .map(|(_, at)| at)
+            .min();
         // backends only wake a worker that has something to deliver
         let latch = if self.sinks.is_empty() { 0 } else { (unsafe { pg_sys::MyLatch }) as usize };
         WORKER_LATCH.get().store(latch, Ordering::Release);

@@ -200,3 +200,127 @@ pub fn error_of(client: &mut Client, sql: &str) -> String {
         Err(e) => e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()),
     }
 }
+
+/// A request the test HTTP server received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub at: Instant,
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: serde_json::Value,
+}
+
+impl Received {
+    /// The source-row key ids of the events in the batch.
+    pub fn keys(&self) -> Vec<i64> {
+        self.body.as_array().map(|a| a.iter().filter_map(|e| e["payload"]["key"]["id"].as_i64()).collect()).unwrap_or_default()
+    }
+
+    pub fn ids(&self) -> Vec<i64> {
+        self.body.as_array().map(|a| a.iter().filter_map(|e| e["id"].as_i64()).collect()).unwrap_or_default()
+    }
+}
+
+/// What the test HTTP server answers.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply { status, headers: Vec::new(), delay: Duration::ZERO }
+    }
+}
+
+type Responder = Box<dyn FnMut(&Received) -> Reply + Send>;
+
+/// An HTTP server on loopback that records every request and answers as told.
+pub struct Recorder {
+    pub port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    responder: std::sync::Arc<std::sync::Mutex<Responder>>,
+}
+
+impl Recorder {
+    pub fn start(responder: impl FnMut(&Received) -> Reply + Send + 'static) -> Recorder {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let responder: std::sync::Arc<std::sync::Mutex<Responder>> = std::sync::Arc::new(std::sync::Mutex::new(Box::new(responder)));
+        let (r, s) = (received.clone(), responder.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let (received, responder) = (r.clone(), s.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut headers = std::collections::HashMap::new();
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        reader.read_line(&mut line).unwrap();
+                        let trimmed = line.trim_end();
+                        if trimmed.is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = trimmed.split_once(':') {
+                            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+                        }
+                    }
+                    let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let request = Received {
+                        at: Instant::now(),
+                        headers,
+                        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                    };
+                    let reply = (responder.lock().unwrap())(&request);
+                    received.lock().unwrap().push(request);
+                    std::thread::sleep(reply.delay);
+                    let mut response = format!("HTTP/1.1 {} X\r\nContent-Length: 0\r\nConnection: close\r\n", reply.status);
+                    for (name, value) in reply.headers {
+                        response.push_str(&format!("{name}: {value}\r\n"));
+                    }
+                    response.push_str("\r\n");
+                    let _ = stream.write_all(response.as_bytes());
+                });
+            }
+        });
+        Recorder { port, received, responder }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/events", self.port)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn respond(&self, responder: impl FnMut(&Received) -> Reply + Send + 'static) {
+        *self.responder.lock().unwrap() = Box::new(responder);
+    }
+
+    /// Every key delivered (with repeats), in arrival order.
+    pub fn delivered_keys(&self) -> Vec<i64> {
+        self.received().iter().flat_map(|r| r.keys()).collect()
+    }
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}

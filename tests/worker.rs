@@ -1,0 +1,416 @@
+//! The delivery worker, against a real Postgres started with the extension preloaded, sinks
+//! played by an HTTP server in this test and by SQL functions.
+#![cfg(not(feature = "pg_test"))] // run by scripts/test.sh against the installed extension, not by cargo pgrx test
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PRELOAD: [&str; 3] = ["shared_preload_libraries = 'outbox'", "outbox.database = 'postgres'", "outbox.poll_interval = '200ms'"];
+
+/// One preloaded cluster for the tests of this file; the worker serves its `postgres` database.
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let cluster = Cluster::start(&PRELOAD);
+        let mut c = cluster.connect("postgres");
+        c.batch_execute("CREATE EXTENSION outbox; SELECT outbox_unsubscribe('default')").unwrap();
+        cluster
+    })
+}
+
+/// A table of its own for a test, captured.
+fn table(c: &mut Client, name: &str) {
+    c.batch_execute(&format!(
+        "CREATE TABLE {name} (id bigint PRIMARY KEY, content text);
+         SELECT outbox_attach('{name}', payload_columns => ARRAY['content'], event_prefix => '{}');",
+        name.to_uppercase()
+    ))
+    .unwrap();
+}
+
+fn http_sink(c: &mut Client, name: &str, recorder: &Recorder, extra: &str) {
+    c.batch_execute(&format!(
+        "SELECT outbox_subscribe('{name}', 'http', '{{\"url\": \"{}\"{extra}}}')",
+        recorder.url()
+    ))
+    .unwrap();
+}
+
+fn backlog(c: &mut Client, subscription: &str) -> postgres::Row {
+    c.query_one("SELECT * FROM outbox_backlog WHERE subscription = $1", &[&subscription]).unwrap()
+}
+
+fn settled(c: &mut Client, subscription: &str) -> bool {
+    let row = backlog(c, subscription);
+    row.get::<_, i64>("pending") + row.get::<_, i64>("in_flight") + row.get::<_, i64>("retrying") == 0
+}
+
+fn worker_pid(c: &mut Client) -> Option<i32> {
+    c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox delivery worker'", &[]).unwrap().map(|r| r.get(0))
+}
+
+#[test]
+fn http_sink_gets_batches_with_idempotency_keys() {
+    let recorder = Recorder::start(|_| Reply::status(200));
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_http");
+    http_sink(&mut c, "search_http", &recorder, ", \"headers\": {\"Authorization\": \"Bearer s3cret\"}");
+    c.batch_execute("INSERT INTO docs_http SELECT g, 'doc ' || g FROM generate_series(1, 5) g").unwrap();
+    assert!(eventually(Duration::from_secs(10), || recorder.delivered_keys().len() >= 5), "{:?}", recorder.received());
+    let requests: Vec<Received> = recorder.received().into_iter().filter(|r| !r.keys().is_empty()).collect();
+    let first = &requests[0];
+    let events = first.body.as_array().unwrap();
+    assert_eq!(events[0]["type"], "DOCS_HTTP_UPSERT");
+    assert_eq!(events[0]["payload"]["data"]["content"], "doc 1");
+    assert_eq!(events[0]["attempts"], 1);
+    assert!(events[0]["created_at"].is_string());
+    let key: Vec<String> = first.ids().iter().map(|i| i.to_string()).collect();
+    assert_eq!(first.headers["idempotency-key"], key.join(","));
+    assert_eq!(first.headers["authorization"], "Bearer s3cret");
+    assert_eq!(first.headers["content-type"], "application/json");
+    assert!(eventually(Duration::from_secs(5), || settled(&mut c, "search_http")));
+    let row = backlog(&mut c, "search_http");
+    assert_eq!(row.get::<_, String>("sink"), "http");
+    assert!(row.get::<_, Option<std::time::SystemTime>>("last_success_at").is_some());
+    assert!(!row.get::<_, bool>("backing_off"));
+}
+
+#[test]
+fn server_errors_are_retried_until_the_sink_takes_the_batch() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let recorder = Recorder::start(move |_| Reply::status(if seen.fetch_add(1, Ordering::SeqCst) < 2 { 503 } else { 200 }));
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_5xx");
+    http_sink(&mut c, "search_5xx", &recorder, ", \"backoff_base\": \"200ms\", \"backoff_max\": \"1s\", \"max_attempts\": 1");
+    c.batch_execute("INSERT INTO docs_5xx SELECT g, 'x' FROM generate_series(1, 3) g").unwrap();
+    assert!(eventually(Duration::from_secs(15), || settled(&mut c, "search_5xx")));
+    let requests = recorder.received();
+    assert!(requests.len() >= 3, "{requests:?}");
+    assert_eq!(requests.last().unwrap().keys(), [1, 2, 3]);
+    // the sink's fault, not the events': no attempt used, nothing dead even with max_attempts 1
+    assert_eq!(backlog(&mut c, "search_5xx").get::<_, i64>("dead"), 0);
+    assert_eq!(requests.last().unwrap().body[0]["attempts"], 1);
+    let error: Option<String> = backlog(&mut c, "search_5xx").get("last_error");
+    assert!(error.unwrap().contains("HTTP 503"));
+}
+
+#[test]
+fn a_rejected_batch_is_split_until_the_poison_event_is_alone() {
+    let recorder = Recorder::start(|request| Reply::status(if request.keys().contains(&13) { 400 } else { 200 }));
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_4xx");
+    http_sink(&mut c, "search_4xx", &recorder, ", \"max_attempts\": 1, \"batch_size\": 20");
+    c.batch_execute("INSERT INTO docs_4xx SELECT g, 'x' FROM generate_series(1, 20) g").unwrap();
+    assert!(eventually(Duration::from_secs(15), || settled(&mut c, "search_4xx")));
+    let accepted: HashSet<i64> =
+        recorder.received().iter().filter(|r| !r.keys().contains(&13)).flat_map(|r| r.keys()).collect();
+    assert_eq!(accepted, (1..=20).filter(|k| *k != 13).collect::<HashSet<_>>(), "the neighbours are delivered");
+    let dead: Vec<serde_json::Value> = c
+        .query("SELECT payload FROM outbox_dead_letters WHERE subscription = 'search_4xx'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["key"]["id"], 13);
+    let error: String = c.query_one("SELECT last_error FROM outbox_dead_letters WHERE subscription = 'search_4xx'", &[]).unwrap().get(0);
+    assert!(error.starts_with("HTTP 400"), "{error}");
+}
+
+#[test]
+fn too_many_requests_waits_for_retry_after() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let recorder = Recorder::start(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply { status: 429, headers: vec![("Retry-After".into(), "2".into())], delay: Duration::ZERO }
+        } else {
+            Reply::status(200)
+        }
+    });
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_429");
+    http_sink(&mut c, "search_429", &recorder, ", \"backoff_max\": \"30s\"");
+    c.batch_execute("INSERT INTO docs_429 VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(15), || settled(&mut c, "search_429")));
+    let requests = recorder.received();
+    assert_eq!(requests.len(), 2);
+    let waited = requests[1].at - requests[0].at;
+    assert!(waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4), "{waited:?}");
+}
+
+#[test]
+fn a_slow_sink_does_not_delay_the_others() {
+    let slow = Recorder::start(|_| Reply { status: 200, headers: vec![], delay: Duration::from_secs(3) });
+    let fast = Recorder::start(|_| Reply::status(200));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_iso");
+    http_sink(&mut c, "iso_slow", &slow, ", \"timeout\": \"1s\", \"backoff_base\": \"5s\"");
+    http_sink(&mut c, "iso_fast", &fast, "");
+    std::thread::sleep(Duration::from_millis(500));
+    for id in 1..=5i64 {
+        let committed = Instant::now();
+        c.execute("INSERT INTO docs_iso VALUES ($1, 'x')", &[&id]).unwrap();
+        assert!(eventually(Duration::from_secs(2), || fast.delivered_keys().contains(&id)), "fast sink delayed");
+        let latency = fast.received().iter().find(|r| r.keys().contains(&id)).unwrap().at.saturating_duration_since(committed);
+        assert!(latency < Duration::from_millis(500), "event {id} took {latency:?}");
+    }
+    assert!(backlog(&mut c, "iso_slow").get::<_, bool>("backing_off") || !settled(&mut c, "iso_slow"));
+}
+
+#[test]
+fn function_sink_keeps_a_second_table_in_step_with_the_source() {
+    let mut c = cluster().connect("postgres");
+    c.batch_execute(
+        "CREATE TABLE docs_fn (id bigint PRIMARY KEY, content text);
+         SELECT outbox_attach('docs_fn', payload_columns => ARRAY['content']);
+         CREATE TABLE vectors_fn (id bigint PRIMARY KEY, content text);
+         CREATE FUNCTION apply_fn(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         DECLARE e jsonb;
+         BEGIN
+             FOR e IN SELECT * FROM jsonb_array_elements(batch) LOOP
+                 IF e->>'type' = 'EMBED_DELETE' THEN
+                     DELETE FROM vectors_fn WHERE id = (e->'payload'->'key'->>'id')::bigint;
+                 ELSE
+                     INSERT INTO vectors_fn VALUES ((e->'payload'->'key'->>'id')::bigint, e->'payload'->'data'->>'content')
+                     ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content;
+                 END IF;
+             END LOOP;
+         END $$;
+         SELECT outbox_subscribe('vectors_fn', 'function', '{\"function\": \"public.apply_fn\"}');",
+    )
+    .unwrap();
+    // random upserts and deletes, some rolled back
+    let mut state: u64 = 42;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    for _ in 0..300 {
+        let id = (next() % 40) as i64;
+        let rollback = next() % 5 == 0;
+        let sql = if next() % 3 == 0 {
+            format!("DELETE FROM docs_fn WHERE id = {id}")
+        } else {
+            format!("INSERT INTO docs_fn VALUES ({id}, 'v{}') ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content", next() % 1000)
+        };
+        c.batch_execute(&format!("BEGIN; {sql}; {}", if rollback { "ROLLBACK" } else { "COMMIT" })).unwrap();
+    }
+    assert!(eventually(Duration::from_secs(20), || settled(&mut c, "vectors_fn")));
+    let differences: i64 = c
+        .query_one(
+            "SELECT count(*) FROM docs_fn s FULL JOIN vectors_fn v USING (id) \
+             WHERE s.id IS NULL OR v.id IS NULL OR s.content IS DISTINCT FROM v.content",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(differences, 0, "the copy converged");
+}
+
+#[test]
+fn function_sink_errors_fail_only_the_poison_event() {
+    let mut c = cluster().connect("postgres");
+    c.batch_execute(
+        "CREATE TABLE docs_fe (id bigint PRIMARY KEY, content text);
+         SELECT outbox_attach('docs_fe');
+         CREATE TABLE applied_fe (id bigint PRIMARY KEY);
+         CREATE FUNCTION apply_fe(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM jsonb_array_elements(batch) e WHERE e->'payload'->'key'->>'id' = '7') THEN
+                 RAISE EXCEPTION 'cannot embed document 7';
+             END IF;
+             INSERT INTO applied_fe SELECT (e->'payload'->'key'->>'id')::bigint FROM jsonb_array_elements(batch) e;
+         END $$;
+         SELECT outbox_subscribe('applied_fe', 'function', '{\"function\": \"public.apply_fe\", \"max_attempts\": 1}');
+         INSERT INTO docs_fe SELECT g, 'x' FROM generate_series(1, 12) g;",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(15), || settled(&mut c, "applied_fe")));
+    let applied: i64 = c.query_one("SELECT count(*) FROM applied_fe", &[]).unwrap().get(0);
+    assert_eq!(applied, 11, "every event but the poison one is applied, once");
+    let error: String = c.query_one("SELECT last_error FROM outbox_dead_letters WHERE subscription = 'applied_fe'", &[]).unwrap().get(0);
+    assert!(error.contains("cannot embed document 7"), "{error}");
+}
+
+/// A cluster of its own, for tests that measure time or CPU and must not share the worker.
+fn own_cluster() -> Cluster {
+    let cluster = Cluster::start(&PRELOAD);
+    let mut c = cluster.connect("postgres");
+    c.batch_execute("CREATE EXTENSION outbox; SELECT outbox_unsubscribe('default')").unwrap();
+    cluster
+}
+
+#[test]
+fn an_outage_longer_than_the_retry_budget_loses_nothing() {
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = down.clone();
+    let recorder = Recorder::start(move |_| Reply::status(if flag.load(Ordering::SeqCst) { 503 } else { 200 }));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_outage");
+    http_sink(&mut c, "search_outage", &recorder, ", \"max_attempts\": 2, \"backoff_base\": \"200ms\", \"backoff_max\": \"1s\"");
+    for id in 1..=10i64 {
+        c.execute("INSERT INTO docs_outage VALUES ($1, 'x')", &[&id]).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(4)); // several backoff periods, beyond two attempts
+    assert!(backlog(&mut c, "search_outage").get::<_, bool>("backing_off") || recorder.received().len() > 2);
+    assert_eq!(backlog(&mut c, "search_outage").get::<_, i64>("dead"), 0);
+    let probes = recorder.received().len();
+    assert!(probes < 20, "the sink is probed, not hammered: {probes} requests");
+    down.store(false, Ordering::SeqCst);
+    let back = Instant::now();
+    assert!(eventually(Duration::from_secs(5), || settled(&mut c, "search_outage")));
+    let resumed = recorder.received()[probes..].first().map(|r| r.at.saturating_duration_since(back)).unwrap();
+    assert!(resumed <= Duration::from_millis(1100), "resumed after {resumed:?}, more than one backoff cap (1 s)");
+    let delivered: HashSet<i64> = recorder.received().iter().skip(probes).flat_map(|r| r.keys()).collect();
+    assert_eq!(delivered, (1..=10).collect::<HashSet<_>>());
+    assert_eq!(backlog(&mut c, "search_outage").get::<_, i64>("dead"), 0);
+}
+
+#[test]
+fn the_worker_comes_back_after_being_terminated() {
+    let recorder = Recorder::start(|_| Reply::status(200));
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_term");
+    http_sink(&mut c, "search_term", &recorder, "");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let before = worker_pid(&mut c).unwrap();
+    c.batch_execute(&format!("SELECT pg_terminate_backend({before})")).unwrap();
+    assert!(eventually(Duration::from_secs(10), || worker_pid(&mut c).is_some_and(|p| p != before)), "restarted");
+    c.batch_execute("INSERT INTO docs_term VALUES (1, 'after restart')").unwrap();
+    assert!(eventually(Duration::from_secs(10), || recorder.delivered_keys().contains(&1)));
+}
+
+#[test]
+fn settings_reload_on_sighup() {
+    let recorder = Recorder::start(|_| Reply::status(200));
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_hup");
+    c.batch_execute("ALTER SYSTEM SET outbox.worker_enabled = off").unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    http_sink(&mut c, "search_hup", &recorder, "");
+    c.batch_execute("INSERT INTO docs_hup SELECT g, 'x' FROM generate_series(1, 6) g").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(recorder.received().is_empty(), "a disabled worker delivers nothing");
+    c.batch_execute("ALTER SYSTEM SET outbox.worker_enabled = on").unwrap();
+    c.batch_execute("ALTER SYSTEM SET outbox.batch_size = 2").unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(eventually(Duration::from_secs(10), || recorder.delivered_keys().len() >= 6));
+    assert!(recorder.received().iter().all(|r| r.keys().len() <= 2), "batches of outbox.batch_size");
+    c.batch_execute("ALTER SYSTEM RESET outbox.batch_size").unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
+#[test]
+fn the_worker_uses_no_measurable_cpu_when_idle() {
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    let recorder = Recorder::start(|_| Reply::status(200));
+    table(&mut c, "idle_docs");
+    http_sink(&mut c, "idle_sink", &recorder, "");
+    c.batch_execute("INSERT INTO idle_docs VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(5), || settled(&mut c, "idle_sink")));
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let pid = worker_pid(&mut c).unwrap();
+    let cpu = || -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(10));
+    let used = cpu() - before;
+    println!("worker CPU over 10 idle seconds: {:.2} s ({:.2} % of a core)", used, used * 10.0);
+    assert!(used < 0.1, "{used} s of CPU in 10 idle seconds");
+}
+
+/// Separate clusters: these stop and restart the server.
+#[test]
+fn waits_for_the_extension_instead_of_crash_looping() {
+    let cluster = Cluster::start(&["shared_preload_libraries = 'outbox'", "outbox.database = 'postgres'", "outbox.poll_interval = '100ms'"]);
+    let mut c = cluster.connect("postgres");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let pid = worker_pid(&mut c).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(worker_pid(&mut c), Some(pid), "the same worker keeps waiting");
+    let recorder = Recorder::start(|_| Reply::status(200));
+    c.batch_execute("CREATE EXTENSION outbox").unwrap();
+    table(&mut c, "late");
+    http_sink(&mut c, "late_sink", &recorder, "");
+    c.batch_execute("INSERT INTO late VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(10), || recorder.delivered_keys() == [1]));
+    c.batch_execute("DROP EXTENSION outbox CASCADE").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(worker_pid(&mut c), Some(pid), "dropping the extension does not kill the worker");
+
+    // a fast shutdown is prompt even while a sink hangs
+    c.batch_execute("CREATE EXTENSION outbox").unwrap();
+    let hanging = Recorder::start(|_| Reply { status: 200, headers: vec![], delay: Duration::from_secs(30) });
+    table(&mut c, "hang");
+    http_sink(&mut c, "hang_sink", &hanging, ", \"timeout\": \"60s\"");
+    c.batch_execute("INSERT INTO hang VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(5), || !hanging.received().is_empty()));
+    let stopping = Instant::now();
+    cluster.stop("fast");
+    assert!(stopping.elapsed() < Duration::from_secs(5), "fast shutdown took {:?}", stopping.elapsed());
+    assert!(!cluster.log().contains("terminated by signal"), "{}", cluster.log());
+}
+
+#[test]
+fn every_committed_event_reaches_the_sink_after_an_immediate_stop() {
+    let cluster = Arc::new(Cluster::start(&PRELOAD));
+    let mut c = cluster.connect("postgres");
+    c.batch_execute("CREATE EXTENSION outbox; SELECT outbox_unsubscribe('default')").unwrap();
+    let recorder = Recorder::start(|_| Reply::status(200));
+    table(&mut c, "crash_docs");
+    http_sink(&mut c, "crash_sink", &recorder, "");
+    let committed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = {
+        let (cluster, committed) = (cluster.clone(), committed.clone());
+        std::thread::spawn(move || {
+            let mut c = cluster.connect("postgres");
+            for id in 1i64.. {
+                if c.execute("INSERT INTO crash_docs VALUES ($1, 'x')", &[&id]).is_err() {
+                    break;
+                }
+                committed.lock().unwrap().push(id);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.stop("immediate");
+    writer.join().unwrap();
+    let before_restart = recorder.received().len();
+    cluster.pg_ctl_start();
+    let committed: Vec<i64> = committed.lock().unwrap().clone();
+    assert!(committed.len() > 100, "the writer made progress: {}", committed.len());
+    let mut c = cluster.connect("postgres");
+    let in_table: HashSet<i64> = c.query("SELECT id FROM crash_docs", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(committed.iter().all(|id| in_table.contains(id)));
+    assert!(eventually(Duration::from_secs(20), || {
+        let delivered: HashSet<i64> = recorder.delivered_keys().into_iter().collect();
+        in_table.iter().all(|id| delivered.contains(id))
+    }));
+    let mut counts: HashMap<i64, usize> = HashMap::new();
+    for key in recorder.delivered_keys() {
+        *counts.entry(key).or_default() += 1;
+    }
+    let duplicates = counts.values().filter(|n| **n > 1).count();
+    println!(
+        "{} committed events, {} requests before the crash, {duplicates} events delivered twice (in flight at the crash)",
+        in_table.len(),
+        before_restart
+    );
+    assert!(duplicates <= 100, "only a batch in flight can repeat: {duplicates}");
+}
