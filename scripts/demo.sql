@@ -29,5 +29,25 @@ CREATE TEMP TABLE retry AS SELECT * FROM outbox_claim(batch_size => 10);
 SELECT id, type, payload->'key' AS key, attempts FROM retry ORDER BY id;
 SELECT outbox_ack(ARRAY(SELECT id FROM retry)) AS acked;
 
+\echo '== The delivery worker delivers sink subscriptions by itself:'
+\echo '   a function sink keeps a mirror table in step, an HTTP sink posts to a receiver'
+CREATE TABLE vector_mirror (id bigint PRIMARY KEY, doc_id int, content text);
+CREATE FUNCTION mirror(batch jsonb) RETURNS void LANGUAGE sql AS $$
+    DELETE FROM vector_mirror m USING jsonb_array_elements(batch) e
+    WHERE e->>'type' = 'EMBED_DELETE' AND m.id = (e->'payload'->'key'->>'id')::bigint;
+    INSERT INTO vector_mirror
+    SELECT (e->'payload'->'key'->>'id')::bigint, (e->'payload'->'data'->>'doc_id')::int, e->'payload'->'data'->>'content'
+    FROM jsonb_array_elements(batch) e WHERE e->>'type' = 'EMBED_UPSERT'
+    ON CONFLICT (id) DO UPDATE SET doc_id = EXCLUDED.doc_id, content = EXCLUDED.content;
+$$;
+SELECT outbox_subscribe('mirror', 'function', '{"function": "public.mirror"}', from_start => true);
+SELECT outbox_subscribe('search', 'http', jsonb_build_object('url', :'sink_url', 'batch_size', 50), from_start => true);
+INSERT INTO chunks VALUES (10, 4, 'written after the sinks were set up', ARRAY[0.5, 0.5, 0.5]);
+DELETE FROM chunks WHERE id = 1;
+SELECT pg_sleep(1);
+SELECT * FROM vector_mirror ORDER BY id;
+
 \echo '== The backlog, per subscription'
-SELECT * FROM outbox_backlog;
+SELECT subscription, pending, in_flight, retrying, dead, oldest_pending_age, avg_propagation_latency,
+       sink, last_success_at IS NOT NULL AS delivered, backing_off, last_error
+FROM outbox_backlog ORDER BY subscription;

@@ -51,7 +51,7 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
             return Err(OutboxError::DuplicateSubscription(name.to_string()));
         }
         if parsed != Sink::Pull {
-            crate::worker::wake_at_commit();
+            crate::worker::wake_at_commit(crate::worker::Wake::Subscriptions);
         }
         Ok(())
     })

@@ -244,7 +244,7 @@ fn flush() -> Result<(), OutboxError> {
     }
     order_for_flush(&mut events);
     let extension = Extension::current()?;
-    crate::worker::wake_at_commit();
+    crate::worker::wake_at_commit(crate::worker::Wake::Events);
     // as the owner: the writer may use neither the rotation table nor the id sequence
     extension.as_owner(|| write_log_rows(&extension, &events, &shapes))
 }

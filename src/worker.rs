@@ -36,13 +36,25 @@ use crate::policy::RetryPolicy;
 use crate::queries::{self as q, run};
 use crate::sink::{batch_body, halves, idempotency_key, judge, Breaker, HttpSink, Outcome, Sink, Transition};
 
-/// The worker's latch, published while it has sinks to serve; 0 otherwise.
+/// The worker's latch, published while it runs; 0 otherwise.
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"outbox_worker_latch") };
+/// Whether the worker has sinks to serve: capture wakes it only then.
+static WORKER_HAS_SINKS: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"outbox_worker_has_sinks") };
 /// Set in the postmaster when the library is preloaded; backends inherit it.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
+/// Why the worker should be woken when the current transaction commits.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Wake {
+    No,
+    /// Events were captured: wake the worker if it has sinks.
+    Events,
+    /// Subscriptions changed: wake it in any case.
+    Subscriptions,
+}
+
 thread_local! {
-    static WAKE_AT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static WAKE_AT_COMMIT: std::cell::Cell<Wake> = const { std::cell::Cell::new(Wake::No) };
 }
 
 /// A claim by the worker is recovered when the worker restarts, so it can be long.
@@ -57,6 +69,7 @@ pub fn init() {
     }
     PRELOADED.store(true, Ordering::SeqCst);
     pg_shmem_init!(WORKER_LATCH = AtomicUsize::new(0));
+    pg_shmem_init!(WORKER_HAS_SINKS = AtomicBool::new(false));
     BackgroundWorkerBuilder::new("outbox delivery worker")
         .set_type("outbox delivery worker")
         .set_library("outbox")
@@ -68,8 +81,8 @@ pub fn init() {
 }
 
 /// Asks for the worker to be woken when the current transaction commits.
-pub fn wake_at_commit() {
-    WAKE_AT_COMMIT.with(|w| w.set(true));
+pub fn wake_at_commit(why: Wake) {
+    WAKE_AT_COMMIT.with(|w| w.set(w.get().max(why)));
 }
 
 #[pg_guard]
@@ -77,14 +90,16 @@ unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg: *m
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_AT_COMMIT.with(|w| w.replace(false)) && PRELOADED.load(Ordering::Relaxed) {
+            let why = WAKE_AT_COMMIT.with(|w| w.replace(Wake::No));
+            if why != Wake::No && PRELOADED.load(Ordering::Relaxed) {
                 let latch = WORKER_LATCH.get().load(Ordering::Acquire);
-                if latch != 0 {
+                let wanted = why == Wake::Subscriptions || WORKER_HAS_SINKS.get().load(Ordering::Acquire);
+                if latch != 0 && wanted {
                     unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
                 }
             }
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => WAKE_AT_COMMIT.with(|w| w.set(false)),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => WAKE_AT_COMMIT.with(|w| w.set(Wake::No)),
         _ => {}
     }
 }
@@ -95,6 +110,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::worker_database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    WORKER_LATCH.get().store((unsafe { pg_sys::MyLatch }) as usize, Ordering::Release);
     log!("outbox worker started for database \"{database}\"");
     let mut worker = Worker::new();
     loop {
@@ -112,6 +128,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         worker.wait(wait);
     }
     WORKER_LATCH.get().store(0, Ordering::Release);
+    WORKER_HAS_SINKS.get().store(false, Ordering::Release);
     // exit code 1: the postmaster starts the worker again, unless it is shutting down
     unsafe { pg_sys::proc_exit(1) };
 }
@@ -168,10 +185,10 @@ impl Worker {
         Worker { sinks: HashMap::new(), results, results_sender, wake_read, wake_write }
     }
 
-    /// With the worker disabled: forget the sinks and let backends stop waking us.
+    /// With the worker disabled: forget the sinks and let capture stop waking us.
     fn pause(&mut self) -> Duration {
         self.sinks.clear();
-        WORKER_LATCH.get().store(0, Ordering::Release);
+        WORKER_HAS_SINKS.get().store(false, Ordering::Release);
         guc::poll_interval()
     }
 
@@ -213,7 +230,7 @@ impl Worker {
         if unsafe { pg_sys::get_extension_oid(c"outbox".as_ptr(), true) } == pg_sys::InvalidOid {
             // not created yet, or dropped: check again later instead of failing
             self.sinks.clear();
-            WORKER_LATCH.get().store(0, Ordering::Release);
+            WORKER_HAS_SINKS.get().store(false, Ordering::Release);
             return Ok((guc::poll_interval(), Vec::new()));
         }
         let extension = Extension::current()?;
@@ -316,9 +333,7 @@ impl Worker {
             .filter(|(id, _)| self.sinks.get(id).is_some_and(|r| r.in_flight.is_none() && r.breaker.allows(now)))
             .map(|(_, at)| at)
             .min();
-        // backends only wake a worker that has something to deliver
-        let latch = if self.sinks.is_empty() { 0 } else { (unsafe { pg_sys::MyLatch }) as usize };
-        WORKER_LATCH.get().store(latch, Ordering::Release);
+        WORKER_HAS_SINKS.get().store(!self.sinks.is_empty(), Ordering::Release);
         Ok(next_due)
     }
 
@@ -472,7 +487,7 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
             );
             let jsonb = pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(batch.as_ptr()))])
                 .expect("jsonb_in returns a value");
-            pg_sys::OidFunctionCall1Coll(function, pg_sys::InvalidOid, jsonb);
+            call_ignoring_result(function, jsonb);
             pg_sys::SetUserIdAndSecContext(user, context);
             pg_sys::ReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(memory);
@@ -491,6 +506,23 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
             })
         })
         .execute()
+    }
+}
+
+/// Calls `function(argument)`. Unlike OidFunctionCall1, a NULL result (a void function) is fine.
+unsafe fn call_ignoring_result(function: pg_sys::Oid, argument: pg_sys::Datum) {
+    unsafe {
+        let flinfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+        pg_sys::fmgr_info(function, flinfo);
+        let size = std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>() + std::mem::size_of::<pg_sys::NullableDatum>();
+        let fcinfo = pg_sys::palloc0(size) as *mut pg_sys::FunctionCallInfoBaseData;
+        (*fcinfo).flinfo = flinfo;
+        (*fcinfo).nargs = 1;
+        (*fcinfo).fncollation = pg_sys::InvalidOid;
+        (*fcinfo).args.as_mut_slice(1)[0] = pg_sys::NullableDatum { value: argument, isnull: false };
+        let call = (*flinfo).fn_addr.expect("a function has an address");
+        // through pgrx's boundary, so an ERROR in the function reaches the caller's PgTryBuilder
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| call(fcinfo));
     }
 }
 

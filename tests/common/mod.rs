@@ -101,6 +101,13 @@ impl Cluster {
         self.run("pg_ctl", &["-D", &self.data(), "-m", mode, "-w", "-t", "60", "stop"]);
     }
 
+    /// Prints the server log when OUTBOX_TEST_SHOW_LOG is set (for debugging a failing test).
+    pub fn show_log(&self) {
+        if std::env::var_os("OUTBOX_TEST_SHOW_LOG").is_some() {
+            eprintln!("{}", self.log());
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
