@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+
 const ROWS: i64 = 100_000;
 const PER_STATEMENT: i64 = 1_000;
 const ROUNDS: usize = 7;
@@ -23,6 +24,20 @@ fn median(mut samples: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // `cargo bench --bench outbox -- latency` runs only the sections named
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let run = |section: &str| wanted.is_empty() || wanted.iter().any(|w| w == section);
+    println!("# outbox benchmarks\n");
+    println!("PostgreSQL 15, {} cores.\n", num_cpus());
+    if run("write") || run("tps") || run("drain") {
+        capture_and_drain(&run);
+    }
+    if run("latency") {
+        delivery_latency();
+    }
+}
+
+fn capture_and_drain(run: &dyn Fn(&str) -> bool) {
     let cluster = Cluster::start(&[
         "shared_buffers = 1GB",
         "max_wal_size = 8GB",
@@ -60,11 +75,16 @@ fn main() {
     .unwrap();
     c.batch_execute("VACUUM ANALYZE stage").unwrap();
 
-    println!("# outbox benchmarks\n");
-    println!("PostgreSQL 15, {} cores; {ROWS} rows of (id bigint primary key, doc text, embedding real[384]).\n", num_cpus());
-    write_path(&mut c);
-    single_row_tps(&cluster, &db, &mut c);
-    drain_path(&mut c);
+    println!("Rows of (id bigint primary key, doc text, embedding real[384]).\n");
+    if run("write") {
+        write_path(&mut c);
+    }
+    if run("tps") {
+        single_row_tps(&cluster, &db, &mut c);
+    }
+    if run("drain") {
+        drain_path(&mut c);
+    }
 }
 
 fn num_cpus() -> usize {
@@ -294,4 +314,63 @@ fn drain_path(c: &mut Client) {
         println!("| {name} | {rate:.0} | {:.2} | {:.2} |", rate / skip, rate / pgq);
     }
     println!();
+}
+
+/// Commit-to-arrival latency of the delivery worker to a loopback HTTP sink, at a steady
+/// 500 events/s for 30 s, one event per transaction.
+fn delivery_latency() {
+    const RATE: u64 = 500;
+    const SECONDS: u64 = 30;
+    let cluster = Cluster::start(&["shared_preload_libraries = 'outbox'", "outbox.database = 'postgres'"]);
+    let recorder = Recorder::start(|_| Reply::status(200));
+    let mut c = cluster.connect("postgres");
+    c.batch_execute(&format!(
+        "CREATE EXTENSION outbox;
+         SELECT outbox_unsubscribe('default');
+         CREATE TABLE chunks (id bigint PRIMARY KEY, doc text, embedding real[]);
+         SELECT outbox_attach('chunks');
+         SELECT outbox_subscribe('search', 'http', '{{\"url\": \"{}\"}}');",
+        recorder.url()
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let insert = c.prepare("INSERT INTO chunks VALUES ($1, 'doc', '{0.1,0.2,0.3}')").unwrap();
+    let mut committed = Vec::with_capacity((RATE * SECONDS) as usize);
+    let start = Instant::now();
+    for n in 0..RATE * SECONDS {
+        let slot = start + Duration::from_micros(n * 1_000_000 / RATE);
+        if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let id = n as i64 + 1;
+        let mut tx = c.transaction().unwrap();
+        tx.execute(&insert, &[&id]).unwrap();
+        let at = Instant::now();
+        tx.commit().unwrap();
+        committed.push((id, at));
+    }
+    let achieved = committed.len() as f64 / start.elapsed().as_secs_f64();
+    assert!(eventually(Duration::from_secs(30), || recorder.delivered_keys().len() >= committed.len()));
+    let mut arrival = std::collections::HashMap::new();
+    for request in recorder.received() {
+        for key in request.keys() {
+            arrival.entry(key).or_insert(request.at);
+        }
+    }
+    let mut latencies: Vec<f64> = committed
+        .iter()
+        .map(|(id, at)| arrival[id].saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    let requests = recorder.received().len();
+    println!("## Delivery latency: writer COMMIT to the request arriving at a loopback HTTP sink\n");
+    println!(
+        "{} events, one per transaction, at {achieved:.0} events/s for {SECONDS} s; the worker sent {requests} requests \
+         ({:.1} events per request).\n",
+        committed.len(),
+        committed.len() as f64 / requests as f64
+    );
+    println!("| p50 | p99 | max |\n|---|---|---|");
+    println!("| {:.2} ms | {:.2} ms | {:.2} ms |\n", pick(0.5), pick(0.99), pick(1.0));
 }

@@ -110,6 +110,10 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::worker_database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // Nothing the worker commits needs to wait for its WAL flush: a claim or ack lost in a
+    // crash means a delivery repeated, which at-least-once allows, and the worker gives back
+    // whatever its predecessor had in flight when it starts.
+    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off")).unwrap_or_else(|e| OutboxError::from(e).raise());
     WORKER_LATCH.get().store((unsafe { pg_sys::MyLatch }) as usize, Ordering::Release);
     log!("outbox worker started for database \"{database}\"");
     let mut worker = Worker::new();
