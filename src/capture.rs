@@ -8,9 +8,7 @@
 //! fire) is written by the pre-commit callback, so nothing captured is ever lost.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::ffi::CStr;
-use std::fmt::Write;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +20,7 @@ use crate::ext::Extension;
 use crate::ordering::{log_rows, order_for_flush, CapturedEvent};
 use crate::append::{append, LogRow};
 use crate::queries;
-use crate::shape::{json_array, key_hash, push_json_string, table_hash, ObjectWriter, Op};
+use crate::shape::{json_array, key_hash, member_prefix, push_int, push_json_string, table_hash, Op};
 
 /// What a log row records about its source, fixed at capture time.
 struct Shape {
@@ -43,7 +41,8 @@ enum Encoding {
 
 struct Column {
     attnum: i32,
-    name: String,
+    /// `"name":`, ready to append.
+    member: String,
     encoding: Encoding,
 }
 
@@ -52,7 +51,8 @@ struct Column {
 struct Attachment {
     /// The attached table: the trigger's table, or the partitioned table it belongs to.
     source: pg_sys::Oid,
-    generation: i64,
+    /// The attachment generation as the trigger's argument spells it.
+    generation: String,
     shape: Rc<Shape>,
     key: Vec<Column>,
     data: Option<Vec<Column>>,
@@ -69,11 +69,19 @@ impl Drop for Attachment {
 #[derive(Default)]
 struct Pending {
     events: Vec<CapturedEvent>,
-    shapes: HashMap<u32, Rc<Shape>>,
+    /// The shape of each source with pending events; rarely more than one.
+    shapes: Vec<(u32, Rc<Shape>)>,
+}
+
+impl Pending {
+    fn shape(&self, source: u32) -> &Shape {
+        &self.shapes.iter().find(|(s, _)| *s == source).expect("a shape for every pending source").1
+    }
 }
 
 thread_local! {
-    static ATTACHMENTS: RefCell<HashMap<pg_sys::Oid, Rc<Attachment>>> = RefCell::new(HashMap::new());
+    /// Attached tables this backend has written to; few, so a list beats hashing.
+    static ATTACHMENTS: RefCell<Vec<(pg_sys::Oid, Rc<Attachment>)>> = const { RefCell::new(Vec::new()) };
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
     /// The segment new log rows go to, and when it was read.
     static SEGMENT: Cell<Option<(i16, Instant)>> = const { Cell::new(None) };
@@ -141,7 +149,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
         if relid == pg_sys::InvalidOid {
             attachments.clear();
         } else {
-            attachments.remove(&relid);
+            attachments.retain(|(r, _)| *r != relid);
         }
     });
 }
@@ -184,7 +192,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
         if op == pg_sys::TRIGGER_EVENT_TRUNCATE {
             let attachment = unsafe { attachment_for(trigger)? };
             let source = attachment.source;
-            push(&attachment, source, Op::Truncate, false, "null".into(), None, table_hash(source.into()));
+            push(&attachment, source, Op::Truncate, false, "null".into(), None);
         }
         return flush();
     }
@@ -194,31 +202,31 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
     let tupdesc = unsafe { (*trigger.tg_relation).rd_att };
     let encode_key = |tuple| unsafe { encode_object(&attachment.key, tuple, tupdesc) };
     let encode_data = |tuple| unsafe { attachment.data.as_ref().map(|columns| encode_object(columns, tuple, tupdesc)) };
-    let hash = |key: &str| key_hash(source.into(), key);
     match op {
         pg_sys::TRIGGER_EVENT_INSERT => {
             let key = encode_key(trigger.tg_trigtuple);
-            push(&attachment, source, Op::Upsert, false, key.clone(), encode_data(trigger.tg_trigtuple), hash(&key));
+            push(&attachment, source, Op::Upsert, false, key, encode_data(trigger.tg_trigtuple));
         }
         pg_sys::TRIGGER_EVENT_DELETE => {
             let key = encode_key(trigger.tg_trigtuple);
-            push(&attachment, source, Op::Delete, false, key.clone(), None, hash(&key));
+            push(&attachment, source, Op::Delete, false, key, None);
         }
         pg_sys::TRIGGER_EVENT_UPDATE => {
             // the trigger's WHEN clause already dropped updates that changed nothing watched
             let old_key = encode_key(trigger.tg_trigtuple);
             let new_key = encode_key(trigger.tg_newtuple);
             if old_key != new_key {
-                push(&attachment, source, Op::Delete, true, old_key.clone(), None, hash(&old_key));
+                push(&attachment, source, Op::Delete, true, old_key, None);
             }
-            push(&attachment, source, Op::Upsert, true, new_key.clone(), encode_data(trigger.tg_newtuple), hash(&new_key));
+            push(&attachment, source, Op::Upsert, true, new_key, encode_data(trigger.tg_newtuple));
         }
         _ => {}
     }
     Ok(())
 }
 
-fn push(attachment: &Attachment, source: pg_sys::Oid, op: Op, from_update: bool, key: String, data: Option<String>, key_hash: i64) {
+fn push(attachment: &Attachment, source: pg_sys::Oid, op: Op, from_update: bool, key: String, data: Option<String>) {
+    let key_hash = if op == Op::Truncate { table_hash(source.into()) } else { key_hash(source.into(), &key) };
     let event = CapturedEvent {
         subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
         source: source.into(),
@@ -231,25 +239,28 @@ fn push(attachment: &Attachment, source: pg_sys::Oid, op: Op, from_update: bool,
     };
     PENDING.with(|p| {
         let mut pending = p.borrow_mut();
-        pending.shapes.entry(event.source).or_insert_with(|| attachment.shape.clone());
+        if !pending.shapes.iter().any(|(s, _)| *s == event.source) {
+            pending.shapes.push((event.source, attachment.shape.clone()));
+        }
         pending.events.push(event);
     });
 }
 
 /// Writes everything captured so far as log rows, in capture order.
 fn flush() -> Result<(), OutboxError> {
-    let Pending { mut events, shapes } = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
-    if events.is_empty() {
+    let mut pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if pending.events.is_empty() {
         return Ok(());
     }
-    order_for_flush(&mut events);
+    order_for_flush(&mut pending.events);
     let extension = Extension::current()?;
     crate::worker::wake_at_commit(crate::worker::Wake::Events);
     // as the owner: the writer may use neither the rotation table nor the id sequence
-    extension.as_owner(|| write_log_rows(&extension, &events, &shapes))
+    extension.as_owner(|| write_log_rows(&extension, &pending))
 }
 
-fn write_log_rows(extension: &Extension, events: &[CapturedEvent], shapes: &HashMap<u32, Rc<Shape>>) -> Result<(), OutboxError> {
+fn write_log_rows(extension: &Extension, pending: &Pending) -> Result<(), OutboxError> {
+    let events = &pending.events;
     let slot = current_segment(extension)?;
     let segment = *extension
         .log_segments
@@ -258,7 +269,7 @@ fn write_log_rows(extension: &Extension, events: &[CapturedEvent], shapes: &Hash
     for row in log_rows(events) {
         let events = &events[row];
         let first = &events[0];
-        let shape = &shapes[&first.source];
+        let shape = pending.shape(first.source);
         let keys = json_array(events.iter().map(|e| e.key.as_str()));
         let data = first.data.is_some().then(|| json_array(events.iter().map(|e| e.data.as_deref().unwrap_or("null"))));
         let hashes: Vec<i64> = events.iter().map(|e| e.key_hash).collect();
@@ -286,20 +297,20 @@ fn write_log_rows(extension: &Extension, events: &[CapturedEvent], shapes: &Hash
 unsafe fn attachment_for(trigger: &pg_sys::TriggerData) -> Result<Rc<Attachment>, OutboxError> {
     let relation = trigger.tg_relation;
     let relid = unsafe { (*relation).rd_id };
-    let generation = unsafe {
+    let generation: &[u8] = unsafe {
         let t = &*trigger.tg_trigger;
-        if t.tgnargs < 1 {
-            None
-        } else {
-            CStr::from_ptr(*t.tgargs).to_str().ok().and_then(|s| s.parse::<i64>().ok())
-        }
+        if t.tgnargs < 1 { b"" } else { CStr::from_ptr(*t.tgargs).to_bytes() }
     };
-    let cached = ATTACHMENTS.with(|a| a.borrow().get(&relid).cloned());
-    if let Some(attachment) = cached.filter(|a| Some(a.generation) == generation) {
+    let cached = ATTACHMENTS.with(|a| a.borrow().iter().find(|(r, _)| *r == relid).map(|(_, a)| a.clone()));
+    if let Some(attachment) = cached.filter(|a| a.generation.as_bytes() == generation) {
         return Ok(attachment);
     }
     let attachment = Rc::new(unsafe { load_attachment(relation)? });
-    ATTACHMENTS.with(|a| a.borrow_mut().insert(relid, attachment.clone()));
+    ATTACHMENTS.with(|a| {
+        let mut attachments = a.borrow_mut();
+        attachments.retain(|(r, _)| *r != relid);
+        attachments.push((relid, attachment.clone()));
+    });
     Ok(attachment)
 }
 
@@ -337,7 +348,7 @@ unsafe fn load_attachment(relation: pg_sys::Relation) -> Result<Attachment, Outb
     };
     let mut attachment = Attachment {
         source,
-        generation,
+        generation: generation.to_string(),
         shape: Rc::new(Shape { source_name: source_name.clone(), prefix }),
         key: Vec::new(),
         data: None,
@@ -384,7 +395,7 @@ unsafe fn resolve_columns(
                 format!("column \"{name}\" named in {argument} no longer exists; run outbox_attach again"),
             ));
         };
-        columns.push(Column { attnum, name: name.clone(), encoding: unsafe { encoding_for(typid, typmod, collation, memory) } });
+        columns.push(Column { attnum, member: member_prefix(name), encoding: unsafe { encoding_for(typid, typmod, collation, memory) } });
     }
     Ok(columns)
 }
@@ -420,27 +431,32 @@ unsafe fn encoding_for(typid: pg_sys::Oid, typmod: i32, collation: pg_sys::Oid, 
     }
 }
 
+/// The JSON object of `columns` of `tuple`, in column order.
 unsafe fn encode_object(columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> String {
-    let mut object = ObjectWriter::new();
-    for column in columns {
-        let out = object.member(&column.name);
+    let mut out = String::with_capacity(2 + columns.iter().map(|c| c.member.len() + 12).sum::<usize>());
+    out.push('{');
+    for (i, column) in columns.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&column.member);
         let mut isnull = false;
         let value = unsafe { pg_sys::heap_getattr(tuple, column.attnum, tupdesc, &mut isnull) };
         if isnull {
             out.push_str("null");
         } else {
-            unsafe { encode_value(&column.encoding, value, out) };
+            unsafe { encode_value(&column.encoding, value, &mut out) };
         }
     }
-    object.finish()
+    out.push('}');
+    out
 }
 
 unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut String) {
-    // write! into a String cannot fail
     match encoding {
-        Encoding::Int2 => drop(write!(out, "{}", value.value() as i16)),
-        Encoding::Int4 => drop(write!(out, "{}", value.value() as i32)),
-        Encoding::Int8 => drop(write!(out, "{}", value.value() as i64)),
+        Encoding::Int2 => push_int(out, i64::from(value.value() as i16)),
+        Encoding::Int4 => push_int(out, i64::from(value.value() as i32)),
+        Encoding::Int8 => push_int(out, value.value() as i64),
         Encoding::Bool => out.push_str(if value.value() != 0 { "true" } else { "false" }),
         Encoding::Text => unsafe {
             let text = pg_sys::pg_detoast_datum_packed(value.cast_mut_ptr());

@@ -92,38 +92,32 @@ pub fn push_json_string(out: &mut String, value: &str) {
     out.push('"');
 }
 
-/// Builds a JSON object from column names and already-encoded JSON values, in column order.
-pub struct ObjectWriter {
-    text: String,
-    empty: bool,
+/// The start of a JSON object member, `"name":`, computed once per column.
+pub fn member_prefix(name: &str) -> String {
+    let mut prefix = String::with_capacity(name.len() + 3);
+    push_json_string(&mut prefix, name);
+    prefix.push(':');
+    prefix
 }
 
-impl ObjectWriter {
-    pub fn new() -> Self {
-        ObjectWriter { text: String::from("{"), empty: true }
-    }
-
-    /// Starts the member `name` and returns the buffer the value must be appended to.
-    pub fn member(&mut self, name: &str) -> &mut String {
-        if !self.empty {
-            self.text.push(',');
+/// Appends an integer in decimal, without the formatting machinery (it runs once per row).
+pub fn push_int(out: &mut String, value: i64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = value.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
         }
-        self.empty = false;
-        push_json_string(&mut self.text, name);
-        self.text.push(':');
-        &mut self.text
     }
-
-    pub fn finish(mut self) -> String {
-        self.text.push('}');
-        self.text
+    if value < 0 {
+        out.push('-');
     }
-}
-
-impl Default for ObjectWriter {
-    fn default() -> Self {
-        Self::new()
-    }
+    // digits are ASCII
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 /// Joins already-encoded JSON values into one JSON array.
@@ -181,12 +175,18 @@ mod tests {
     }
 
     #[test]
-    fn objects_keep_column_order() {
-        let mut object = ObjectWriter::new();
-        object.member("id").push('7');
-        object.member("doc id").push_str("\"x\"");
-        assert_eq!(object.finish(), r#"{"id":7,"doc id":"x"}"#);
-        assert_eq!(ObjectWriter::new().finish(), "{}");
+    fn member_prefixes_are_escaped_names() {
+        assert_eq!(member_prefix("id"), r#""id":"#);
+        assert_eq!(member_prefix("doc \"id\""), r#""doc \"id\"":"#);
+    }
+
+    #[test]
+    fn integers_print_like_postgres() {
+        for value in [0, 7, -7, 1234567890123, i64::MAX, i64::MIN] {
+            let mut out = String::new();
+            push_int(&mut out, value);
+            assert_eq!(out, value.to_string());
+        }
     }
 
     #[test]
