@@ -122,7 +122,17 @@ pub fn init() {
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => flush().or_raise(),
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
+            // at commit no statement is running, and reading the current segment needs a snapshot
+            let pushed = unsafe { !pg_sys::ActiveSnapshotSet() };
+            if pushed {
+                unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+            }
+            flush().or_raise();
+            if pushed {
+                unsafe { pg_sys::PopActiveSnapshot() };
+            }
+        }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => PENDING.with(|p| *p.borrow_mut() = Pending::default()),
         _ => {}
     }

@@ -442,3 +442,23 @@ fn bad_input_is_refused_and_changes_nothing() {
     let payload: Option<Vec<String>> = c.query_one("SELECT payload_columns FROM outbox_attachments", &[]).unwrap().get(0);
     assert_eq!(payload, None);
 }
+
+#[test]
+fn a_write_aimed_at_a_partition_is_captured_at_commit() {
+    let cluster = shared();
+    let db = cluster.database("partition_direct");
+    let mut c = cluster.connect(&db);
+    c.batch_execute(
+        "CREATE TABLE parts (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu');
+         SELECT outbox_attach('parts');",
+    )
+    .unwrap();
+    // the parent's statement trigger does not fire: the events are written at commit
+    c.batch_execute("INSERT INTO parts_eu VALUES (1, 'eu')").unwrap();
+    std::thread::sleep(Duration::from_millis(1100)); // past the cached segment, so commit reads it
+    c.batch_execute("INSERT INTO parts_eu VALUES (2, 'eu')").unwrap();
+    let claimed = c.query("SELECT payload FROM outbox_claim(10)", &[]).unwrap();
+    let keys: Vec<serde_json::Value> = claimed.iter().map(|r| r.get::<_, serde_json::Value>(0)["key"].clone()).collect();
+    assert_eq!(keys, [serde_json::json!({"id": 1, "region": "eu"}), serde_json::json!({"id": 2, "region": "eu"})]);
+}
