@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and installs the extension, starts a throwaway Postgres 15 under a temp dir, runs the
-# demo in scripts/demo.sql, and removes the server again.
+# demo in scripts/demo.sql, shows `outbox status`, and removes the server again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -33,3 +33,7 @@ port=$(head -1 "$dir/received.log")
     -f scripts/demo.sql
 echo "== What the HTTP sink received"
 tail -n +2 "$dir/received.log"
+echo
+echo "== The operator's view: outbox status"
+cargo build --quiet -p outbox-cli
+target/debug/outbox --dsn "host=$dir user=postgres dbname=postgres" status

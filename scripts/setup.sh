@@ -2,10 +2,12 @@
 # Installs what building, testing and benchmarking need on Debian 12, skipping what is there:
 # PostgreSQL 15 with its server headers, clang for pgrx's bindings, sudo for
 # `cargo pgrx test --runas`, psycopg for the Python consumer, PgQ for the benchmark baseline,
-# and cargo-pgrx 0.18.1 (the version that works with Rust 1.95).
+# promtool (package prometheus) to check the metrics and alert rules, node-postgres for the
+# Node.js consumer example, and cargo-pgrx 0.18.1 (the version that works with Rust 1.95).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3-psycopg postgresql-15-pgq3)
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3-psycopg postgresql-15-pgq3 prometheus)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -25,4 +27,9 @@ fi
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 if ! grep -qs '^pg15 *=' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     cargo pgrx init --pg15 "$PG_CONFIG"
+fi
+
+# the Node.js consumer of docs/operations.md; Node.js and npm come with the machine
+if [[ ! -d docs/examples/node_modules/pg ]]; then
+    npm ci --prefix docs/examples --no-audit --no-fund --loglevel=error
 fi

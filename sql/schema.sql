@@ -171,7 +171,9 @@ CREATE TABLE @extschema@.outbox_dead_letters (
     PRIMARY KEY (subscription, event_id)
 );
 
--- Per-minute delivery counters; outbox_purge folds buckets older than an hour into one.
+-- Per-minute delivery counters; outbox_purge folds buckets older than an hour into one, so
+-- the totals survive restarts and retention. latency_buckets counts acked events per bucket
+-- of the propagation latency histogram (src/metrics.rs has the bounds).
 CREATE TABLE @extschema@.outbox_stats (
     subscription_id integer NOT NULL,
     bucket timestamptz NOT NULL,
@@ -179,6 +181,7 @@ CREATE TABLE @extschema@.outbox_stats (
     latency_sum double precision NOT NULL DEFAULT 0,
     failed bigint NOT NULL DEFAULT 0,
     dead bigint NOT NULL DEFAULT 0,
+    latency_buckets bigint[],
     PRIMARY KEY (subscription_id, bucket)
 );
 

@@ -5,7 +5,9 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::Value;
 
-use crate::consume::{now, required, single, subscription_by_name, timestamp};
+use crate::consume::{add_pending, now, required, single, subscription_by_name, timestamp};
+use crate::metrics::SubscriptionMetrics;
+use crate::ordering::OrderKey;
 use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
@@ -68,21 +70,103 @@ pub fn unsubscribe(name: &str) -> Result<(), OutboxError> {
     })
 }
 
+/// The events `outbox_replay` would make deliverable again, with what re-queuing needs.
+fn replay_candidates(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    since: Option<TimestampWithTimeZone>,
+    ids: Option<Vec<i64>>,
+) -> Result<Vec<(i64, OrderKey, TimestampWithTimeZone)>, OutboxError> {
+    run(client, extension, &q::REPLAY_CANDIDATES, &[subscription.into(), since.into(), ids.into()])?
+        .into_iter()
+        .map(|row| {
+            let key = OrderKey { key_hash: required(&row, 2)?, table_hash: required(&row, 3)? };
+            Ok((required(&row, 1)?, key, required(&row, 4)?))
+        })
+        .collect()
+}
+
+fn replay_selection(since: Option<TimestampWithTimeZone>, ids: Option<Vec<Option<i64>>>) -> Result<Option<Vec<i64>>, OutboxError> {
+    if since.is_none() && ids.is_none() {
+        return Err(OutboxError::ReplayWithoutSelection);
+    }
+    Ok(ids.map(|ids| ids.into_iter().flatten().collect()))
+}
+
 pub fn replay(
     subscription: &str,
     since: Option<TimestampWithTimeZone>,
     ids: Option<Vec<Option<i64>>>,
 ) -> Result<i64, OutboxError> {
-    if since.is_none() && ids.is_none() {
-        return Err(OutboxError::ReplayWithoutSelection);
-    }
-    let ids: Option<Vec<i64>> = ids.map(|ids| ids.into_iter().flatten().collect());
+    let ids = replay_selection(since, ids)?;
     let extension = Extension::current()?;
     Spi::connect_mut(|client| {
         let (sub, _) = subscription_by_name(client, &extension, subscription)?;
-        let table = run(client, &extension, &q::REPLAY, &[sub.into(), since.into(), ids.into(), timestamp(now()).into()])?;
-        Ok(table.first().get::<i64>(1)?.unwrap_or(0))
+        let events = replay_candidates(client, &extension, sub, since, ids)?;
+        add_pending(client, &extension, sub, &events)?;
+        Ok(events.len() as i64)
     })
+}
+
+/// The ids `outbox_replay` would touch, for tools that confirm or chunk a large replay.
+pub fn replayable(
+    subscription: &str,
+    since: Option<TimestampWithTimeZone>,
+    ids: Option<Vec<Option<i64>>>,
+) -> Result<Vec<i64>, OutboxError> {
+    let ids = replay_selection(since, ids)?;
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        let (sub, _) = subscription_by_name(client, &extension, subscription)?;
+        Ok(replay_candidates(client, &extension, sub, since, ids)?.into_iter().map(|(id, _, _)| id).collect())
+    })
+}
+
+pub fn purge_dead_letters(older_than: &pgrx::datum::Interval, subscription: Option<&str>) -> Result<i64, OutboxError> {
+    let age = crate::consume::interval_micros(older_than);
+    if age < 0 {
+        return Err(OutboxError::NegativeInterval("older_than", older_than.to_string()));
+    }
+    let extension = Extension::current()?;
+    Spi::connect_mut(|client| {
+        if let Some(name) = subscription {
+            subscription_by_name(client, &extension, name)?;
+        }
+        let cutoff = timestamp(now() - age);
+        Ok(run(client, &extension, &q::PURGE_DEAD_LETTERS, &[cutoff.into(), subscription.into()])?.first().get::<i64>(1)?.unwrap_or(0))
+    })
+}
+
+/// `outbox_metrics()`: the Prometheus text exposition of every subscription.
+pub fn metrics() -> Result<String, OutboxError> {
+    let extension = Extension::current()?;
+    let (subscriptions, worker_up) = Spi::connect_mut(|client| {
+        let worker = single(run(client, &extension, &q::WORKER_STATE, &[])?)?;
+        let has_sinks: bool = required(&worker, 1)?;
+        let worker_up = has_sinks.then_some(required::<bool>(&worker, 2)?);
+        let subscriptions = run(client, &extension, &q::METRICS, &[])?
+            .into_iter()
+            .map(|row| {
+                Ok(SubscriptionMetrics {
+                    subscription: required(&row, 1)?,
+                    pending: required(&row, 2)?,
+                    in_flight: required(&row, 3)?,
+                    retrying: required(&row, 4)?,
+                    dead: required(&row, 5)?,
+                    oldest_pending_age_seconds: required(&row, 6)?,
+                    delivered_total: required(&row, 7)?,
+                    failures_total: required(&row, 8)?,
+                    dead_lettered_total: required(&row, 9)?,
+                    latency_sum_seconds: required(&row, 10)?,
+                    latency_buckets: required(&row, 11)?,
+                    sink_up: row.get::<bool>(12)?,
+                })
+            })
+            .collect::<Result<Vec<_>, OutboxError>>()?;
+        Ok::<_, OutboxError>((subscriptions, worker_up))
+    })?;
+    Ok(crate::metrics::render(&subscriptions, worker_up))
 }
 
 pub fn requeue_dead(subscription: Option<&str>, ids: Option<Vec<Option<i64>>>) -> Result<i64, OutboxError> {

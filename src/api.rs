@@ -95,6 +95,31 @@ fn outbox_replay(
     admin::replay(given(subscription, "subscription"), since, ids).or_raise()
 }
 
+/// The ids `outbox_replay` would make deliverable again (what a tool shows before replaying).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_replayable(
+    subscription: Option<&str>,
+    since: default!(Option<TimestampWithTimeZone>, "NULL"),
+    ids: default!(Option<Vec<Option<i64>>>, "NULL"),
+) -> SetOfIterator<'static, i64> {
+    SetOfIterator::new(admin::replayable(given(subscription, "subscription"), since, ids).or_raise())
+}
+
+/// Deletes dead letters that failed longer than `older_than` ago; returns how many.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_purge_dead_letters(older_than: Option<Interval>, subscription: default!(Option<&str>, "NULL")) -> i64 {
+    admin::purge_dead_letters(&given(older_than, "older_than"), subscription).or_raise()
+}
+
+/// Every subscription's state in the Prometheus text format.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_metrics() -> String {
+    admin::metrics().or_raise()
+}
+
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_requeue_dead(

@@ -19,6 +19,7 @@ use pgrx::spi::{SpiClient, SpiHeapTupleData, SpiTupleTable};
 use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
+use crate::metrics::{bucket_of, LATENCY_BUCKETS};
 use crate::ordering::{Blocked, OrderKey};
 use crate::policy::{check_batch_size, RetryPolicy};
 use crate::queries::{self as q, run};
@@ -240,6 +241,19 @@ struct Stats {
     latency_sum: f64,
     failed: i64,
     dead: i64,
+    /// acked events per latency histogram bucket (empty: none acked)
+    latency_buckets: Vec<i64>,
+}
+
+impl Stats {
+    fn acked_after(&mut self, seconds: f64) {
+        if self.latency_buckets.is_empty() {
+            self.latency_buckets = vec![0; LATENCY_BUCKETS.len() + 1];
+        }
+        self.acked += 1;
+        self.latency_sum += seconds;
+        self.latency_buckets[bucket_of(seconds)] += 1;
+    }
 }
 
 fn count_stats(
@@ -260,6 +274,7 @@ fn count_stats(
             stats.latency_sum.into(),
             stats.failed.into(),
             stats.dead.into(),
+            (!stats.latency_buckets.is_empty()).then_some(stats.latency_buckets).into(),
         ],
     )?;
     Ok(())
@@ -314,7 +329,8 @@ fn rescue_expired(
         let open = unresolved(client, extension, subscription, &claim)?;
         if !open.is_empty() {
             let ids: Vec<i64> = open.iter().map(|&i| claim.event_ids[i]).collect();
-            record_resolution(client, extension, subscription, Some(claim.claim_id), "x", ids.clone(), now)?;
+            record_resolution(client, extension, subscription, Some(claim.claim_id), "x", ids, now)?;
+            count_stats(client, extension, subscription, now, Stats { failed: open.len() as i64, ..Stats::default() })?;
             if policy.exhausted(1) {
                 let dead = open.iter().map(|&i| Dead { id: claim.event_ids[i], attempts: 1, key: claim.order_key(i) }).collect();
                 bury(client, extension, subscription, dead, Some("lease expired"), now)?;
@@ -354,6 +370,21 @@ fn read_log_rows(table: SpiTupleTable<'_>) -> Result<Vec<LogRow>, OutboxError> {
             })
         })
         .collect()
+}
+
+/// Makes events of `subscription` pending again, as new (attempts 0).
+pub fn add_pending(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    events: &[(i64, OrderKey, TimestampWithTimeZone)],
+) -> Result<(), OutboxError> {
+    let now = now();
+    let mut batch = RetryBatch::default();
+    for (id, key, created_at) in events {
+        batch.push(*id, *key, *created_at, now);
+    }
+    batch.insert(client, extension, subscription, 0, None, None)
 }
 
 pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Vec<Claimed>, OutboxError> {
@@ -579,19 +610,19 @@ pub fn ack_in(
         let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
         record_resolution(client, extension, sub, Some(claim.claim_id), "a", ids, now)?;
         settle(client, extension, sub, &claim, hits.len())?;
-        stats.acked += hits.len() as i64;
-        stats.latency_sum += hits.iter().map(|&i| age(claim.created_ats[i])).sum::<f64>();
+        for &i in &hits {
+            stats.acked_after(age(claim.created_ats[i]));
+        }
     }
     let mut retried = Vec::new();
     if has_retries(client, extension, sub)? {
         let list: Vec<i64> = wanted.into_iter().collect();
         for row in run(client, extension, &q::ACK_RETRIES, &[sub.into(), list.into()])? {
             retried.push(required::<i64>(&row, 1)?);
-            stats.latency_sum += age(required(&row, 2)?);
+            stats.acked_after(age(required(&row, 2)?));
         }
     }
     if !retried.is_empty() {
-        stats.acked += retried.len() as i64;
         record_resolution(client, extension, sub, None, "a", retried, now)?;
     }
     let acked = stats.acked as i32;
@@ -609,7 +640,7 @@ pub fn fail(
 ) -> Result<i32, OutboxError> {
     let wanted = wanted_ids(ids)?;
     let retry_after = match retry_after {
-        Some(interval) if interval_micros(interval) < 0 => return Err(OutboxError::RetryAfter(interval.to_string())),
+        Some(interval) if interval_micros(interval) < 0 => return Err(OutboxError::NegativeInterval("retry_after", interval.to_string())),
         Some(interval) => Some(interval_micros(interval)),
         None => None,
     };

@@ -18,8 +18,8 @@ pub enum OutboxError {
     BatchSize { got: i32, max: i32 },
     #[error("lease must be a positive interval, got {0}")]
     Lease(String),
-    #[error("retry_after must not be negative, got {0}")]
-    RetryAfter(String),
+    #[error("{0} must not be negative, got {1}")]
+    NegativeInterval(&'static str, String),
     #[error("{0} must not be NULL")]
     NullArgument(&'static str),
     #[error("table {0} has no primary key; pass key_columns to say which columns identify a row")]
@@ -69,7 +69,7 @@ impl OutboxError {
             InvalidSubscriptionName(..)
             | BatchSize { .. }
             | Lease(_)
-            | RetryAfter(_)
+            | NegativeInterval(..)
             | EmptyColumnList { .. }
             | EventPrefix(..)
             | UnknownSink(_)

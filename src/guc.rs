@@ -1,5 +1,5 @@
 //! Every setting of the extension, registered once in `init()` and read through typed
-//! accessors. The defaults and their reasons are documented in README.md.
+//! accessors. The defaults and their reasons are documented in docs/operations.md.
 
 use std::ffi::CString;
 use std::time::Duration;

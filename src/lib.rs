@@ -14,6 +14,7 @@ mod consume;
 mod error;
 mod ext;
 mod guc;
+mod metrics;
 mod ordering;
 mod policy;
 mod queries;

@@ -363,20 +363,52 @@ pub static BURY: Sql = Sql {
 };
 
 pub static COUNT_STATS: Sql = Sql {
-    text: "INSERT INTO @extschema@.outbox_stats AS s (subscription_id, bucket, acked, latency_sum, failed, dead) \
-           VALUES ($1, pg_catalog.date_trunc('minute', $2), $3, $4, $5, $6) \
+    text: "INSERT INTO @extschema@.outbox_stats AS s \
+             (subscription_id, bucket, acked, latency_sum, failed, dead, latency_buckets) \
+           VALUES ($1, pg_catalog.date_trunc('minute', $2), $3, $4, $5, $6, $7) \
            ON CONFLICT (subscription_id, bucket) DO UPDATE SET acked = s.acked + EXCLUDED.acked, \
              latency_sum = s.latency_sum + EXCLUDED.latency_sum, failed = s.failed + EXCLUDED.failed, \
-             dead = s.dead + EXCLUDED.dead",
-    args: &[INT4, TIME, INT8, pg_sys::FLOAT8OID, INT8, INT8],
+             dead = s.dead + EXCLUDED.dead, \
+             latency_buckets = ARRAY(SELECT coalesce(a, 0) + coalesce(b, 0) \
+                                     FROM ROWS FROM (pg_catalog.unnest(s.latency_buckets), \
+                                                     pg_catalog.unnest(EXCLUDED.latency_buckets)) AS t(a, b))",
+    args: &[INT4, TIME, INT8, pg_sys::FLOAT8OID, INT8, INT8, INT8S],
+};
+
+/// Whether any subscription has a sink, and whether the delivery worker serves this database.
+pub static WORKER_STATE: Sql = Sql {
+    text: "SELECT EXISTS (SELECT 1 FROM @extschema@.outbox_subscriptions WHERE sink <> 'pull'), \
+                  EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity \
+                          WHERE backend_type = 'outbox delivery worker' AND datname = pg_catalog.current_database())",
+    args: &[],
+};
+
+/// Per subscription: its backlog, and its counters summed over every stats bucket.
+pub static METRICS: Sql = Sql {
+    text: "SELECT b.subscription, b.pending, b.in_flight, b.retrying, b.dead, \
+                  coalesce(extract(epoch FROM b.oldest_pending_age), 0)::float8, \
+                  coalesce(t.acked, 0)::int8, coalesce(t.failed, 0)::int8, coalesce(t.dead, 0)::int8, \
+                  coalesce(t.latency_sum, 0)::float8, \
+                  ARRAY(SELECT sum(u.v)::int8 FROM @extschema@.outbox_stats x, \
+                        pg_catalog.unnest(x.latency_buckets) WITH ORDINALITY AS u(v, i) \
+                        WHERE x.subscription_id = s.id GROUP BY u.i ORDER BY u.i), \
+                  CASE WHEN b.sink = 'pull' THEN NULL ELSE NOT b.backing_off END \
+           FROM @extschema@.outbox_backlog b \
+           JOIN @extschema@.outbox_subscriptions s ON s.name = b.subscription \
+           LEFT JOIN LATERAL (SELECT sum(acked) AS acked, sum(failed) AS failed, sum(dead) AS dead, \
+                                     sum(latency_sum) AS latency_sum \
+                              FROM @extschema@.outbox_stats WHERE subscription_id = s.id) t ON true \
+           ORDER BY b.subscription",
+    args: &[],
 };
 
 // ---------------------------------------------------------------------------------------
 // replay, requeue
 
 /// Events of the subscription that were handed out and are neither in flight, pending, nor
-/// dead: they go back to the retry table as new (attempts 0).
-pub static REPLAY: Sql = Sql {
+/// dead, restricted to those captured since `$2` and/or with the ids `$3`: what a replay
+/// makes deliverable again.
+pub static REPLAY_CANDIDATES: Sql = Sql {
     text: "WITH s AS (SELECT * FROM @extschema@.outbox_subscriptions WHERE id = $1), \
            handed_out AS ( \
              SELECT l.base + e.ord - 1 AS id, e.key_hash, l.table_hash, l.created_at \
@@ -392,18 +424,15 @@ pub static REPLAY: Sql = Sql {
              JOIN @extschema@.outbox_ledger l ON l.subscription_id = c.subscription_id AND l.claim_id = c.claim_id \
              CROSS JOIN LATERAL pg_catalog.unnest(l.event_ids) id \
              WHERE c.subscription_id = $1 \
-             GROUP BY id HAVING pg_catalog.bool_and(l.kind = 'c')), \
-           replayed AS ( \
-             INSERT INTO @extschema@.outbox_retries \
-               (subscription_id, event_id, key_hash, table_hash, attempts, visible_at, created_at) \
-             SELECT $1, h.id, h.key_hash, h.table_hash, 0, $4, h.created_at FROM handed_out h \
-             WHERE ($3::bigint[] IS NULL OR h.id = ANY ($3)) \
-               AND NOT EXISTS (SELECT 1 FROM in_flight f WHERE f.id = h.id) \
-               AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_dead_letters d, s \
-                               WHERE d.subscription = s.name AND d.event_id = h.id) \
-             ON CONFLICT DO NOTHING RETURNING 1) \
-           SELECT count(*) FROM replayed",
-    args: &[INT4, TIME, INT8S, TIME],
+             GROUP BY id HAVING pg_catalog.bool_and(l.kind = 'c')) \
+           SELECT h.id, h.key_hash, h.table_hash, h.created_at FROM handed_out h \
+           WHERE ($3::bigint[] IS NULL OR h.id IN (SELECT pg_catalog.unnest($3))) \
+             AND NOT EXISTS (SELECT 1 FROM in_flight f WHERE f.id = h.id) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_retries r WHERE r.subscription_id = $1 AND r.event_id = h.id) \
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_dead_letters d, s \
+                             WHERE d.subscription = s.name AND d.event_id = h.id) \
+           ORDER BY h.id",
+    args: &[INT4, TIME, INT8S],
 };
 
 pub static REQUEUE_DEAD: Sql = Sql {
@@ -419,6 +448,13 @@ pub static REQUEUE_DEAD: Sql = Sql {
              FROM moved ON CONFLICT DO NOTHING) \
            SELECT count(*) FROM moved",
     args: &[TEXT, INT8S, TIME],
+};
+
+pub static PURGE_DEAD_LETTERS: Sql = Sql {
+    text: "WITH gone AS (DELETE FROM @extschema@.outbox_dead_letters \
+                         WHERE failed_at < $1 AND ($2::text IS NULL OR subscription = $2) RETURNING 1) \
+           SELECT count(*) FROM gone",
+    args: &[TIME, TEXT],
 };
 
 // ---------------------------------------------------------------------------------------
@@ -481,13 +517,26 @@ pub static ROTATE: Sql = Sql {
 /// Folds per-minute counters older than an hour into one row per subscription.
 pub static FOLD_STATS: Sql = Sql {
     text: "WITH old AS (DELETE FROM @extschema@.outbox_stats \
-                        WHERE bucket < $1 AND bucket > '-infinity' RETURNING *) \
-           INSERT INTO @extschema@.outbox_stats AS s (subscription_id, bucket, acked, latency_sum, failed, dead) \
-           SELECT subscription_id, '-infinity', sum(acked), sum(latency_sum), sum(failed), sum(dead) \
-           FROM old GROUP BY subscription_id \
+                        WHERE bucket < $1 AND bucket > '-infinity' RETURNING *), \
+           sums AS (SELECT subscription_id, sum(acked) AS acked, sum(latency_sum) AS latency_sum, \
+                           sum(failed) AS failed, sum(dead) AS dead \
+                    FROM old GROUP BY subscription_id), \
+           buckets AS (SELECT subscription_id, array_agg(v ORDER BY i) AS latency_buckets \
+                       FROM (SELECT o.subscription_id, u.i, sum(u.v)::int8 AS v \
+                             FROM old o, pg_catalog.unnest(o.latency_buckets) WITH ORDINALITY AS u(v, i) \
+                             GROUP BY 1, 2) x \
+                       GROUP BY subscription_id) \
+           INSERT INTO @extschema@.outbox_stats AS s \
+             (subscription_id, bucket, acked, latency_sum, failed, dead, latency_buckets) \
+           SELECT sums.subscription_id, '-infinity', sums.acked, sums.latency_sum, sums.failed, sums.dead, \
+                  buckets.latency_buckets \
+           FROM sums LEFT JOIN buckets USING (subscription_id) \
            ON CONFLICT (subscription_id, bucket) DO UPDATE SET acked = s.acked + EXCLUDED.acked, \
              latency_sum = s.latency_sum + EXCLUDED.latency_sum, failed = s.failed + EXCLUDED.failed, \
-             dead = s.dead + EXCLUDED.dead",
+             dead = s.dead + EXCLUDED.dead, \
+             latency_buckets = ARRAY(SELECT coalesce(a, 0) + coalesce(b, 0) \
+                                     FROM ROWS FROM (pg_catalog.unnest(s.latency_buckets), \
+                                                     pg_catalog.unnest(EXCLUDED.latency_buckets)) AS t(a, b))",
     args: &[TIME],
 };
 

@@ -462,3 +462,125 @@ fn a_write_aimed_at_a_partition_is_captured_at_commit() {
     let keys: Vec<serde_json::Value> = claimed.iter().map(|r| r.get::<_, serde_json::Value>(0)["key"].clone()).collect();
     assert_eq!(keys, [serde_json::json!({"id": 1, "region": "eu"}), serde_json::json!({"id": 2, "region": "eu"})]);
 }
+
+/// The value of one sample line of `outbox_metrics()`.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_report_backlog_counters_and_latency_per_subscription() {
+    let (_, mut c) = setup("metrics", "");
+    c.batch_execute(
+        "SELECT outbox_subscribe('s', options => '{\"max_attempts\": 1}');
+         CREATE FUNCTION public.mirror(jsonb) RETURNS void LANGUAGE sql AS '';
+         SELECT outbox_subscribe('fn', 'function', '{\"function\": \"public.mirror\"}');",
+    )
+    .unwrap();
+    insert(&mut c, 1..=5);
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(4, 's')"));
+    c.execute("SELECT outbox_ack($1, 's')", &[&claimed[..2].to_vec()]).unwrap();
+    c.execute("SELECT outbox_fail($1, 'bad', 's')", &[&vec![claimed[2]]]).unwrap();
+    let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+
+    let s = |name: &str| sample(&metrics, &format!("{name}{{subscription=\"s\"}}"));
+    assert_eq!(s("outbox_backlog_events"), 2.0, "one pending and one in flight");
+    assert_eq!(s("outbox_pending_events"), 1.0);
+    assert_eq!(s("outbox_in_flight_events"), 1.0);
+    assert_eq!(s("outbox_dead_letter_events"), 1.0);
+    assert_eq!(s("outbox_delivered_total"), 2.0);
+    assert_eq!(s("outbox_failures_total"), 1.0);
+    assert_eq!(s("outbox_dead_lettered_total"), 1.0);
+    assert!(s("outbox_oldest_pending_age_seconds") > 0.0);
+    assert_eq!(s("outbox_propagation_latency_seconds_count"), 2.0);
+    assert_eq!(sample(&metrics, "outbox_propagation_latency_seconds_bucket{subscription=\"s\",le=\"+Inf\"}"), 2.0);
+    assert!(s("outbox_propagation_latency_seconds_sum") > 0.0);
+    assert_eq!(sample(&metrics, "outbox_backlog_events{subscription=\"default\"}"), 5.0);
+    assert_eq!(sample(&metrics, "outbox_sink_up{subscription=\"fn\"}"), 1.0, "a sink not backing off is up");
+    assert!(!metrics.contains("outbox_sink_up{subscription=\"s\"}"), "pull subscriptions have no sink");
+    assert_eq!(sample(&metrics, "outbox_worker_up"), 0.0, "this cluster does not preload the worker");
+
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{metrics}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+#[test]
+fn p99_latency_interpolates_inside_its_histogram_bucket() {
+    let (_, mut c) = setup("p99", "");
+    insert(&mut c, 1..=3);
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    std::thread::sleep(Duration::from_millis(1100));
+    c.execute("SELECT outbox_ack($1)", &[&claimed]).unwrap();
+    let row = c
+        .query_one(
+            "SELECT extract(epoch FROM avg_propagation_latency)::float8, extract(epoch FROM p99_propagation_latency)::float8 \
+             FROM outbox_backlog WHERE subscription = 'default'",
+            &[],
+        )
+        .unwrap();
+    let (avg, p99): (f64, f64) = (row.get(0), row.get(1));
+    assert!(avg > 1.1 && avg < 2.5, "{avg}");
+    // all three latencies fall in the bucket (1s, 2.5s]: the 99th percentile sits 99% of the way in
+    assert!((p99 - 2.485).abs() < 1e-6, "{p99}");
+}
+
+#[test]
+fn replayable_lists_what_replay_would_touch() {
+    let (_, mut c) = setup("replayable", "");
+    insert(&mut c, 1..=4);
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(3)"));
+    c.execute("SELECT outbox_ack($1)", &[&claimed[..2].to_vec()]).unwrap();
+    let replayable = |c: &mut Client, sql: &str| -> Vec<i64> { c.query(sql, &[]).unwrap().iter().map(|r| r.get(0)).collect() };
+    assert_eq!(
+        replayable(&mut c, "SELECT outbox_replayable('default', since => now() - interval '1 hour')"),
+        claimed[..2].to_vec(),
+        "in-flight and never handed out events are not replayable"
+    );
+    assert_eq!(replayable(&mut c, &format!("SELECT outbox_replayable('default', ids => ARRAY[{}])", claimed[1])), vec![claimed[1]]);
+    assert!(replayable(&mut c, "SELECT outbox_replayable('default', since => now() + interval '1 hour')").is_empty());
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_retries"), 0, "listing replays nothing");
+    assert_eq!(error_of(&mut c, "SELECT outbox_replayable('nope', since => now())"), "outbox: subscription \"nope\" does not exist");
+}
+
+#[test]
+fn purging_dead_letters_keeps_the_recent_ones() {
+    let (_, mut c) = setup("purge_dead", "");
+    c.batch_execute(
+        "SELECT outbox_subscribe('a', options => '{\"max_attempts\": 1}');
+         SELECT outbox_subscribe('b', options => '{\"max_attempts\": 1}');",
+    )
+    .unwrap();
+    insert(&mut c, 1..=3);
+    for sub in ["a", "b"] {
+        let claimed = ids(&claim(&mut c, &format!("SELECT * FROM outbox_claim(10, '{sub}')")));
+        c.execute("SELECT outbox_fail($1, 'bad', $2)", &[&claimed, &sub]).unwrap();
+    }
+    c.batch_execute("UPDATE outbox_dead_letters SET failed_at = now() - interval '2 days' WHERE event_id = (SELECT min(event_id) FROM outbox_dead_letters)").unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge_dead_letters(interval '1 day', 'a')"), 1);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters WHERE subscription = 'a'"), 2);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters WHERE subscription = 'b'"), 3);
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge_dead_letters(interval '1 day')"), 1, "then b's old one");
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge_dead_letters(interval '0')"), 4);
+    assert_eq!(
+        error_of(&mut c, "SELECT outbox_purge_dead_letters(interval '-1 day')"),
+        "outbox: older_than must not be negative, got -1 days"
+    );
+}

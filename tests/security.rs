@@ -59,6 +59,9 @@ fn public_can_do_nothing() {
         "SELECT outbox_attach('chunks')",
         "SELECT * FROM outbox_events_for(ARRAY[1])",
         "SELECT * FROM outbox_claim_ids(1, 'default', '1 minute')",
+        "SELECT outbox_metrics()",
+        "SELECT outbox_replayable('default', ids => ARRAY[1])",
+        "SELECT outbox_purge_dead_letters(interval '1 day')",
     ] {
         refused(&mut nobody, sql);
     }
@@ -112,10 +115,37 @@ fn documented_admin_grant_runs_the_outbox() {
     admin.execute("SELECT outbox_fail($1, 'no', 'search', retry_after => '0')", &[&ids(&claimed)]).unwrap();
     assert_eq!(scalar_i64(&mut admin, "SELECT count(*) FROM outbox_dead_letters"), 0);
     assert_eq!(scalar_i64(&mut admin, "SELECT outbox_purge()"), 0);
+    let again = claim(&mut admin, "SELECT * FROM outbox_claim(10, 'search')");
+    assert_eq!(admin.query_one("SELECT outbox_ack($1, 'search')", &[&ids(&again)]).unwrap().get::<_, i32>(0), 2);
+    assert_eq!(scalar_i64(&mut admin, "SELECT count(*) FROM outbox_replayable('search', since => now() - interval '1 hour')"), 2);
+    assert_eq!(scalar_i64(&mut admin, "SELECT outbox_purge_dead_letters(interval '1 day')"), 0);
+    let metrics: String = admin.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+    assert!(metrics.contains("outbox_delivered_total{subscription=\"search\"} 2"), "{metrics}");
+    assert_eq!(scalar_i64(&mut admin, "SELECT count(*) FROM outbox_subscriptions"), 2, "the CLI lists subscriptions");
     admin.batch_execute("SELECT outbox_detach('admin_docs')").unwrap();
     // attaching needs ownership of the table, not just EXECUTE
     refused(&mut admin, "SELECT outbox_attach('private_notes', key_columns => ARRAY['id'])");
     admin.batch_execute("SELECT outbox_unsubscribe('search')").unwrap();
+}
+
+#[test]
+fn documented_monitor_grant_reads_metrics_and_nothing_else() {
+    let (db, mut owner) = setup("monitor_grant");
+    owner.batch_execute("CREATE ROLE outbox_monitor LOGIN").unwrap();
+    owner.batch_execute(&documented_grant("outbox_monitor")).unwrap();
+    let mut monitor = connect_as(&db, "outbox_monitor");
+    let metrics: String = monitor.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+    assert!(metrics.contains("outbox_backlog_events{subscription=\"default\"} 1"), "{metrics}");
+    assert_eq!(scalar_i64(&mut monitor, "SELECT pending FROM outbox_backlog"), 1);
+    for sql in [
+        "SELECT * FROM outbox_claim()",
+        "SELECT * FROM outbox_events",
+        "SELECT * FROM outbox_dead_letters",
+        "SELECT * FROM outbox_subscriptions",
+        "SELECT outbox_replay('default', ids => ARRAY[1])",
+    ] {
+        refused(&mut monitor, sql);
+    }
 }
 
 #[test]

@@ -1,0 +1,611 @@
+//! The commands that read or change the outbox over one session. Each prints a human table
+//! or, with `--json`, one JSON document.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use postgres::types::ToSql;
+use serde_json::{json, Value};
+
+use crate::connect::Session;
+use crate::error::{CliError, Result};
+use crate::format::{clip, duration, parse_duration, progress, Table};
+
+/// How many events one `outbox_replay` call takes, so a large replay commits in steps and
+/// shows progress.
+const REPLAY_CHUNK: usize = 1000;
+
+pub fn print_json(value: &Value) {
+    println!("{value}");
+}
+
+// ---------------------------------------------------------------------------------------
+// status
+
+const STATUS: &str = "\
+    SELECT b.subscription, b.pending, b.in_flight, b.retrying, b.dead, \
+           extract(epoch FROM b.oldest_pending_age)::float8, \
+           extract(epoch FROM b.avg_propagation_latency)::float8, \
+           extract(epoch FROM b.p99_propagation_latency)::float8, \
+           b.sink, b.backing_off, \
+           extract(epoch FROM b.backing_off_until - pg_catalog.now())::float8, \
+           b.last_error, \
+           extract(epoch FROM pg_catalog.now() - b.last_success_at)::float8 \
+    FROM @extschema@.outbox_backlog b ORDER BY b.subscription";
+
+/// One row of `outbox_backlog`, as status shows it.
+struct Backlog {
+    subscription: String,
+    pending: i64,
+    in_flight: i64,
+    retrying: i64,
+    dead: i64,
+    oldest_pending_age: Option<f64>,
+    avg_latency: Option<f64>,
+    p99_latency: Option<f64>,
+    sink: String,
+    backing_off: bool,
+    backing_off_for: Option<f64>,
+    last_error: Option<String>,
+    since_last_success: Option<f64>,
+}
+
+impl Backlog {
+    fn sink_state(&self) -> String {
+        if self.sink == "pull" {
+            return "-".into();
+        }
+        let error = self.last_error.as_deref().map(|e| clip(e, 60)).unwrap_or_default();
+        if self.backing_off {
+            format!("down, retry in {}: {error}", duration(self.backing_off_for))
+        } else if let Some(ago) = self.since_last_success {
+            format!("up, delivered {} ago", duration(Some(ago)))
+        } else if self.last_error.is_some() {
+            format!("failing: {error}")
+        } else {
+            "up, nothing delivered yet".into()
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "subscription": self.subscription,
+            "pending": self.pending,
+            "in_flight": self.in_flight,
+            "retrying": self.retrying,
+            "dead": self.dead,
+            "oldest_pending_age_seconds": self.oldest_pending_age,
+            "avg_latency_seconds": self.avg_latency,
+            "p99_latency_seconds": self.p99_latency,
+            "sink": self.sink,
+            "sink_up": (self.sink != "pull").then_some(!self.backing_off),
+            "backing_off_seconds": self.backing_off_for.filter(|_| self.backing_off),
+            "last_error": self.last_error,
+            "last_success_seconds_ago": self.since_last_success,
+        })
+    }
+}
+
+fn backlog(session: &mut Session) -> Result<Vec<Backlog>> {
+    let rows = session.client.query(&session.sql(STATUS), &[])?;
+    Ok(rows
+        .iter()
+        .map(|r| Backlog {
+            subscription: r.get(0),
+            pending: r.get(1),
+            in_flight: r.get(2),
+            retrying: r.get(3),
+            dead: r.get(4),
+            oldest_pending_age: r.get(5),
+            avg_latency: r.get(6),
+            p99_latency: r.get(7),
+            sink: r.get(8),
+            backing_off: r.get(9),
+            backing_off_for: r.get(10),
+            last_error: r.get(11),
+            since_last_success: r.get(12),
+        })
+        .collect())
+}
+
+fn status_table(rows: &[Backlog]) -> String {
+    let mut table = Table::new(&[
+        ("SUBSCRIPTION", false),
+        ("PENDING", true),
+        ("IN FLIGHT", true),
+        ("RETRYING", true),
+        ("DEAD", true),
+        ("OLDEST", true),
+        ("AVG LATENCY", true),
+        ("P99 LATENCY", true),
+        ("SINK", false),
+        ("STATE", false),
+    ]);
+    for row in rows {
+        table.push(vec![
+            row.subscription.clone(),
+            row.pending.to_string(),
+            row.in_flight.to_string(),
+            row.retrying.to_string(),
+            row.dead.to_string(),
+            duration(row.oldest_pending_age),
+            duration(row.avg_latency),
+            duration(row.p99_latency),
+            row.sink.clone(),
+            row.sink_state(),
+        ]);
+    }
+    table.render()
+}
+
+pub fn status(session: &mut Session, json: bool, watch: Option<f64>) -> Result<()> {
+    let Some(interval) = watch else {
+        let rows = backlog(session)?;
+        if json {
+            print_json(&Value::Array(rows.iter().map(Backlog::to_json).collect()));
+        } else {
+            print!("{}", status_table(&rows));
+        }
+        return Ok(());
+    };
+    loop {
+        let rows = backlog(session)?;
+        let mut out = std::io::stdout().lock();
+        let written = if json {
+            writeln!(out, "{}", Value::Array(rows.iter().map(Backlog::to_json).collect()))
+        } else {
+            // home, clear, and redraw: the table refreshes in place like watch(1)
+            write!(out, "\x1b[H\x1b[2Joutbox status, every {}  (Ctrl-C to stop)\n\n{}", duration(Some(interval)), status_table(&rows))
+        };
+        if written.and_then(|_| out.flush()).is_err() {
+            // the reader went away (a closed pipe): stop quietly, as watch(1) does
+            return Ok(());
+        }
+        drop(out);
+        std::thread::sleep(Duration::from_secs_f64(interval));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// confirmation
+
+/// Goes ahead when `count` is at most `threshold`, `--yes` was given, or the operator says yes
+/// at the terminal. Without a terminal, a large change needs `--yes`.
+pub fn confirm(what: &str, count: usize, threshold: usize, yes: bool) -> Result<()> {
+    if yes || count <= threshold {
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(CliError::Declined(format!(
+            "{what} would touch {count} events, more than --confirm-above {threshold}; rerun with --yes (nothing was changed)"
+        )));
+    }
+    eprint!("{what} would touch {count} events. Go ahead? [y/N] ");
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer).map_err(|e| CliError::Failed(format!("reading the answer: {e}")))?;
+    if matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+        Ok(())
+    } else {
+        Err(CliError::Declined("declined; nothing was changed".into()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// dead letters
+
+fn subscription_exists(session: &mut Session, name: &str) -> Result<()> {
+    let found = session
+        .client
+        .query_opt(&session.sql("SELECT 1 FROM @extschema@.outbox_subscriptions WHERE name = $1"), &[&name])?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(CliError::Failed(format!("subscription \"{name}\" does not exist"))),
+    }
+}
+
+pub fn dead_letters_list(session: &mut Session, json: bool, subscription: Option<&str>, limit: i64) -> Result<()> {
+    if let Some(name) = subscription {
+        subscription_exists(session, name)?;
+    }
+    let total: i64 = session
+        .client
+        .query_one(
+            &session.sql("SELECT pg_catalog.count(*) FROM @extschema@.outbox_dead_letters WHERE ($1::text IS NULL OR subscription = $1)"),
+            &[&subscription],
+        )?
+        .get(0);
+    let rows = session.client.query(
+        &session.sql(
+            "SELECT subscription, event_id, type, attempts, pg_catalog.to_json(failed_at) #>> '{}', last_error \
+             FROM @extschema@.outbox_dead_letters WHERE ($1::text IS NULL OR subscription = $1) \
+             ORDER BY failed_at DESC, event_id LIMIT $2",
+        ),
+        &[&subscription, &limit],
+    )?;
+    if json {
+        let letters: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"subscription": r.get::<_, String>(0), "id": r.get::<_, i64>(1), "type": r.get::<_, String>(2),
+                       "attempts": r.get::<_, i32>(3), "failed_at": r.get::<_, String>(4), "last_error": r.get::<_, Option<String>>(5)})
+            })
+            .collect();
+        print_json(&json!({"total": total, "dead_letters": letters}));
+        return Ok(());
+    }
+    let mut table =
+        Table::new(&[("SUBSCRIPTION", false), ("ID", true), ("TYPE", false), ("ATTEMPTS", true), ("FAILED AT", false), ("LAST ERROR", false)]);
+    for r in &rows {
+        table.push(vec![
+            r.get(0),
+            r.get::<_, i64>(1).to_string(),
+            r.get(2),
+            r.get::<_, i32>(3).to_string(),
+            r.get(4),
+            clip(r.get::<_, Option<String>>(5).as_deref().unwrap_or("-"), 80),
+        ]);
+    }
+    print!("{}", table.render());
+    println!("{} of {total} dead letters", rows.len());
+    Ok(())
+}
+
+pub fn dead_letters_show(session: &mut Session, json: bool, id: i64, subscription: Option<&str>) -> Result<()> {
+    let rows = session.client.query(
+        &session.sql(
+            "SELECT subscription, event_id, type, attempts, pg_catalog.to_json(failed_at) #>> '{}', \
+                    pg_catalog.to_json(created_at) #>> '{}', last_error, payload \
+             FROM @extschema@.outbox_dead_letters WHERE event_id = $1 AND ($2::text IS NULL OR subscription = $2) \
+             ORDER BY subscription",
+        ),
+        &[&id, &subscription],
+    )?;
+    if rows.is_empty() {
+        let scope = subscription.map(|s| format!(" in subscription \"{s}\"")).unwrap_or_default();
+        return Err(CliError::Failed(format!("no dead letter with id {id}{scope}")));
+    }
+    let letters: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({"subscription": r.get::<_, String>(0), "id": r.get::<_, i64>(1), "type": r.get::<_, String>(2),
+                   "attempts": r.get::<_, i32>(3), "failed_at": r.get::<_, String>(4), "created_at": r.get::<_, String>(5),
+                   "last_error": r.get::<_, Option<String>>(6), "payload": r.get::<_, Value>(7)})
+        })
+        .collect();
+    if json {
+        print_json(&Value::Array(letters));
+        return Ok(());
+    }
+    for letter in letters {
+        for key in ["subscription", "id", "type", "attempts", "created_at", "failed_at", "last_error"] {
+            let value = &letter[key];
+            println!("{key:<13}{}", value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string()));
+        }
+        println!("payload\n{}\n", serde_json::to_string_pretty(&letter["payload"]).unwrap_or_default());
+    }
+    Ok(())
+}
+
+pub fn dead_letters_requeue(
+    session: &mut Session,
+    json: bool,
+    subscription: Option<&str>,
+    ids: Option<Vec<i64>>,
+    threshold: usize,
+    yes: bool,
+) -> Result<()> {
+    if let Some(name) = subscription {
+        subscription_exists(session, name)?;
+    }
+    let found: Vec<i64> = session
+        .client
+        .query(
+            &session.sql(
+                "SELECT DISTINCT event_id FROM @extschema@.outbox_dead_letters \
+                 WHERE ($1::text IS NULL OR subscription = $1) AND ($2::bigint[] IS NULL OR event_id = ANY ($2)) ORDER BY 1",
+            ),
+            &[&subscription, &ids],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if let Some(ids) = &ids {
+        let missing: Vec<String> = ids.iter().filter(|id| !found.contains(id)).map(i64::to_string).collect();
+        if !missing.is_empty() {
+            return Err(CliError::Failed(format!("no dead letter with id {}; nothing was requeued", missing.join(", "))));
+        }
+    }
+    confirm("requeueing", found.len(), threshold, yes)?;
+    let requeued: i64 = session
+        .client
+        .query_one(&session.sql("SELECT @extschema@.outbox_requeue_dead(subscription => $1, ids => $2)"), &[&subscription, &ids])?
+        .get(0);
+    if json {
+        print_json(&json!({"requeued": requeued}));
+    } else {
+        println!("requeued {requeued} dead letters");
+    }
+    Ok(())
+}
+
+pub fn dead_letters_purge(
+    session: &mut Session,
+    json: bool,
+    older_than: &str,
+    subscription: Option<&str>,
+    threshold: usize,
+    yes: bool,
+) -> Result<()> {
+    let seconds = parse_duration(older_than).map_err(CliError::Usage)?;
+    if let Some(name) = subscription {
+        subscription_exists(session, name)?;
+    }
+    let count: i64 = session
+        .client
+        .query_one(
+            &session.sql(
+                "SELECT pg_catalog.count(*) FROM @extschema@.outbox_dead_letters \
+                 WHERE failed_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) \
+                   AND ($2::text IS NULL OR subscription = $2)",
+            ),
+            &[&seconds, &subscription],
+        )?
+        .get(0);
+    confirm("purging", count as usize, threshold, yes)?;
+    let purged: i64 = session
+        .client
+        .query_one(
+            &session.sql(
+                "SELECT @extschema@.outbox_purge_dead_letters(pg_catalog.make_interval(secs => $1), subscription => $2)",
+            ),
+            &[&seconds, &subscription],
+        )?
+        .get(0);
+    if json {
+        print_json(&json!({"purged": purged}));
+    } else {
+        println!("purged {purged} dead letters");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// replay
+
+/// `--since` as a timestamp: a duration means that long ago; anything else must be a
+/// timestamp Postgres reads.
+fn since_timestamp(session: &mut Session, since: &str) -> Result<String> {
+    if let Ok(seconds) = parse_duration(since) {
+        let row = session.client.query_one(
+            "SELECT pg_catalog.to_json(pg_catalog.now() - pg_catalog.make_interval(secs => $1)) #>> '{}'",
+            &[&seconds],
+        )?;
+        return Ok(row.get(0));
+    }
+    match session.client.query_one("SELECT pg_catalog.to_json($1::text::timestamptz) #>> '{}'", &[&since]) {
+        Ok(row) => Ok(row.get(0)),
+        Err(e) if e.as_db_error().is_some() => Err(CliError::Usage(format!(
+            "invalid --since {since:?}: give a timestamp like 2026-11-28T09:00:00Z or a duration like 2h"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn replay(
+    session: &mut Session,
+    json: bool,
+    subscription: &str,
+    since: Option<&str>,
+    ids: Option<Vec<i64>>,
+    threshold: usize,
+    yes: bool,
+) -> Result<()> {
+    subscription_exists(session, subscription)?;
+    let since = since.map(|s| since_timestamp(session, s)).transpose()?;
+    let replayable: Vec<i64> = session
+        .client
+        .query(
+            &session.sql("SELECT r FROM @extschema@.outbox_replayable(subscription => $1, since => $2::text::timestamptz, ids => $3) r"),
+            &[&subscription, &since, &ids],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    confirm(&format!("replaying subscription \"{subscription}\""), replayable.len(), threshold, yes)?;
+    let show_progress = replayable.len() > REPLAY_CHUNK;
+    let stderr_is_terminal = std::io::stderr().is_terminal();
+    let mut replayed = 0i64;
+    for (done, chunk) in replayable.chunks(REPLAY_CHUNK).enumerate() {
+        let chunk = chunk.to_vec();
+        let args: [&(dyn ToSql + Sync); 2] = [&subscription, &chunk];
+        replayed += session
+            .client
+            .query_one(&session.sql("SELECT @extschema@.outbox_replay(subscription => $1, ids => $2)"), &args)?
+            .get::<_, i64>(0);
+        if show_progress {
+            let bar = progress((done * REPLAY_CHUNK + chunk.len()).min(replayable.len()), replayable.len());
+            if stderr_is_terminal {
+                eprint!("\r{bar}");
+            } else {
+                eprintln!("{bar}");
+            }
+        }
+    }
+    if show_progress && stderr_is_terminal {
+        eprintln!();
+    }
+    if json {
+        print_json(&json!({"subscription": subscription, "replayed": replayed}));
+    } else {
+        println!("replayed {replayed} events of subscription \"{subscription}\"");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// subscriptions, attach, detach
+
+/// Header values of http sinks are credentials as often as not: show only their names.
+fn redact_options(mut options: Value) -> Value {
+    if let Some(headers) = options.get_mut("headers").and_then(Value::as_object_mut) {
+        for value in headers.values_mut() {
+            *value = Value::String("<redacted>".into());
+        }
+    }
+    options
+}
+
+pub fn subscriptions_list(session: &mut Session, json: bool) -> Result<()> {
+    let rows = session.client.query(
+        &session.sql(
+            "SELECT name, sink, options, pg_catalog.to_json(created_at) #>> '{}' FROM @extschema@.outbox_subscriptions ORDER BY name",
+        ),
+        &[],
+    )?;
+    let subscriptions: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({"name": r.get::<_, String>(0), "sink": r.get::<_, String>(1),
+                   "options": redact_options(r.get(2)), "created_at": r.get::<_, String>(3)})
+        })
+        .collect();
+    if json {
+        print_json(&Value::Array(subscriptions));
+        return Ok(());
+    }
+    let mut table = Table::new(&[("NAME", false), ("SINK", false), ("OPTIONS", false), ("CREATED AT", false)]);
+    for s in subscriptions {
+        table.push(vec![
+            s["name"].as_str().unwrap_or_default().into(),
+            s["sink"].as_str().unwrap_or_default().into(),
+            s["options"].to_string(),
+            s["created_at"].as_str().unwrap_or_default().into(),
+        ]);
+    }
+    print!("{}", table.render());
+    Ok(())
+}
+
+pub fn subscriptions_add(session: &mut Session, json: bool, name: &str, sink: &str, options: &str, from_start: bool) -> Result<()> {
+    let options: Value =
+        serde_json::from_str(options).map_err(|e| CliError::Usage(format!("--options is not valid JSON: {e}")))?;
+    session.client.execute(
+        &session.sql("SELECT @extschema@.outbox_subscribe(name => $1, sink => $2, options => $3, from_start => $4)"),
+        &[&name, &sink, &options, &from_start],
+    )?;
+    if json {
+        print_json(&json!({"subscribed": name}));
+    } else {
+        println!("subscription \"{name}\" added");
+    }
+    Ok(())
+}
+
+pub fn subscriptions_remove(session: &mut Session, json: bool, name: &str, yes: bool) -> Result<()> {
+    subscription_exists(session, name)?;
+    let backlog: i64 = session
+        .client
+        .query_one(
+            &session.sql(
+                "SELECT pending + in_flight + retrying + dead FROM @extschema@.outbox_backlog WHERE subscription = $1",
+            ),
+            &[&name],
+        )?
+        .get(0);
+    // removing drops the subscription's undelivered events and dead letters with it
+    confirm(&format!("removing subscription \"{name}\" with its undelivered events"), backlog as usize, 0, yes)?;
+    session.client.execute(&session.sql("SELECT @extschema@.outbox_unsubscribe(name => $1)"), &[&name])?;
+    if json {
+        print_json(&json!({"unsubscribed": name}));
+    } else {
+        println!("subscription \"{name}\" removed");
+    }
+    Ok(())
+}
+
+pub struct Attach<'a> {
+    pub table: &'a str,
+    pub payload_columns: Option<Vec<String>>,
+    pub watch_columns: Option<Vec<String>>,
+    pub event_prefix: Option<String>,
+    pub key_columns: Option<Vec<String>>,
+}
+
+pub fn attach(session: &mut Session, json: bool, attach: Attach<'_>) -> Result<()> {
+    // only the given settings are passed, so the function's defaults hold for the rest
+    let mut named = vec!["source => $1::text::pg_catalog.regclass".to_string()];
+    let mut args: Vec<&(dyn ToSql + Sync)> = vec![&attach.table];
+    for (name, value) in
+        [("payload_columns", &attach.payload_columns), ("watch_columns", &attach.watch_columns), ("key_columns", &attach.key_columns)]
+    {
+        if let Some(value) = value {
+            args.push(value);
+            named.push(format!("{name} => ${}::text[]", args.len()));
+        }
+    }
+    if let Some(prefix) = &attach.event_prefix {
+        args.push(prefix);
+        named.push(format!("event_prefix => ${}::text", args.len()));
+    }
+    session.client.execute(&session.sql(&format!("SELECT @extschema@.outbox_attach({})", named.join(", "))), &args)?;
+    if json {
+        print_json(&json!({"attached": attach.table}));
+    } else {
+        println!("capturing changes of {}", attach.table);
+    }
+    Ok(())
+}
+
+pub fn detach(session: &mut Session, json: bool, table: &str) -> Result<()> {
+    session.client.execute(&session.sql("SELECT @extschema@.outbox_detach($1::text::pg_catalog.regclass)"), &[&table])?;
+    if json {
+        print_json(&json!({"detached": table}));
+    } else {
+        println!("no longer capturing changes of {table}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_redacted() {
+        let options = json!({"url": "http://h/x", "headers": {"Authorization": "Bearer secret"}, "timeout": "2s"});
+        let shown = redact_options(options);
+        assert_eq!(shown["headers"]["Authorization"], "<redacted>");
+        assert_eq!(shown["url"], "http://h/x");
+        assert!(!shown.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn sink_states() {
+        let mut row = Backlog {
+            subscription: "s".into(),
+            pending: 0,
+            in_flight: 0,
+            retrying: 0,
+            dead: 0,
+            oldest_pending_age: None,
+            avg_latency: None,
+            p99_latency: None,
+            sink: "pull".into(),
+            backing_off: false,
+            backing_off_for: None,
+            last_error: None,
+            since_last_success: None,
+        };
+        assert_eq!(row.sink_state(), "-");
+        row.sink = "http".into();
+        assert_eq!(row.sink_state(), "up, nothing delivered yet");
+        row.since_last_success = Some(3.0);
+        assert_eq!(row.sink_state(), "up, delivered 3.0s ago");
+        row.backing_off = true;
+        row.backing_off_for = Some(30.0);
+        row.last_error = Some("HTTP 503".into());
+        assert_eq!(row.sink_state(), "down, retry in 30.0s: HTTP 503");
+        assert_eq!(row.to_json()["sink_up"], json!(false));
+    }
+}

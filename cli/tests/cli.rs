@@ -1,0 +1,412 @@
+//! The `outbox` binary against a real Postgres with the extension installed (scripts/test.sh
+//! installs it): every command, its JSON parsed, its mistakes refused with one line and a
+//! meaningful exit code, and the exporter through a database outage.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn outbox(dsn: &str, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["--dsn", dsn])
+        .args(args)
+        .stdin(Stdio::null())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// Runs a command that must succeed and returns its JSON output.
+fn json_of(dsn: &str, args: &[&str]) -> Value {
+    let run = outbox(dsn, &[&["--json"], args].concat());
+    assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", run.stdout))
+}
+
+/// Runs a command that must fail with `code` and one line naming the problem.
+fn refused(dsn: &str, args: &[&str], code: i32, message: &str) {
+    let run = outbox(dsn, args);
+    assert_eq!(run.code, code, "{args:?}: {}{}", run.stdout, run.stderr);
+    assert_eq!(run.stderr.lines().count(), 1, "{args:?} should explain in one line: {}", run.stderr);
+    assert!(run.stderr.starts_with("outbox: ") && run.stderr.contains(message), "{args:?}: {}", run.stderr);
+    assert!(!run.stderr.contains("panicked") && !run.stderr.contains("backtrace"), "{}", run.stderr);
+}
+
+/// A fresh database with `chunks` attached; its DSN and a client.
+fn setup(name: &str) -> (String, Client) {
+    let cluster = shared();
+    let db = cluster.database(name);
+    let mut client = cluster.connect(&db);
+    chunks(&mut client, "");
+    (cluster.dsn(&db), client)
+}
+
+fn insert(client: &mut Client, ids: std::ops::RangeInclusive<i64>) {
+    client.execute("INSERT INTO chunks SELECT g, 1, 'c', '{0.5}' FROM generate_series($1::bigint, $2::bigint) g", &[ids.start(), ids.end()]).unwrap();
+}
+
+fn row_of<'a>(status: &'a Value, subscription: &str) -> &'a Value {
+    status.as_array().unwrap().iter().find(|r| r["subscription"] == subscription).unwrap_or_else(|| panic!("{subscription} in {status}"))
+}
+
+#[test]
+fn status_of_an_empty_outbox() {
+    let (dsn, _) = setup("cli_status_empty");
+    let status = json_of(&dsn, &["status"]);
+    assert_eq!(
+        status,
+        json!([{"subscription": "default", "pending": 0, "in_flight": 0, "retrying": 0, "dead": 0,
+                "oldest_pending_age_seconds": null, "avg_latency_seconds": null, "p99_latency_seconds": null,
+                "sink": "pull", "sink_up": null, "backing_off_seconds": null, "last_error": null,
+                "last_success_seconds_ago": null}])
+    );
+    let table = outbox(&dsn, &["status"]);
+    assert_eq!(table.code, 0);
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    assert!(lines[0].starts_with("SUBSCRIPTION  PENDING  IN FLIGHT  RETRYING  DEAD  OLDEST  AVG LATENCY  P99 LATENCY  SINK"), "{}", table.stdout);
+    assert!(lines[1].starts_with("default") && lines[1].contains("pull"), "{}", table.stdout);
+}
+
+#[test]
+fn status_of_a_busy_outbox() {
+    let (dsn, mut c) = setup("cli_status_busy");
+    c.batch_execute("SELECT outbox_subscribe('search', options => '{\"max_attempts\": 1}')").unwrap();
+    insert(&mut c, 1..=5);
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(2)"));
+    c.execute("SELECT outbox_ack($1)", &[&vec![claimed[0]]]).unwrap();
+    let failed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(1, 'search')"));
+    c.execute("SELECT outbox_fail($1, 'mapping error', 'search')", &[&failed]).unwrap();
+
+    let status = json_of(&dsn, &["status"]);
+    let default = row_of(&status, "default");
+    assert_eq!((default["pending"].as_i64(), default["in_flight"].as_i64(), default["dead"].as_i64()), (Some(3), Some(1), Some(0)));
+    assert!(default["oldest_pending_age_seconds"].as_f64().unwrap() > 0.0);
+    assert!(default["avg_latency_seconds"].as_f64().unwrap() > 0.0);
+    assert!(default["p99_latency_seconds"].as_f64().unwrap() > 0.0);
+    let search = row_of(&status, "search");
+    assert_eq!((search["pending"].as_i64(), search["dead"].as_i64()), (Some(4), Some(1)));
+
+    let table = outbox(&dsn, &["status"]).stdout;
+    let search_line = table.lines().find(|l| l.starts_with("search")).unwrap();
+    let cells: Vec<&str> = search_line.split_whitespace().collect();
+    assert_eq!(&cells[..5], ["search", "4", "0", "0", "1"], "{table}");
+}
+
+#[test]
+fn status_watch_refreshes_in_place() {
+    let (dsn, mut c) = setup("cli_status_watch");
+    let spawn = |json: bool| -> Child {
+        let mut args = vec!["--dsn", &dsn, "status", "--watch", "--interval", "0.2"];
+        if json {
+            args.push("--json");
+        }
+        Command::new(env!("CARGO_BIN_EXE_outbox")).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap()
+    };
+    let mut watcher = spawn(true);
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(row_of(&first, "default")["pending"], 0);
+    insert(&mut c, 1..=2);
+    let refreshed = lines.take(50).map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap()).any(|s| row_of(&s, "default")["pending"] == 2);
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+    assert!(refreshed, "a later refresh shows the new events");
+
+    let mut watcher = spawn(false);
+    let mut stdout = watcher.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while seen.windows(4).filter(|w| w == b"\x1b[2J").count() < 3 {
+        let n = stdout.read(&mut buffer).unwrap();
+        assert!(n > 0, "the watcher stopped");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("\x1b[H\x1b[2J") && text.matches("SUBSCRIPTION").count() >= 2, "{text}");
+}
+
+#[test]
+fn dead_letters_list_show_requeue_purge() {
+    let (dsn, mut c) = setup("cli_dead_letters");
+    c.batch_execute("SELECT outbox_subscribe('search', options => '{\"max_attempts\": 1}')").unwrap();
+    insert(&mut c, 1..=3);
+    let dead = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 'search')"));
+    c.execute("SELECT outbox_fail($1, 'HTTP 400: bad vector', 'search')", &[&dead]).unwrap();
+
+    let listed = json_of(&dsn, &["dead-letters", "list"]);
+    assert_eq!(listed["total"], 3);
+    let letters = listed["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 3);
+    assert!(letters.iter().all(|l| l["subscription"] == "search" && l["last_error"] == "HTTP 400: bad vector" && l["attempts"] == 1));
+    let limited = json_of(&dsn, &["dead-letters", "list", "--subscription", "search", "--limit", "2"]);
+    assert_eq!((limited["total"].as_i64(), limited["dead_letters"].as_array().unwrap().len()), (Some(3), 2));
+    let table = outbox(&dsn, &["dead-letters", "list"]);
+    assert!(table.stdout.contains("LAST ERROR") && table.stdout.contains("3 of 3 dead letters"), "{}", table.stdout);
+
+    let id = dead[0].to_string();
+    let shown = json_of(&dsn, &["dead-letters", "show", &id]);
+    assert_eq!(shown[0]["payload"], json!({"table": "public.chunks", "key": {"id": 1}}));
+    assert_eq!(shown[0]["type"], "EMBED_UPSERT");
+    assert!(outbox(&dsn, &["dead-letters", "show", &id]).stdout.contains("\"table\": \"public.chunks\""));
+    refused(&dsn, &["dead-letters", "show", "424242"], 1, "no dead letter with id 424242");
+
+    assert_eq!(json_of(&dsn, &["dead-letters", "requeue", "--id", &id]), json!({"requeued": 1}));
+    assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(10, 'search')").len(), 1, "requeued and claimable");
+    refused(&dsn, &["dead-letters", "requeue", "--id", "424242"], 1, "no dead letter with id 424242; nothing was requeued");
+    refused(&dsn, &["dead-letters", "requeue", "--subscription", "search", "--confirm-above", "1"], 4, "rerun with --yes");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters"), 2, "declining changed nothing");
+    assert_eq!(json_of(&dsn, &["dead-letters", "requeue", "--subscription", "search", "--confirm-above", "1", "--yes"]), json!({"requeued": 2}));
+
+    let again = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 'search')"));
+    c.execute("SELECT outbox_fail($1, 'still bad', 'search')", &[&again]).unwrap();
+    let dead_now = scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters");
+    assert!(dead_now >= 2, "{dead_now}");
+    assert_eq!(json_of(&dsn, &["dead-letters", "purge", "--older-than", "1d"]), json!({"purged": 0}));
+    assert_eq!(json_of(&dsn, &["dead-letters", "purge", "--older-than", "0s", "--yes"]), json!({"purged": dead_now}));
+    refused(&dsn, &["dead-letters", "purge", "--older-than", "banana"], 2, "invalid duration \"banana\"");
+    refused(&dsn, &["dead-letters", "list", "--subscription", "nope"], 1, "subscription \"nope\" does not exist");
+}
+
+#[test]
+fn replay_confirms_large_replays_and_shows_progress() {
+    let (dsn, mut c) = setup("cli_replay");
+    insert(&mut c, 1..=2500);
+    let all = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10000)"));
+    assert_eq!(all.len(), 2500);
+    c.execute("SELECT outbox_ack($1)", &[&all]).unwrap();
+
+    refused(&dsn, &["replay", "--subscription", "default", "--since", "1h"], 4, "would touch 2500 events");
+    assert_eq!(scalar_i64(&mut c, "SELECT pending FROM outbox_backlog"), 0, "nothing replayed without confirmation");
+
+    let run = outbox(&dsn, &["--json", "replay", "--subscription", "default", "--since", "1h", "--yes"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(serde_json::from_str::<Value>(&run.stdout).unwrap(), json!({"subscription": "default", "replayed": 2500}));
+    let bars: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(bars.len(), 3, "{}", run.stderr);
+    assert!(bars[0].ends_with("] 1000/2500  40%") && bars[2].ends_with("] 2500/2500 100%"), "{}", run.stderr);
+    assert_eq!(scalar_i64(&mut c, "SELECT pending FROM outbox_backlog"), 2500);
+
+    let again = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10000)"));
+    c.execute("SELECT outbox_ack($1)", &[&again]).unwrap();
+    let picked = format!("{},{}", all[0], all[1]);
+    let run = outbox(&dsn, &["replay", "--subscription", "default", "--id", &picked]);
+    assert_eq!((run.code, run.stdout.as_str()), (0, "replayed 2 events of subscription \"default\"\n"), "{}", run.stderr);
+    assert!(run.stderr.is_empty(), "no progress bar for small replays: {}", run.stderr);
+    let since = c.query_one("SELECT (now() - interval '1 hour')::text", &[]).unwrap().get::<_, String>(0);
+    assert_eq!(json_of(&dsn, &["replay", "--subscription", "default", "--since", &since, "--confirm-above", "5000"])["replayed"], 2498);
+
+    refused(&dsn, &["replay", "--subscription", "default", "--since", "last tuesday-ish"], 2, "invalid --since");
+    refused(&dsn, &["replay", "--subscription", "nope", "--since", "1h"], 1, "subscription \"nope\" does not exist");
+    refused(&dsn, &["replay", "--subscription", "default"], 2, "--since");
+    refused(&dsn, &["replay", "--subscription", "default", "--id", "x"], 2, "invalid value 'x' for '--id");
+}
+
+#[test]
+fn subscriptions_list_add_remove() {
+    let (dsn, mut c) = setup("cli_subscriptions");
+    let options = r#"{"url": "http://127.0.0.1:9/v1/upsert", "headers": {"Authorization": "Bearer s3cret"}}"#;
+    assert_eq!(json_of(&dsn, &["subscriptions", "add", "search", "--sink", "http", "--options", options]), json!({"subscribed": "search"}));
+    assert_eq!(json_of(&dsn, &["subscriptions", "add", "archive", "--from-start"]), json!({"subscribed": "archive"}));
+    let listed = json_of(&dsn, &["subscriptions", "list"]);
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["archive", "default", "search"]);
+    let search = &listed[2];
+    assert_eq!(search["sink"], "http");
+    assert_eq!(search["options"]["headers"]["Authorization"], "<redacted>");
+    let table = outbox(&dsn, &["subscriptions", "list"]).stdout;
+    assert!(table.starts_with("NAME") && !table.contains("s3cret"), "{table}");
+
+    refused(&dsn, &["subscriptions", "add", "search"], 1, "subscription \"search\" already exists");
+    refused(&dsn, &["subscriptions", "add", "x", "--options", "{nope"], 2, "--options is not valid JSON");
+    refused(&dsn, &["subscriptions", "add", "x", "--sink", "kafka"], 1, "unknown sink \"kafka\"");
+
+    insert(&mut c, 1..=1);
+    refused(&dsn, &["subscriptions", "remove", "archive"], 4, "rerun with --yes");
+    assert_eq!(json_of(&dsn, &["subscriptions", "remove", "archive", "--yes"]), json!({"unsubscribed": "archive"}));
+    c.batch_execute("SELECT outbox_subscribe('idle')").unwrap();
+    assert_eq!(json_of(&dsn, &["subscriptions", "remove", "idle"]), json!({"unsubscribed": "idle"}), "nothing undelivered: no question");
+    refused(&dsn, &["subscriptions", "remove", "archive", "--yes"], 1, "subscription \"archive\" does not exist");
+}
+
+#[test]
+fn attach_and_detach() {
+    let (dsn, mut c) = setup("cli_attach");
+    c.batch_execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text, secret text)").unwrap();
+    assert_eq!(
+        json_of(&dsn, &["attach", "docs", "--payload-columns", "body", "--watch-columns", "body", "--event-prefix", "DOC"]),
+        json!({"attached": "docs"})
+    );
+    c.batch_execute("INSERT INTO docs VALUES (1, 'b', 's'); UPDATE docs SET secret = 't'").unwrap();
+    let rows = c.query("SELECT type, payload FROM outbox_claim(10)", &[]).unwrap();
+    assert_eq!(rows.len(), 1, "the secret column is not watched");
+    assert_eq!(rows[0].get::<_, String>(0), "DOC_UPSERT");
+    assert_eq!(rows[0].get::<_, Value>(1), json!({"table": "public.docs", "key": {"id": 1}, "data": {"body": "b"}}));
+
+    let run = outbox(&dsn, &["attach", "public.docs"]);
+    assert_eq!((run.code, run.stdout.as_str()), (0, "capturing changes of public.docs\n"), "{}", run.stderr);
+    c.batch_execute("INSERT INTO docs VALUES (2, 'b', 's')").unwrap();
+    let rows = c.query("SELECT type, payload FROM outbox_claim(10)", &[]).unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "EMBED_UPSERT", "attaching again resets what was not given");
+    assert_eq!(rows[0].get::<_, Value>(1), json!({"table": "public.docs", "key": {"id": 2}}));
+
+    assert_eq!(json_of(&dsn, &["detach", "docs"]), json!({"detached": "docs"}));
+    c.batch_execute("INSERT INTO docs VALUES (3, 'b', 's')").unwrap();
+    assert!(c.query("SELECT * FROM outbox_claim(10)", &[]).unwrap().is_empty());
+    refused(&dsn, &["detach", "docs"], 1, "table public.docs is not attached to the outbox");
+    refused(&dsn, &["attach", "nosuch"], 1, "relation \"nosuch\" does not exist");
+    refused(&dsn, &["attach", "docs", "--payload-columns", "nope"], 1, "column \"nope\" named in payload_columns does not exist");
+}
+
+#[test]
+fn bad_arguments_and_unreachable_databases_are_one_line_errors() {
+    let (dsn, _) = setup("cli_bad_arguments");
+    refused(&dsn, &["frobnicate"], 2, "unrecognized subcommand 'frobnicate'");
+    refused(&dsn, &["status", "--interval", "0"], 2, "expected a positive number of seconds");
+    refused(&dsn, &["dead-letters", "list", "--limit", "0"], 2, "--limit must be at least 1");
+    refused("host=/nonexistent-dir port=5432 user=postgres", &["status"], 3, "cannot connect to the database");
+    refused("port=notaport", &["status"], 2, "invalid connection string");
+    refused(&shared().dsn("postgres"), &["status"], 1, "the outbox extension is not installed in database \"postgres\"");
+
+    // without --dsn: DATABASE_URL, then the PG* variables
+    let cluster = shared();
+    let by_env = |vars: &[(&str, String)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+        command.args(["--json", "status"]).env_remove("DATABASE_URL").stdin(Stdio::null());
+        for (k, v) in vars {
+            command.env(k, v);
+        }
+        command.output().unwrap()
+    };
+    let out = by_env(&[("DATABASE_URL", dsn.clone())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = by_env(&[
+        ("PGHOST", cluster.dir.display().to_string()),
+        ("PGPORT", cluster.port.to_string()),
+        ("PGUSER", "postgres".into()),
+        ("PGDATABASE", "cli_bad_arguments".into()),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()[0]["subscription"], "default");
+}
+
+fn scrape(port: u16) -> Option<(String, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' '))).map(|v| v.parse().unwrap())
+}
+
+#[test]
+fn exporter_serves_outbox_up_0_while_the_database_is_away_and_recovers() {
+    // its own server, which this test stops and starts
+    let cluster = Cluster::start(&[]);
+    let db = cluster.database("exporter");
+    let mut c = cluster.connect(&db);
+    chunks(&mut c, "");
+    insert(&mut c, 1..=2);
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    c.execute("SELECT outbox_ack($1)", &[&claimed]).unwrap();
+    // a sink subscription, so the sink and worker families are served too
+    c.batch_execute(
+        "CREATE FUNCTION public.mirror(jsonb) RETURNS void LANGUAGE sql AS '';
+         SELECT outbox_subscribe('mirror', 'function', '{\"function\": \"public.mirror\"}');",
+    )
+    .unwrap();
+    drop(c);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut exporter = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["--dsn", &cluster.dsn(&db), "metrics", "serve", "--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut last = None;
+    assert!(eventually(Duration::from_secs(10), || {
+        last = scrape(port);
+        last.is_some()
+    }));
+    let (status, body) = last.unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(sample(&body, "outbox_up"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "outbox_delivered_total{subscription=\"default\"}"), Some(2.0), "{body}");
+    let mut promtool = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("promtool");
+    promtool.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(checked.status.success(), "{}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
+    monitoring_uses_only_served_metrics(&body);
+
+    cluster.stop("fast");
+    let (status, body) = scrape(port).expect("the exporter answers while the database is down");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "# HELP outbox_up 1 when the exporter could read the outbox on this scrape.\n# TYPE outbox_up gauge\noutbox_up 0\n");
+    assert!(exporter.try_wait().unwrap().is_none(), "the exporter is still running");
+
+    cluster.pg_ctl_start();
+    let mut recovered = String::new();
+    assert!(eventually(Duration::from_secs(20), || {
+        recovered = scrape(port).map(|(_, body)| body).unwrap_or_default();
+        sample(&recovered, "outbox_up") == Some(1.0)
+    }));
+    assert_eq!(sample(&recovered, "outbox_delivered_total{subscription=\"default\"}"), Some(2.0), "counters survive the restart");
+    let (status, _) = {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(b"GET /other HTTP/1.1\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        (response.lines().next().unwrap_or_default().to_string(), ())
+    };
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    exporter.kill().unwrap();
+    exporter.wait().unwrap();
+}
+
+/// The alert rules and the dashboard query only metric families the exporter serves.
+fn monitoring_uses_only_served_metrics(body: &str) {
+    let families: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+    for file in ["alerts.yml", "alerts.test.yml", "dashboard.json"] {
+        let text = std::fs::read_to_string(format!("{}/../monitoring/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        // queries and synthetic series only: descriptions may name SQL views
+        let mut used: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("expr") || line.contains("series:"))
+            .flat_map(|line| line.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+            .filter(|word| word.starts_with("outbox_"))
+            .collect();
+        used.sort();
+        used.dedup();
+        assert!(!used.is_empty(), "{file} names no metric");
+        for metric in used {
+            let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| metric.strip_suffix(s)).filter(|f| families.contains(f)).unwrap_or(metric);
+            assert!(families.contains(&family), "{file} uses {metric}, which the exporter does not serve; it serves {families:?}");
+        }
+    }
+}
