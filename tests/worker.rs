@@ -24,6 +24,14 @@ fn cluster() -> &'static Cluster {
     })
 }
 
+/// Held by each test on the shared cluster for its whole run. They share its database, so
+/// running them at once would let one test's writes reach another's sinks, and one of them
+/// pauses the worker for a while.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A table of its own for a test, captured.
 fn table(c: &mut Client, name: &str) {
     c.batch_execute(&format!(
@@ -57,6 +65,7 @@ fn worker_pid(c: &mut Client) -> Option<i32> {
 
 #[test]
 fn http_sink_gets_batches_with_idempotency_keys() {
+    let _serial = serial();
     let recorder = Recorder::start(|_| Reply::status(200));
     let mut c = cluster().connect("postgres");
     table(&mut c, "docs_http");
@@ -83,6 +92,7 @@ fn http_sink_gets_batches_with_idempotency_keys() {
 
 #[test]
 fn server_errors_are_retried_until_the_sink_takes_the_batch() {
+    let _serial = serial();
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
     let recorder = Recorder::start(move |_| Reply::status(if seen.fetch_add(1, Ordering::SeqCst) < 2 { 503 } else { 200 }));
@@ -103,6 +113,7 @@ fn server_errors_are_retried_until_the_sink_takes_the_batch() {
 
 #[test]
 fn a_rejected_batch_is_split_until_the_poison_event_is_alone() {
+    let _serial = serial();
     let recorder = Recorder::start(|request| Reply::status(if request.keys().contains(&13) { 400 } else { 200 }));
     let mut c = cluster().connect("postgres");
     table(&mut c, "docs_4xx");
@@ -126,6 +137,7 @@ fn a_rejected_batch_is_split_until_the_poison_event_is_alone() {
 
 #[test]
 fn too_many_requests_waits_for_retry_after() {
+    let _serial = serial();
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
     let recorder = Recorder::start(move |_| {
@@ -168,6 +180,7 @@ fn a_slow_sink_does_not_delay_the_others() {
 
 #[test]
 fn function_sink_keeps_a_second_table_in_step_with_the_source() {
+    let _serial = serial();
     let mut c = cluster().connect("postgres");
     c.batch_execute(
         "CREATE TABLE docs_fn (id bigint PRIMARY KEY, content text);
@@ -220,6 +233,7 @@ fn function_sink_keeps_a_second_table_in_step_with_the_source() {
 
 #[test]
 fn function_sink_errors_fail_only_the_poison_event() {
+    let _serial = serial();
     let mut c = cluster().connect("postgres");
     c.batch_execute(
         "CREATE TABLE docs_fe (id bigint PRIMARY KEY, content text);
@@ -284,6 +298,7 @@ fn an_outage_longer_than_the_retry_budget_loses_nothing() {
 
 #[test]
 fn the_worker_comes_back_after_being_terminated() {
+    let _serial = serial();
     let recorder = Recorder::start(|_| Reply::status(200));
     let mut c = cluster().connect("postgres");
     table(&mut c, "docs_term");
@@ -298,6 +313,7 @@ fn the_worker_comes_back_after_being_terminated() {
 
 #[test]
 fn settings_reload_on_sighup() {
+    let _serial = serial();
     let recorder = Recorder::start(|_| Reply::status(200));
     let mut c = cluster().connect("postgres");
     table(&mut c, "docs_hup");
