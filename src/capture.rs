@@ -122,17 +122,7 @@ pub fn init() {
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
-            // at commit no statement is running, and reading the current segment needs a snapshot
-            let pushed = unsafe { !pg_sys::ActiveSnapshotSet() };
-            if pushed {
-                unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-            }
-            flush().or_raise();
-            if pushed {
-                unsafe { pg_sys::PopActiveSnapshot() };
-            }
-        }
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => flush().or_raise(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => PENDING.with(|p| *p.borrow_mut() = Pending::default()),
         _ => {}
     }
@@ -265,8 +255,18 @@ fn flush() -> Result<(), OutboxError> {
     order_for_flush(&mut pending.events);
     let extension = Extension::current()?;
     crate::worker::wake_at_commit(crate::worker::Wake::Events);
+    // At commit no statement is running, and reading the current segment needs a snapshot.
+    // (Only here, with events to write: every commit of the database passes by.)
+    let pushed = unsafe { !pg_sys::ActiveSnapshotSet() };
+    if pushed {
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    }
     // as the owner: the writer may use neither the rotation table nor the id sequence
-    extension.as_owner(|| write_log_rows(&extension, &pending))
+    let written = extension.as_owner(|| write_log_rows(&extension, &pending));
+    if pushed {
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
+    written
 }
 
 fn write_log_rows(extension: &Extension, pending: &Pending) -> Result<(), OutboxError> {

@@ -34,6 +34,7 @@ extension_sql_file!(
     name = "outbox_api",
     requires = ["outbox_capture", outbox_claim_ids, outbox_ack, outbox_fail]
 );
+extension_sql_file!("../sql/ddl.sql", name = "outbox_ddl", requires = ["outbox_schema"]);
 extension_sql_file!("../sql/privileges.sql", name = "outbox_privileges", finalize);
 
 #[pg_guard]

@@ -15,6 +15,13 @@ pub const MAX_BATCH_SIZE: i32 = 10_000;
 /// the whole failed batch at the same instant (the thundering herd pg-boss and River avoid).
 pub const JITTER: f64 = 0.10;
 
+/// How often the delivery worker runs retention: often enough that segments rotate on time
+/// (a new one every quarter of the retention) and a short retention really is short, and at
+/// least once a minute, so a long one is not late by much.
+pub fn retention_interval(retention: Duration) -> Duration {
+    (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
 pub fn check_batch_size(batch_size: i32) -> Result<(), OutboxError> {
     if (1..=MAX_BATCH_SIZE).contains(&batch_size) {
         Ok(())
@@ -243,5 +250,12 @@ mod tests {
     fn durations_format_compactly() {
         assert_eq!(format_duration(Duration::from_secs(3)), "3s");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn retention_runs_eight_times_per_retention_between_a_second_and_a_minute() {
+        assert_eq!(retention_interval(Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(retention_interval(Duration::from_secs(60)), Duration::from_millis(7500));
+        assert_eq!(retention_interval(Duration::from_secs(86_400)), Duration::from_secs(60));
     }
 }

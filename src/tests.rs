@@ -183,6 +183,67 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM outbox_attachments"), 0);
     }
 
+    // --- schema changes under capture ---------------------------------------------------
+
+    #[pg_test(error = "outbox: table public.chunks is captured with column(s) content by name")]
+    fn dropping_a_payload_column_is_refused() {
+        chunks();
+        run("SELECT outbox_attach('chunks', payload_columns => ARRAY['content'], watch_columns => ARRAY['embedding'])");
+        run("ALTER TABLE chunks DROP COLUMN content");
+    }
+
+    #[pg_test(error = "cannot drop column secret of table chunks because other objects depend on it")]
+    fn postgres_itself_refuses_to_drop_a_watched_column() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("ALTER TABLE chunks DROP COLUMN secret");
+    }
+
+    #[pg_test(error = "outbox: this change to table public.chunks would drop its capture triggers")]
+    fn dropping_a_watched_column_with_cascade_is_refused() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("ALTER TABLE chunks DROP COLUMN secret CASCADE");
+    }
+
+    #[pg_test(error = "outbox: table public.chunks is captured with column(s) content by name")]
+    fn renaming_a_watched_column_is_refused() {
+        chunks();
+        run("SELECT outbox_attach('chunks', watch_columns => ARRAY['content', 'embedding'])");
+        run("ALTER TABLE chunks RENAME COLUMN content TO body");
+    }
+
+    #[pg_test]
+    fn captured_columns_change_through_the_attachment() {
+        chunks();
+        run("SELECT outbox_attach('chunks', payload_columns => ARRAY['content'], watch_columns => ARRAY['content'])");
+        // other columns come and go freely, and payloads keep their shape
+        run("ALTER TABLE chunks ADD COLUMN extra int, DROP COLUMN secret");
+        run("INSERT INTO chunks VALUES (1, 1, 'a', '{1}', 7)");
+        // the documented way to rename a payload column: attach without it, rename, attach with it
+        run("SELECT outbox_attach('chunks', watch_columns => ARRAY['doc_id'])");
+        run("ALTER TABLE chunks RENAME COLUMN content TO body");
+        run("SELECT outbox_attach('chunks', payload_columns => ARRAY['body'], watch_columns => ARRAY['body'])");
+        run("INSERT INTO chunks VALUES (2, 1, 'b', '{1}', 7)");
+        assert_eq!(
+            value("SELECT jsonb_agg(payload->'data' ORDER BY id) FROM outbox_events"),
+            json!([{"content": "a"}, {"body": "b"}])
+        );
+    }
+
+    #[pg_test]
+    fn dropping_an_attached_table_forgets_its_attachment() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("INSERT INTO chunks VALUES (1, 1, 'a', '{1}', 's')");
+        run("DROP TABLE chunks");
+        assert_eq!(count("SELECT count(*) FROM outbox_attachments"), 0);
+        assert_eq!(count("SELECT count(*) FROM outbox_events"), 1, "what was captured stays");
+        chunks();
+        run("INSERT INTO chunks VALUES (1, 1, 'a', '{1}', 's')");
+        assert_eq!(count("SELECT count(*) FROM outbox_events"), 1, "a new table of the same name is not captured");
+    }
+
     #[pg_test]
     fn partitioned_tables_are_captured() {
         run("CREATE TABLE parts (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)");

@@ -89,4 +89,13 @@ mod tests {
         assert!(create.iter().all(|s| s.ends_with("\"public\".outbox_capture('7')")));
         assert_eq!(drop_statement("t", "outbox_capture_rows"), "DROP TRIGGER \"outbox_capture_rows\" ON t");
     }
+
+    #[test]
+    fn the_ddl_guard_knows_every_trigger() {
+        let guard = include_str!("../sql/ddl.sql");
+        for name in TRIGGER_NAMES {
+            assert!(guard.contains(&format!("'{name}'")), "sql/ddl.sql must check for {name}");
+        }
+        assert!(guard.contains(&format!("<>) {}", TRIGGER_NAMES.len())));
+    }
 }

@@ -11,6 +11,7 @@
 //! * A rejected batch (HTTP 4xx, or a function error) is split in halves until the poison
 //!   event is alone; an unavailable sink (transport error, timeout, 5xx, 429) gets its events
 //!   back without using an attempt and backs off as a whole.
+//! * It runs retention (`outbox_purge`) for its database, so nobody has to schedule it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
@@ -32,7 +33,7 @@ use crate::consume::{self, required};
 use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
-use crate::policy::RetryPolicy;
+use crate::policy::{retention_interval, RetryPolicy};
 use crate::queries::{self as q, run};
 use crate::sink::{batch_body, halves, idempotency_key, judge, Breaker, HttpSink, Outcome, Sink, Transition};
 
@@ -168,11 +169,29 @@ struct SinkRunner {
 }
 
 struct Worker {
+    /// When the worker next runs retention (`outbox_purge`) for this database.
+    next_retention: Instant,
     sinks: HashMap<i32, SinkRunner>,
     results: mpsc::Receiver<HttpResult>,
     results_sender: mpsc::Sender<HttpResult>,
     wake_read: UnixStream,
     wake_write: UnixStream,
+}
+
+fn extension_created() -> bool {
+    let oid = unsafe { pg_sys::get_extension_oid(c"outbox".as_ptr(), true) };
+    oid != pg_sys::InvalidOid
+}
+
+/// Retention for the served database, so that nobody has to schedule `outbox_purge`.
+fn retain() -> Result<(), OutboxError> {
+    if extension_created() {
+        let removed = crate::admin::purge()?;
+        if removed > 0 {
+            debug1!("outbox: retention removed {removed} processed events");
+        }
+    }
+    Ok(())
 }
 
 fn random_unit() -> f64 {
@@ -186,7 +205,7 @@ impl Worker {
         let (results_sender, results) = mpsc::channel();
         let (wake_read, wake_write) = UnixStream::pair().expect("socket pair");
         wake_read.set_nonblocking(true).expect("non-blocking socket");
-        Worker { sinks: HashMap::new(), results, results_sender, wake_read, wake_write }
+        Worker { next_retention: Instant::now(), sinks: HashMap::new(), results, results_sender, wake_read, wake_write }
     }
 
     /// With the worker disabled: forget the sinks and let capture stop waking us.
@@ -222,16 +241,20 @@ impl Worker {
         while let Ok(result) = self.results.try_recv() {
             BackgroundWorker::transaction(AssertUnwindSafe(|| self.settle(result))).unwrap_or_else(|e| e.raise());
         }
+        if Instant::now() >= self.next_retention {
+            BackgroundWorker::transaction(retain).unwrap_or_else(|e| e.raise());
+            self.next_retention = Instant::now() + retention_interval(guc::retention());
+        }
         let (wait, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.deliver())).unwrap_or_else(|e| e.raise());
         for (subscription, job) in jobs {
             self.post(subscription, job);
         }
-        wait
+        wait.min(self.next_retention.saturating_duration_since(Instant::now()))
     }
 
     /// Refreshes the sink list, claims for every sink that is ready, and runs function sinks.
     fn deliver(&mut self) -> Result<(Duration, Vec<(i32, HttpJob)>), OutboxError> {
-        if unsafe { pg_sys::get_extension_oid(c"outbox".as_ptr(), true) } == pg_sys::InvalidOid {
+        if !extension_created() {
             // not created yet, or dropped: check again later instead of failing
             self.sinks.clear();
             WORKER_HAS_SINKS.get().store(false, Ordering::Release);

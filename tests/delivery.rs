@@ -399,51 +399,6 @@ fn backlog_reports_every_state_and_latency() {
 }
 
 #[test]
-fn bad_input_is_refused_and_changes_nothing() {
-    let (_, mut c) = setup("bad_input", "");
-    insert(&mut c, 1..=2);
-    let snapshot = |c: &mut Client| -> String {
-        c.query_one(
-            "SELECT concat_ws('|', (SELECT string_agg(name || window_cursor, ',' ORDER BY name) FROM outbox_subscriptions), \
-                    (SELECT count(*) FROM outbox_claims), (SELECT count(*) FROM outbox_retries), \
-                    (SELECT count(*) FROM outbox_attachments), (SELECT count(*) FROM outbox_ledger))",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    };
-    let before = snapshot(&mut c);
-    let cases = [
-        ("SELECT * FROM outbox_claim(subscription => 'nope')", "subscription \"nope\" does not exist"),
-        ("SELECT * FROM outbox_claim(0)", "batch_size must be between 1 and 10000, got 0"),
-        ("SELECT * FROM outbox_claim(-1)", "batch_size must be between 1 and 10000, got -1"),
-        ("SELECT * FROM outbox_claim(10001)", "batch_size must be between 1 and 10000, got 10001"),
-        ("SELECT * FROM outbox_claim(lease => '0')", "lease must be a positive interval"),
-        ("SELECT * FROM outbox_claim(lease => '-1 second')", "lease must be a positive interval"),
-        ("SELECT outbox_ack(NULL)", "ids must not be NULL"),
-        ("SELECT outbox_fail(NULL)", "ids must not be NULL"),
-        ("SELECT outbox_ack(ARRAY[1], 'nope')", "subscription \"nope\" does not exist"),
-        ("SELECT outbox_subscribe('default')", "subscription \"default\" already exists"),
-        ("CREATE TABLE nokey (a int); SELECT outbox_attach('nokey')", "has no primary key"),
-        ("SELECT outbox_attach('chunks', payload_columns => ARRAY['content', 'x'])", "column \"x\" named in payload_columns does not exist"),
-        ("SELECT outbox_attach('chunks', watch_columns => ARRAY['y'])", "column \"y\" named in watch_columns does not exist"),
-        ("SELECT outbox_attach('chunks', key_columns => ARRAY['z'])", "column \"z\" named in key_columns does not exist"),
-        ("SELECT outbox_attach('chunks', payload_columns => ARRAY[]::text[])", "payload_columns must not be empty"),
-        ("SELECT outbox_fail(ARRAY[1], retry_after => '-1 second')", "retry_after must not be negative"),
-        ("SELECT outbox_requeue_dead('nope')", "subscription \"nope\" does not exist"),
-    ];
-    for (sql, expected) in cases {
-        let message = error_of(&mut c, sql);
-        assert!(message.contains(expected), "{sql}: {message}");
-        assert!(message.starts_with("outbox: "), "{sql}: {message}");
-        assert_eq!(snapshot(&mut c), before, "{sql} changed something");
-    }
-    // the attachment kept its old settings
-    let payload: Option<Vec<String>> = c.query_one("SELECT payload_columns FROM outbox_attachments", &[]).unwrap().get(0);
-    assert_eq!(payload, None);
-}
-
-#[test]
 fn a_write_aimed_at_a_partition_is_captured_at_commit() {
     let cluster = shared();
     let db = cluster.database("partition_direct");
@@ -583,4 +538,17 @@ fn purging_dead_letters_keeps_the_recent_ones() {
         error_of(&mut c, "SELECT outbox_purge_dead_letters(interval '-1 day')"),
         "outbox: older_than must not be negative, got -1 days"
     );
+}
+
+#[test]
+fn drop_extension_refuses_while_tables_are_attached_and_cascade_leaves_them_working() {
+    let (_, mut c) = setup("drop_extension", "");
+    insert(&mut c, 1..=1);
+    let refused = error_of(&mut c, "DROP EXTENSION outbox");
+    assert!(refused.contains("cannot drop extension outbox because other objects depend on it"), "{refused}");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_events"), 1, "nothing was dropped");
+    c.batch_execute("DROP EXTENSION outbox CASCADE").unwrap();
+    insert(&mut c, 2..=2);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM chunks"), 2, "the table works without capture");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'chunks'::regclass"), 0);
 }

@@ -437,3 +437,26 @@ fn every_committed_event_reaches_the_sink_after_an_immediate_stop() {
     );
     assert!(duplicates <= 100, "only a batch in flight can repeat: {duplicates}");
 }
+
+#[test]
+fn the_worker_runs_retention_by_itself() {
+    let cluster = own_cluster_with(&[PRELOAD[0], PRELOAD[1], "outbox.retention = '2s'"]);
+    let mut c = cluster.connect("postgres");
+    c.batch_execute("SELECT outbox_subscribe('pull')").unwrap();
+    table(&mut c, "kept_docs");
+    c.batch_execute("INSERT INTO kept_docs SELECT g, 'x' FROM generate_series(1, 100) g").unwrap();
+    let processed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(1000, 'pull')"));
+    c.execute("SELECT outbox_ack($1, 'pull')", &[&processed]).unwrap();
+    // retention starts a new log segment every quarter of the retention; a later event lands
+    // in a later segment, which must stay while that event is unprocessed
+    std::thread::sleep(Duration::from_secs(2));
+    c.batch_execute("INSERT INTO kept_docs VALUES (101, 'not yet processed')").unwrap();
+    let stored = |c: &mut Client| scalar_i64(c, "SELECT count(*) FROM outbox_events");
+    assert!(
+        eventually(Duration::from_secs(30), || stored(&mut c) == 1),
+        "nobody called outbox_purge: the worker should have removed the processed events, {} left",
+        stored(&mut c)
+    );
+    let kept = claim(&mut c, "SELECT * FROM outbox_claim(10, 'pull')");
+    assert_eq!(kept.iter().map(|e| e.2).collect::<Vec<_>>(), [101], "the unprocessed event stays");
+}

@@ -1,0 +1,62 @@
+-- Schema changes to captured tables. Capture names columns, so a column dropped or renamed
+-- under it would silently drop out of every payload, or change what identifies a row; and
+-- DROP COLUMN ... CASCADE of a watched column drops the update trigger that watches it. Either
+-- would break the copies downstream without a word, so such DDL is refused with the way out.
+-- A dropped table takes its attachment with it. Events captured before stay as they are.
+
+CREATE FUNCTION @extschema@.outbox_check_altered_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    attachment record;
+    missing text;
+BEGIN
+    FOR attachment IN
+        SELECT DISTINCT t.source, t.key_columns, t.payload_columns, t.watch_columns
+        FROM pg_catalog.pg_event_trigger_ddl_commands() c
+        JOIN @extschema@.outbox_attachments t ON t.source::pg_catalog.oid OPERATOR(pg_catalog.=) c.objid
+        WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+    LOOP
+        SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(n), ', ') INTO missing
+        FROM pg_catalog.unnest(attachment.key_columns
+                               OPERATOR(pg_catalog.||) coalesce(attachment.payload_columns, '{}')
+                               OPERATOR(pg_catalog.||) coalesce(attachment.watch_columns, '{}')) AS n
+        WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid OPERATOR(pg_catalog.=) attachment.source
+                            AND a.attname OPERATOR(pg_catalog.=) n
+                            AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped);
+        IF missing IS NULL AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger g
+                                WHERE g.tgrelid OPERATOR(pg_catalog.=) attachment.source
+                                  AND g.tgname OPERATOR(pg_catalog.=) ANY (ARRAY['outbox_capture_rows', 'outbox_capture_updates',
+                                                    'outbox_capture_statement', 'outbox_capture_truncate']))
+                               OPERATOR(pg_catalog.<>) 4 THEN
+            RAISE EXCEPTION 'outbox: this change to table % would drop its capture triggers', attachment.source
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = 'Change the attachment in the same transaction first: outbox_attach() with watch_columns '
+                             'that leave out the column, or outbox_detach().';
+        END IF;
+        IF missing IS NOT NULL THEN
+            RAISE EXCEPTION 'outbox: table % is captured with column(s) % by name', attachment.source, missing
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = 'Change the attachment in the same transaction first: outbox_attach() without those '
+                             'columns, then the ALTER TABLE, then outbox_attach() with the new ones.';
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE EVENT TRIGGER outbox_check_altered_tables ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION @extschema@.outbox_check_altered_tables();
+
+CREATE FUNCTION @extschema@.outbox_forget_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM @extschema@.outbox_attachments t
+    USING pg_catalog.pg_event_trigger_dropped_objects() d
+    WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+      AND d.objsubid OPERATOR(pg_catalog.=) 0
+      AND t.source::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid;
+END
+$$;
+
+CREATE EVENT TRIGGER outbox_forget_dropped_tables ON sql_drop
+    EXECUTE FUNCTION @extschema@.outbox_forget_dropped_tables();

@@ -1,0 +1,184 @@
+//! The bad-input catalog: every public function with NULLs, empty and huge arrays, unknown
+//! names, wrong types, and identifiers that need quoting. Each gives a clear error (and
+//! changes nothing) or a correct result; none crashes the server.
+#![cfg(not(feature = "pg_test"))] // run by scripts/test.sh against the installed extension, not by cargo pgrx test
+
+mod common;
+
+use common::*;
+
+fn setup(name: &str) -> Client {
+    let cluster = shared();
+    let db = cluster.database(name);
+    let mut client = cluster.connect(&db);
+    chunks(&mut client, "");
+    client.batch_execute("INSERT INTO chunks SELECT g, 1, 'c', '{0.5}' FROM generate_series(1, 2) g").unwrap();
+    client
+}
+
+/// Everything a refused call must leave as it was.
+fn state(c: &mut Client) -> String {
+    c.query_one(
+        "SELECT concat_ws('|', (SELECT string_agg(name || sink || options::text || window_cursor, ',' ORDER BY name) FROM outbox_subscriptions),
+                (SELECT count(*) FROM outbox_claims), (SELECT count(*) FROM outbox_retries),
+                (SELECT string_agg(source::text || coalesce(payload_columns::text, '') || event_prefix, ',') FROM outbox_attachments),
+                (SELECT count(*) FROM outbox_ledger), (SELECT count(*) FROM outbox_dead_letters),
+                (SELECT count(*) FROM outbox_log), (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox%'))",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Each call fails with a message containing the expected text, and changes nothing.
+fn all_refused(c: &mut Client, cases: &[(&str, &str)]) {
+    let before = state(c);
+    for (sql, expected) in cases {
+        let message = error_of(c, sql);
+        assert!(message.contains(expected), "{sql}: {message}");
+        assert_eq!(state(c), before, "{sql} changed something");
+    }
+    assert_eq!(scalar_i64(c, "SELECT 1::bigint"), 1, "the server survived");
+}
+
+#[test]
+fn nulls_are_named_in_the_error() {
+    let mut c = setup("bad_nulls");
+    all_refused(
+        &mut c,
+        &[
+            ("SELECT outbox_attach(NULL)", "outbox: source must not be NULL"),
+            ("SELECT outbox_detach(NULL)", "outbox: source must not be NULL"),
+            ("SELECT outbox_subscribe(NULL)", "outbox: name must not be NULL"),
+            ("SELECT outbox_subscribe('s', NULL)", "outbox: sink must not be NULL"),
+            ("SELECT outbox_subscribe('s', 'pull', NULL)", "outbox: options must not be NULL"),
+            ("SELECT outbox_subscribe('s', 'pull', '{}', NULL)", "outbox: from_start must not be NULL"),
+            ("SELECT outbox_unsubscribe(NULL)", "outbox: name must not be NULL"),
+            ("SELECT * FROM outbox_claim(NULL)", "outbox: batch_size must not be NULL"),
+            ("SELECT * FROM outbox_claim(10, NULL)", "outbox: subscription must not be NULL"),
+            ("SELECT * FROM outbox_claim(10, 'default', NULL)", "outbox: lease must not be NULL"),
+            ("SELECT outbox_ack(NULL)", "outbox: ids must not be NULL"),
+            ("SELECT outbox_ack(ARRAY[1], NULL)", "outbox: subscription must not be NULL"),
+            ("SELECT outbox_fail(NULL)", "outbox: ids must not be NULL"),
+            ("SELECT outbox_fail(ARRAY[1], 'x', NULL)", "outbox: subscription must not be NULL"),
+            ("SELECT outbox_replay(NULL, since => now())", "outbox: subscription must not be NULL"),
+            ("SELECT outbox_replay('default')", "outbox: outbox_replay needs since or ids"),
+            ("SELECT outbox_replayable(NULL, since => now())", "outbox: subscription must not be NULL"),
+            ("SELECT outbox_purge_dead_letters(NULL)", "outbox: older_than must not be NULL"),
+        ],
+    );
+    // NULLs where NULL has a meaning
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_ack(ARRAY[NULL]::bigint[])::bigint"), 0, "NULL elements are skipped");
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_requeue_dead(NULL, NULL)"), 0, "every dead letter: none");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_claim(10) WHERE payload IS NOT NULL"), 2);
+}
+
+#[test]
+fn empty_and_huge_arrays_give_correct_results() {
+    let mut c = setup("bad_arrays");
+    for sql in [
+        "SELECT outbox_ack(ARRAY[]::bigint[])",
+        "SELECT outbox_fail(ARRAY[]::bigint[], 'x')",
+        "SELECT outbox_replay('default', ids => ARRAY[]::bigint[])",
+        "SELECT outbox_requeue_dead('default', ARRAY[]::bigint[])",
+    ] {
+        assert_eq!(c.query_one(&format!("SELECT ({sql})::bigint"), &[]).unwrap().get::<_, i64>(0), 0, "{sql}");
+    }
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_replayable('default', ids => ARRAY[]::bigint[])"), 0);
+
+    // 100,000 ids, two of them real: only the real ones count, and fast enough to be usable
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    let huge: Vec<i64> = (1..=100_000i64).map(|i| i * 7 + 1_000_000_000).chain(claimed.iter().copied()).collect();
+    let started = std::time::Instant::now();
+    assert_eq!(c.query_one("SELECT outbox_fail($1, 'x', retry_after => '0')", &[&huge]).unwrap().get::<_, i32>(0), 2);
+    let again = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    let huge: Vec<i64> = (1..=100_000i64).map(|i| i * 7 + 1_000_000_000).chain(again.iter().copied()).collect();
+    assert_eq!(c.query_one("SELECT outbox_ack($1)", &[&huge]).unwrap().get::<_, i32>(0), 2);
+    assert_eq!(c.query_one("SELECT outbox_replay('default', ids => $1)", &[&huge]).unwrap().get::<_, i64>(0), 2);
+    assert_eq!(c.query_one("SELECT count(*) FROM outbox_replayable('default', ids => $1)", &[&huge]).unwrap().get::<_, i64>(0), 0);
+    assert_eq!(c.query_one("SELECT outbox_requeue_dead('default', $1)", &[&huge]).unwrap().get::<_, i64>(0), 0);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?} for five calls with 100k ids", started.elapsed());
+    let columns = (0..2000).map(|i| format!("c{i}")).collect::<Vec<_>>();
+    let message = error_of(&mut c, &format!("SELECT outbox_attach('chunks', payload_columns => ARRAY['{}'])", columns.join("','")));
+    assert!(message.contains("column \"c0\" named in payload_columns does not exist"), "{message}");
+}
+
+#[test]
+fn unknown_names_and_wrong_values_are_refused() {
+    let mut c = setup("bad_names");
+    c.batch_execute("CREATE TABLE nokey (a int); CREATE VIEW chunk_view AS SELECT * FROM chunks").unwrap();
+    all_refused(
+        &mut c,
+        &[
+            ("SELECT outbox_attach('no_such_table')", "relation \"no_such_table\" does not exist"),
+            ("SELECT outbox_attach('nokey')", "public.nokey has no primary key"),
+            ("SELECT outbox_attach('chunk_view')", "chunk_view is not a table"),
+            ("SELECT outbox_attach('chunks', payload_columns => ARRAY['content', 'x'])", "column \"x\" named in payload_columns does not exist"),
+            ("SELECT outbox_attach('chunks', payload_columns => ARRAY[NULL]::text[])", "payload_columns"),
+            ("SELECT outbox_attach('chunks', watch_columns => ARRAY['y'])", "column \"y\" named in watch_columns does not exist"),
+            ("SELECT outbox_attach('chunks', key_columns => ARRAY['z'])", "column \"z\" named in key_columns does not exist"),
+            ("SELECT outbox_attach('chunks', payload_columns => ARRAY[]::text[])", "payload_columns must not be empty"),
+            ("SELECT outbox_attach('chunks', event_prefix => '')", "invalid event_prefix"),
+            ("SELECT outbox_attach('chunks', event_prefix => 'has space')", "invalid event_prefix"),
+            ("SELECT outbox_detach('nokey')", "public.nokey is not attached to the outbox"),
+            ("SELECT outbox_subscribe('default')", "subscription \"default\" already exists"),
+            ("SELECT outbox_subscribe('')", "invalid subscription name \"\": it must not be empty"),
+            ("SELECT outbox_subscribe(repeat('x', 129))", "it must be at most 128 characters"),
+            ("SELECT outbox_subscribe(E'a\\nb')", "it must not contain control characters"),
+            ("SELECT outbox_subscribe('s', 'kafka')", "unknown sink \"kafka\""),
+            ("SELECT outbox_subscribe('s', options => '[1]')", "options"),
+            ("SELECT outbox_subscribe('s', options => '{\"max_attempts\": \"many\"}')", "max_attempts must be a positive integer"),
+            ("SELECT outbox_subscribe('s', 'http', '{}')", "url"),
+            ("SELECT outbox_subscribe('s', 'function', '{\"function\": \"no_such_fn\"}')", "no_such_fn"),
+            ("SELECT outbox_unsubscribe('nope')", "subscription \"nope\" does not exist"),
+            ("SELECT * FROM outbox_claim(subscription => 'nope')", "subscription \"nope\" does not exist"),
+            ("SELECT * FROM outbox_claim(0)", "batch_size must be between 1 and 10000, got 0"),
+            ("SELECT * FROM outbox_claim(-1)", "batch_size must be between 1 and 10000, got -1"),
+            ("SELECT * FROM outbox_claim(10001)", "batch_size must be between 1 and 10000, got 10001"),
+            ("SELECT * FROM outbox_claim(lease => '0')", "lease must be a positive interval"),
+            ("SELECT * FROM outbox_claim(lease => '-1 second')", "lease must be a positive interval"),
+            ("SELECT outbox_ack(ARRAY[1], 'nope')", "subscription \"nope\" does not exist"),
+            ("SELECT outbox_fail(ARRAY[1], subscription => 'nope')", "subscription \"nope\" does not exist"),
+            ("SELECT outbox_fail(ARRAY[1], retry_after => '-1 second')", "retry_after must not be negative"),
+            ("SELECT outbox_replay('nope', since => now())", "subscription \"nope\" does not exist"),
+            ("SELECT outbox_requeue_dead('nope')", "subscription \"nope\" does not exist"),
+            ("SELECT outbox_purge_dead_letters('-1 day')", "older_than must not be negative"),
+            ("SELECT outbox_purge_dead_letters('1 day', 'nope')", "subscription \"nope\" does not exist"),
+            // wrong types stop at Postgres' own input functions, before the extension runs
+            ("SELECT * FROM outbox_claim('ten')", "invalid input syntax for type integer: \"ten\""),
+            ("SELECT outbox_ack('{a,b}')", "invalid input syntax for type bigint: \"a\""),
+            ("SELECT * FROM outbox_claim(lease => 'soon')", "invalid input syntax for type interval: \"soon\""),
+            ("SELECT outbox_subscribe('s', options => 'not json')", "invalid input syntax for type json"),
+        ],
+    );
+    // the attachment kept its settings through every refused change
+    let payload: Option<Vec<String>> = c.query_one("SELECT payload_columns FROM outbox_attachments", &[]).unwrap().get(0);
+    assert_eq!(payload, None);
+}
+
+#[test]
+fn identifiers_that_need_quoting_work_everywhere() {
+    let mut c = setup("bad_quoting");
+    c.batch_execute(
+        r#"CREATE SCHEMA "Vector Store";
+           CREATE TABLE "Vector Store"."Doc ""Chunks""" ("Chunk Id" bigint, "Doc's Title" text, "select" text, PRIMARY KEY ("Chunk Id"));
+           SELECT outbox_attach('"Vector Store"."Doc ""Chunks"""', payload_columns => ARRAY['Doc''s Title', 'select'],
+                                watch_columns => ARRAY['Doc''s Title'], event_prefix => 'DOC');
+           SELECT outbox_subscribe('search "eu" / west''s');
+           INSERT INTO "Vector Store"."Doc ""Chunks""" VALUES (1, 'It''s "quoted"', 'x');
+           UPDATE "Vector Store"."Doc ""Chunks""" SET "select" = 'y';"#,
+    )
+    .unwrap();
+    let rows = c.query("SELECT type, payload FROM outbox_claim(10, 'search \"eu\" / west''s')", &[]).unwrap();
+    assert_eq!(rows.len(), 1, "the update touched no watched column");
+    assert_eq!(rows[0].get::<_, String>(0), "DOC_UPSERT");
+    assert_eq!(
+        rows[0].get::<_, serde_json::Value>(1),
+        serde_json::json!({"table": "Vector Store.Doc \"Chunks\"", "key": {"Chunk Id": 1},
+                           "data": {"Doc's Title": "It's \"quoted\"", "select": "x"}})
+    );
+    let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+    assert!(metrics.contains("outbox_in_flight_events{subscription=\"search \\\"eu\\\" / west's\"} 1"), "{metrics}");
+    c.batch_execute(r#"SELECT outbox_detach('"Vector Store"."Doc ""Chunks"""'); SELECT outbox_unsubscribe('search "eu" / west''s');"#).unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_attachments WHERE source::text LIKE '%Vector%'"), 0);
+}
