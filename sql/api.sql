@@ -2,8 +2,8 @@
 -- views. Operators are qualified here; function bodies with a pinned search_path need not.
 
 INSERT INTO @extschema@.outbox_subscriptions (name, done_snapshot, done_seq, window_snapshot, window_seq)
-SELECT 'default', pg_catalog.pg_current_snapshot(), s.last_value, pg_catalog.pg_current_snapshot(), s.last_value
-FROM @extschema@.outbox_event_id_seq s;
+SELECT 'default', pg_catalog.pg_current_snapshot(), @extschema@.outbox_last_base(),
+       pg_catalog.pg_current_snapshot(), @extschema@.outbox_last_base();
 
 -- The events of one log row. The payload is put together as text and parsed once:
 -- {"table": ..., "key": {...}, "data": {...}}, with no key for a TRUNCATE and no data unless

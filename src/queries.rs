@@ -121,7 +121,7 @@ pub static SUBSCRIBE: Sql = Sql {
              (name, sink, options, done_snapshot, done_seq, window_snapshot, window_seq) \
            SELECT $1, $2, $3, w.snap, w.seq, w.snap, w.seq \
            FROM (SELECT CASE WHEN $4 THEN '1:1:'::pg_catalog.pg_snapshot ELSE pg_catalog.pg_current_snapshot() END AS snap, \
-                        CASE WHEN $4 THEN 1 - 4096 ELSE (SELECT last_value FROM @extschema@.outbox_event_id_seq) END AS seq) w \
+                        CASE WHEN $4 THEN 1 - 4096 ELSE @extschema@.outbox_last_base() END AS seq) w \
            ON CONFLICT (name) DO NOTHING RETURNING id",
     args: &[TEXT, TEXT, JSONB, BOOL],
 };
@@ -268,7 +268,7 @@ pub static ADVANCE_WINDOW: Sql = Sql {
     text: "UPDATE @extschema@.outbox_subscriptions \
            SET done_snapshot = window_snapshot, done_seq = window_seq, \
                window_snapshot = pg_catalog.pg_current_snapshot(), \
-               window_seq = (SELECT last_value FROM @extschema@.outbox_event_id_seq), window_cursor = 0 \
+               window_seq = @extschema@.outbox_last_base(), window_cursor = 0 \
            WHERE id = $1 RETURNING done_seq, window_seq",
     args: &[INT4],
 };

@@ -114,7 +114,9 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     // Nothing the worker commits needs to wait for its WAL flush: a claim or ack lost in a
     // crash means a delivery repeated, which at-least-once allows, and the worker gives back
     // whatever its predecessor had in flight when it starts.
-    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off")).unwrap_or_else(|e| OutboxError::from(e).raise());
+    // Its queries name tables by schema; operators and functions come from pg_catalog only.
+    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp"))
+        .unwrap_or_else(|e| OutboxError::from(e).raise());
     WORKER_LATCH.get().store((unsafe { pg_sys::MyLatch }) as usize, Ordering::Release);
     log!("outbox worker started for database \"{database}\"");
     let mut worker = Worker::new();
@@ -512,9 +514,24 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
                 owner,
                 context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
             );
+            // The worker pins search_path for its own queries; the function gets the database's
+            // default, as when its owner calls it. Leaving the subtransaction restores the pin.
+            let nest_level = pg_sys::NewGUCNestLevel();
+            let default_path = pg_sys::pstrdup(pg_sys::GetConfigOptionResetString(c"search_path".as_ptr()));
+            pg_sys::set_config_option(
+                c"search_path".as_ptr(),
+                default_path,
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
             let jsonb = pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(batch.as_ptr()))])
                 .expect("jsonb_in returns a value");
             call_ignoring_result(function, jsonb);
+            pg_sys::AtEOXact_GUC(true, nest_level);
             pg_sys::SetUserIdAndSecContext(user, context);
             pg_sys::ReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(memory);

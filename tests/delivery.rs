@@ -258,6 +258,38 @@ fn a_transaction_committing_after_a_later_one_is_not_skipped() {
     assert!(third[0].0 < first[0].0, "it has the lower id");
 }
 
+/// A subscription opened in the transaction that writes the first events ever gets them, also
+/// when a transaction that started later has already finished: its snapshot then shows the
+/// opener's own xid as visible.
+#[test]
+fn the_first_events_ever_reach_a_subscription_opened_in_their_transaction() {
+    let cluster = shared();
+    for (name, prepare, open, subscription) in [
+        ("first_events_install", "", "CREATE EXTENSION outbox", "default"),
+        ("first_events_subscribe", "CREATE EXTENSION outbox", "SELECT outbox_subscribe('s')", "s"),
+    ] {
+        let mut admin = cluster.connect("postgres");
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let mut opener = cluster.connect(name);
+        let mut other = cluster.connect(name);
+        opener.batch_execute(prepare).unwrap();
+        opener.batch_execute("BEGIN; SELECT pg_current_xact_id()").unwrap();
+        other.batch_execute("SELECT pg_current_xact_id()").unwrap(); // a later xid, finished first
+        opener
+            .batch_execute(&format!(
+                "{open};
+                 CREATE TABLE chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[]);
+                 SELECT outbox_attach('chunks');
+                 INSERT INTO chunks SELECT g, 1, 'c', '{{1}}' FROM generate_series(1, 3) g;
+                 COMMIT"
+            ))
+            .unwrap();
+        let claimed = claim(&mut opener, &format!("SELECT * FROM outbox_claim(10, '{subscription}')"));
+        assert_eq!(claimed.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2, 3], "{name}");
+    }
+}
+
 #[test]
 fn rollback_leaves_no_event_and_commit_exactly_one_per_change() {
     let (_, mut c) = setup("rollback", "");
@@ -418,16 +450,6 @@ fn a_write_aimed_at_a_partition_is_captured_at_commit() {
     assert_eq!(keys, [serde_json::json!({"id": 1, "region": "eu"}), serde_json::json!({"id": 2, "region": "eu"})]);
 }
 
-/// The value of one sample line of `outbox_metrics()`.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn metrics_report_backlog_counters_and_latency_per_subscription() {
     let (_, mut c) = setup("metrics", "");
@@ -443,7 +465,7 @@ fn metrics_report_backlog_counters_and_latency_per_subscription() {
     c.execute("SELECT outbox_fail($1, 'bad', 's')", &[&vec![claimed[2]]]).unwrap();
     let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
 
-    let s = |name: &str| sample(&metrics, &format!("{name}{{subscription=\"s\"}}"));
+    let s = |name: &str| sample(&metrics, &format!("{name}{{subscription=\"s\"}}")).unwrap();
     assert_eq!(s("outbox_backlog_events"), 2.0, "one pending and one in flight");
     assert_eq!(s("outbox_pending_events"), 1.0);
     assert_eq!(s("outbox_in_flight_events"), 1.0);
@@ -453,28 +475,14 @@ fn metrics_report_backlog_counters_and_latency_per_subscription() {
     assert_eq!(s("outbox_dead_lettered_total"), 1.0);
     assert!(s("outbox_oldest_pending_age_seconds") > 0.0);
     assert_eq!(s("outbox_propagation_latency_seconds_count"), 2.0);
-    assert_eq!(sample(&metrics, "outbox_propagation_latency_seconds_bucket{subscription=\"s\",le=\"+Inf\"}"), 2.0);
+    assert_eq!(sample(&metrics, "outbox_propagation_latency_seconds_bucket{subscription=\"s\",le=\"+Inf\"}").unwrap(), 2.0);
     assert!(s("outbox_propagation_latency_seconds_sum") > 0.0);
-    assert_eq!(sample(&metrics, "outbox_backlog_events{subscription=\"default\"}"), 5.0);
-    assert_eq!(sample(&metrics, "outbox_sink_up{subscription=\"fn\"}"), 1.0, "a sink not backing off is up");
+    assert_eq!(sample(&metrics, "outbox_backlog_events{subscription=\"default\"}").unwrap(), 5.0);
+    assert_eq!(sample(&metrics, "outbox_sink_up{subscription=\"fn\"}").unwrap(), 1.0, "a sink not backing off is up");
     assert!(!metrics.contains("outbox_sink_up{subscription=\"s\"}"), "pull subscriptions have no sink");
-    assert_eq!(sample(&metrics, "outbox_worker_up"), 0.0, "this cluster does not preload the worker");
+    assert_eq!(sample(&metrics, "outbox_worker_up").unwrap(), 0.0, "this cluster does not preload the worker");
 
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is installed");
-    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}\n{metrics}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    promtool_check_metrics(&metrics);
 }
 
 #[test]

@@ -11,18 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn outbox_size(c: &mut Client) -> i64 {
-    c.query_one(
-        "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c
-         JOIN pg_depend d ON d.objid = c.oid AND d.deptype = 'e'
-         JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox'
-         WHERE c.relkind = 'r'",
-        &[],
-    )
-    .unwrap()
-    .get(0)
-}
-
 fn preloaded(retention: &str) -> Cluster {
     let cluster = Cluster::start(&["shared_preload_libraries = 'outbox'", "outbox.database = 'postgres'", &format!("outbox.retention = '{retention}'")]);
     let mut c = cluster.connect("postgres");

@@ -191,3 +191,96 @@ fn hostile_search_path_objects_change_nothing() {
     let in_flight: i64 = victim.query_one("SELECT in_flight FROM outbox_backlog", &[]).unwrap().get(0);
     assert_eq!(in_flight, 1);
 }
+
+/// Hostile objects in `evil` and `public` that record every call: comparison operators on
+/// the types the outbox compares, and functions it calls, all with signatures of their own.
+fn plant_hostile_objects(c: &mut Client) {
+    let mut sql = String::from(
+        "CREATE SCHEMA evil; GRANT USAGE ON SCHEMA evil TO PUBLIC;
+         CREATE TABLE public.attack_log (what text); GRANT INSERT ON public.attack_log TO PUBLIC;",
+    );
+    for schema in ["evil", "public"] {
+        for (i, t) in ["bigint", "integer", "smallint", "text", "timestamptz", "oid", "regclass", "boolean"].iter().enumerate() {
+            for (j, op) in ["=", "<>", "<", "<=", ">", ">="].iter().enumerate() {
+                sql.push_str(&format!(
+                    "CREATE FUNCTION {schema}.hostile_{i}_{j}({t}, {t}) RETURNS boolean LANGUAGE sql
+                         AS $$ INSERT INTO public.attack_log VALUES ('{schema} {op} {t}') RETURNING false $$;
+                     CREATE OPERATOR {schema}.{op} (LEFTARG = {t}, RIGHTARG = {t}, FUNCTION = {schema}.hostile_{i}_{j});"
+                ));
+            }
+        }
+        for (name, args, returns) in [
+            ("now", "", "timestamptz"),
+            ("clock_timestamp", "", "timestamptz"),
+            ("nextval", "regclass", "bigint"),
+            ("pg_current_xact_id", "", "xid8"),
+            ("quote_ident", "text", "text"),
+            ("format", "text, text", "text"),
+            ("to_regclass", "text", "regclass"),
+            ("make_interval", "integer", "interval"),
+        ] {
+            sql.push_str(&format!(
+                "CREATE FUNCTION {schema}.{name}({args}) RETURNS {returns} LANGUAGE sql
+                     AS $$ INSERT INTO public.attack_log VALUES ('{schema}.{name}') RETURNING NULL::{returns} $$;"
+            ));
+        }
+    }
+    c.batch_execute(&sql).unwrap();
+}
+
+#[test]
+fn create_extension_and_every_security_definer_function_ignore_hostile_objects() {
+    let cluster = shared();
+    let mut admin = cluster.connect("postgres");
+    admin.batch_execute("DROP DATABASE IF EXISTS hostile_install").unwrap();
+    admin.batch_execute("CREATE DATABASE hostile_install").unwrap();
+    let mut c = cluster.connect("hostile_install");
+    plant_hostile_objects(&mut c);
+    c.batch_execute(
+        "SET search_path = evil, public, pg_catalog;
+         CREATE EXTENSION outbox;
+         CREATE TABLE public.chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[]);
+         SELECT outbox_attach('public.chunks', payload_columns => ARRAY['content']);
+         SELECT outbox_subscribe('search', options => '{\"max_attempts\": 1}');
+         INSERT INTO public.chunks SELECT g, 1, 'c', '{0.5}' FROM generate_series(1, 5) g;
+         UPDATE public.chunks SET content = 'changed' WHERE id OPERATOR(pg_catalog.=) 1;
+         DELETE FROM public.chunks WHERE id OPERATOR(pg_catalog.=) 5;
+         ALTER TABLE public.chunks ADD COLUMN note text;",
+    )
+    .unwrap();
+    let claimed = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(claimed.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2, 3, 4, 5], "each row's first event, in order");
+    assert_eq!(c.query_one("SELECT outbox_ack($1)", &[&ids(&claimed)]).unwrap().get::<_, i32>(0), 5);
+    let later = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(later.iter().map(|e| (e.1.as_str(), e.2)).collect::<Vec<_>>(), [("EMBED_UPSERT", 1), ("EMBED_DELETE", 5)]);
+    let dead = ids(&claim(&mut c, "SELECT * FROM outbox_claim(1, 'search')"));
+    assert_eq!(c.query_one("SELECT outbox_fail($1, 'no', 'search')", &[&dead]).unwrap().get::<_, i32>(0), 1);
+    for (sql, expected) in [
+        ("SELECT outbox_ack($1)", 2i64),
+        ("SELECT count(*) FROM outbox_replayable('default', ids => $1)", 2),
+        ("SELECT outbox_replay('default', ids => $1)", 2),
+    ] {
+        let got = c.query_one(&format!("SELECT ({sql})::bigint"), &[&ids(&later)]).unwrap().get::<_, i64>(0);
+        assert_eq!(got, expected, "{sql}");
+    }
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_requeue_dead('search')"), 1);
+    let dead = ids(&claim(&mut c, "SELECT * FROM outbox_claim(1, 'search')"));
+    c.execute("SELECT outbox_fail($1, 'no', 'search')", &[&dead]).unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge_dead_letters('0')"), 1);
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0);
+    let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+    assert!(metrics.contains("outbox_delivered_total{subscription=\"default\"} 7"), "{metrics}");
+    c.batch_execute("SELECT outbox_detach('public.chunks'); SELECT outbox_unsubscribe('search'); DROP TABLE public.chunks").unwrap();
+    c.batch_execute("RESET search_path").unwrap();
+    let calls: Vec<String> = c.query("SELECT what FROM public.attack_log", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(calls.is_empty(), "hostile objects were called: {calls:?}");
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e' WHERE p.prosecdef"),
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e' \
+             WHERE p.prosecdef AND 'search_path=pg_catalog, pg_temp' = ANY (p.proconfig)"
+        ),
+        "every SECURITY DEFINER function pins its search_path"
+    );
+}

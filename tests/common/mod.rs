@@ -331,3 +331,41 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
     check()
 }
+
+/// Bytes on disk of every outbox table with its indexes and TOAST.
+pub fn outbox_size(c: &mut Client) -> i64 {
+    c.query_one(
+        "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c
+         JOIN pg_depend d ON d.objid = c.oid AND d.deptype = 'e'
+         JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox'
+         WHERE c.relkind = 'r'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// The value of one sample of a Prometheus text exposition, `series` being its name and labels.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' '))).map(|v| v.parse().unwrap())
+}
+
+/// Fails unless `promtool check metrics` (Debian package prometheus) accepts the exposition.
+pub fn promtool_check_metrics(exposition: &str) {
+    use std::io::Write;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    promtool.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{exposition}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
