@@ -41,16 +41,6 @@ CREATE SEQUENCE @extschema@.outbox_attachment_generation;
 -- Steps by 4096, the most events one log row holds: event id = base + ordinal - 1.
 CREATE SEQUENCE @extschema@.outbox_event_id_seq AS bigint INCREMENT BY 4096 START WITH 1;
 
--- The highest base drawn so far; a window or subscription opened now covers the log rows up to
--- it. Before the first nextval a sequence reports its start value as last_value, and counting
--- base 1 as drawn then would let a subscription created in the transaction that writes the first
--- events, and whose own xid its snapshot happens to show as visible, skip that first row.
-CREATE FUNCTION @extschema@.outbox_last_base() RETURNS bigint LANGUAGE sql
-AS $$
-    SELECT CASE WHEN s.is_called THEN s.last_value ELSE s.last_value OPERATOR(pg_catalog.-) 4096 END
-    FROM @extschema@.outbox_event_id_seq s
-$$;
-
 -- Which segment new log and ledger rows go to.
 CREATE TABLE @extschema@.outbox_rotation (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),

@@ -358,6 +358,54 @@ fn the_worker_uses_no_measurable_cpu_when_idle() {
     assert!(used < 0.1, "{used} s of CPU in 10 idle seconds (1 % of a core)");
 }
 
+/// The worker runs as a superuser, so a database owner who puts hostile operators and
+/// functions first on the database's search_path must not get them run through deliveries, a
+/// 4xx batch split down to its poison event, dead letters, a function sink or retention.
+#[test]
+fn the_worker_ignores_hostile_objects_on_the_database_search_path() {
+    let recorder = Recorder::start(|r| Reply::status(if r.keys().contains(&3) { 400 } else { 200 }));
+    let cluster = own_cluster_with(&[&PRELOAD[..], &["outbox.retention = '2s'"]].concat());
+    let mut c = cluster.connect("postgres");
+    plant_hostile_objects(&mut c);
+    c.batch_execute("ALTER DATABASE postgres SET search_path = evil, public, pg_catalog").unwrap();
+    // a new worker session starts with that search_path
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let old = worker_pid(&mut c).unwrap();
+    c.execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&old]).unwrap();
+    assert!(eventually(Duration::from_secs(10), || worker_pid(&mut c).is_some_and(|pid| pid != old)));
+    table(&mut c, "docs_hostile");
+    c.batch_execute(
+        "CREATE TABLE public.applied (event_id bigint);
+         CREATE FUNCTION public.apply(batch jsonb) RETURNS void LANGUAGE sql
+             AS $$ INSERT INTO public.applied SELECT (e->>'id')::bigint FROM pg_catalog.jsonb_array_elements(batch) e $$;
+         SELECT outbox_subscribe('hostile_fn', 'function', '{\"function\": \"public.apply\"}');",
+    )
+    .unwrap();
+    http_sink(&mut c, "hostile_http", &recorder, ", \"max_attempts\": 1");
+    c.batch_execute(
+        "INSERT INTO docs_hostile SELECT g, 'doc' FROM pg_catalog.generate_series(1, 6) g;
+         UPDATE docs_hostile SET content = 'changed' WHERE id OPERATOR(pg_catalog.=) 1;
+         DELETE FROM docs_hostile WHERE id OPERATOR(pg_catalog.=) 6;",
+    )
+    .unwrap();
+    let delivered = || {
+        let accepted = recorder.received().into_iter().filter(|r| !r.keys().contains(&3));
+        let mut keys: Vec<i64> = accepted.flat_map(|r| r.keys()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    };
+    assert!(eventually(Duration::from_secs(10), || delivered() == [1, 2, 4, 5, 6]), "{:?}", recorder.received());
+    assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut c, "SELECT count(*)::bigint FROM public.applied") == 8));
+    assert!(eventually(Duration::from_secs(10), || {
+        scalar_i64(&mut c, "SELECT count(*)::bigint FROM outbox_dead_letters WHERE subscription OPERATOR(pg_catalog.=) 'hostile_http'") == 1
+    }));
+    // retention drops what both subscriptions have processed, the dead letter aside
+    assert!(eventually(Duration::from_secs(15), || scalar_i64(&mut c, "SELECT count(*)::bigint FROM outbox_events") <= 1));
+    let calls: Vec<String> = c.query("SELECT what FROM public.attack_log", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(calls.is_empty(), "hostile objects were called: {calls:?}");
+}
+
 /// Separate clusters: these stop and restart the server.
 #[test]
 fn waits_for_the_extension_instead_of_crash_looping() {

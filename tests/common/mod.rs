@@ -369,3 +369,39 @@ pub fn promtool_check_metrics(exposition: &str) {
         String::from_utf8_lossy(&checked.stderr)
     );
 }
+
+/// Hostile objects in `evil` and `public` that record every call: comparison operators on
+/// the types the outbox compares, and functions it calls, all with signatures of their own.
+pub fn plant_hostile_objects(c: &mut Client) {
+    let mut sql = String::from(
+        "CREATE SCHEMA evil; GRANT USAGE ON SCHEMA evil TO PUBLIC;
+         CREATE TABLE public.attack_log (what text); GRANT INSERT ON public.attack_log TO PUBLIC;",
+    );
+    for schema in ["evil", "public"] {
+        for (i, t) in ["bigint", "integer", "smallint", "text", "timestamptz", "oid", "regclass", "boolean"].iter().enumerate() {
+            for (j, op) in ["=", "<>", "<", "<=", ">", ">="].iter().enumerate() {
+                sql.push_str(&format!(
+                    "CREATE FUNCTION {schema}.hostile_{i}_{j}({t}, {t}) RETURNS boolean LANGUAGE sql
+                         AS $$ INSERT INTO public.attack_log VALUES ('{schema} {op} {t}') RETURNING false $$;
+                     CREATE OPERATOR {schema}.{op} (LEFTARG = {t}, RIGHTARG = {t}, FUNCTION = {schema}.hostile_{i}_{j});"
+                ));
+            }
+        }
+        for (name, args, returns) in [
+            ("now", "", "timestamptz"),
+            ("clock_timestamp", "", "timestamptz"),
+            ("nextval", "regclass", "bigint"),
+            ("pg_current_xact_id", "", "xid8"),
+            ("quote_ident", "text", "text"),
+            ("format", "text, text", "text"),
+            ("to_regclass", "text", "regclass"),
+            ("make_interval", "integer", "interval"),
+        ] {
+            sql.push_str(&format!(
+                "CREATE FUNCTION {schema}.{name}({args}) RETURNS {returns} LANGUAGE sql
+                     AS $$ INSERT INTO public.attack_log VALUES ('{schema}.{name}') RETURNING NULL::{returns} $$;"
+            ));
+        }
+    }
+    c.batch_execute(&sql).unwrap();
+}

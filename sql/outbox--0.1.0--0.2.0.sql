@@ -1,0 +1,4 @@
+-- 0.1.0 to 0.2.0 changes no SQL object. The library no longer counts base 1 as drawn before
+-- the first event is written, which let a subscription created in the transaction that wrote
+-- the first events ever skip them; the library of 0.2.0 runs databases still at 0.1.0 as well,
+-- so installing it first and updating each database afterwards is safe.

@@ -1,0 +1,127 @@
+//! `ALTER EXTENSION outbox UPDATE` from the previous release, 0.1.0, with live data: events
+//! processed, pending, in flight and dead, in two subscriptions. The install script of 0.1.0
+//! is kept in tests/fixtures as it was released; the test puts it next to the current one.
+#![cfg(not(feature = "pg_test"))] // run by scripts/test.sh against the installed extension, not by cargo pgrx test
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+const PREVIOUS: &str = "0.1.0";
+const CURRENT: &str = env!("CARGO_PKG_VERSION");
+
+fn install_previous_release_script() {
+    let sharedir = Command::new(std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into()))
+        .arg("--sharedir")
+        .output()
+        .expect("pg_config runs");
+    let target = PathBuf::from(String::from_utf8(sharedir.stdout).unwrap().trim()).join(format!("extension/outbox--{PREVIOUS}.sql"));
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/outbox--{PREVIOUS}.sql"));
+    std::fs::copy(&fixture, &target)
+        .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e} (run as a user who can write there)", fixture.display(), target.display()));
+}
+
+/// Everything the extension owns, as text: each member object with its definition, columns,
+/// indexes and privileges. An upgraded database must match a fresh install line for line.
+const CATALOG: &str = "
+    WITH ext AS (SELECT oid FROM pg_extension WHERE extname = 'outbox'),
+    members AS (
+        SELECT d.classid, d.objid FROM pg_depend d, ext
+        WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = ext.oid AND d.deptype = 'e')
+    SELECT line FROM (
+        SELECT pg_describe_object(m.classid, m.objid, 0) AS line FROM members m
+        UNION ALL
+        SELECT 'definition of ' || p.oid::regprocedure || ': ' || pg_get_functiondef(p.oid) || ' acl ' || coalesce(p.proacl::text, '-')
+        FROM members m JOIN pg_proc p ON m.classid = 'pg_proc'::regclass AND p.oid = m.objid WHERE p.prokind <> 'a'
+        UNION ALL
+        SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' acl ' || coalesce(c.relacl::text, '-')
+            || coalesce(' view ' || pg_get_viewdef(c.oid), '')
+        FROM members m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+        UNION ALL
+        SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+            || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+            || coalesce(' default ' || pg_get_expr(ad.adbin, ad.adrelid), '')
+        FROM members m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid AND c.relkind IN ('r', 'p', 'v')
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        LEFT JOIN pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
+        UNION ALL
+        SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+        FROM members m JOIN pg_index i ON m.classid = 'pg_class'::regclass AND i.indrelid = m.objid
+        UNION ALL
+        SELECT 'constraint ' || co.conrelid::regclass || ' ' || pg_get_constraintdef(co.oid)
+        FROM members m JOIN pg_constraint co ON m.classid = 'pg_class'::regclass AND co.conrelid = m.objid
+        UNION ALL
+        SELECT 'event trigger ' || e.evtname || ' on ' || e.evtevent || ' ' || e.evtfoid::regproc || ' ' || coalesce(e.evttags::text, '-')
+        FROM members m JOIN pg_event_trigger e ON m.classid = 'pg_event_trigger'::regclass AND e.oid = m.objid
+    ) all_lines ORDER BY line";
+
+fn catalog(c: &mut Client) -> Vec<String> {
+    c.query(CATALOG, &[]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+#[test]
+fn update_from_the_previous_release_keeps_every_event_and_matches_a_fresh_install() {
+    install_previous_release_script();
+    let cluster = shared();
+    let mut admin = cluster.connect("postgres");
+    for db in ["upgraded", "fresh"] {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    }
+    let mut fresh = cluster.connect("fresh");
+    fresh.batch_execute("CREATE EXTENSION outbox").unwrap();
+
+    let mut c = cluster.connect("upgraded");
+    c.batch_execute(&format!(
+        "CREATE EXTENSION outbox VERSION '{PREVIOUS}';
+         CREATE TABLE chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[]);
+         SELECT outbox_attach('chunks', payload_columns => ARRAY['content']);
+         SELECT outbox_subscribe('search', options => '{{\"max_attempts\": 1}}');
+         INSERT INTO chunks SELECT g, 1, 'v1', '{{1}}' FROM generate_series(1, 10) g;"
+    ))
+    .unwrap();
+    // default: 3 processed, 2 in flight, 5 pending; search: 1 dead, 9 pending
+    let processed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(3)"));
+    c.execute("SELECT outbox_ack($1)", &[&processed]).unwrap();
+    let in_flight = ids(&claim(&mut c, "SELECT * FROM outbox_claim(2, lease => '1 hour')"));
+    let dead = ids(&claim(&mut c, "SELECT * FROM outbox_claim(1, 'search')"));
+    c.execute("SELECT outbox_fail($1, 'rejected', 'search')", &[&dead]).unwrap();
+    let before: Vec<String> = c
+        .query("SELECT concat_ws(' ', subscription, pending, in_flight, retrying, dead) FROM outbox_backlog ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before, ["default 5 2 0 0", "search 9 0 0 1"]);
+
+    c.batch_execute("ALTER EXTENSION outbox UPDATE").unwrap();
+    let version: String = c.query_one("SELECT extversion FROM pg_extension WHERE extname = 'outbox'", &[]).unwrap().get(0);
+    assert_eq!(version, CURRENT);
+    let after: Vec<String> = c
+        .query("SELECT concat_ws(' ', subscription, pending, in_flight, retrying, dead) FROM outbox_backlog ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(after, before, "the backlog is unchanged by the update");
+    let fresh_catalog = catalog(&mut fresh);
+    assert!(fresh_catalog.iter().filter(|line| line.starts_with("definition of outbox_claim(")).count() == 1, "{fresh_catalog:?}");
+    assert_eq!(catalog(&mut c), fresh_catalog, "the updated extension is the fresh install's");
+
+    // everything goes on where it was
+    assert_eq!(c.query_one("SELECT outbox_ack($1)", &[&in_flight]).unwrap().get::<_, i32>(0), 2, "the in-flight batch acks");
+    let rest = claim(&mut c, "SELECT * FROM outbox_claim(100)");
+    assert_eq!(rest.iter().map(|e| e.2).collect::<Vec<_>>(), [6, 7, 8, 9, 10], "the pending events, nothing twice");
+    c.execute("SELECT outbox_ack($1)", &[&ids(&rest)]).unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_requeue_dead('search')"), 1);
+    let search = claim(&mut c, "SELECT * FROM outbox_claim(100, 'search')");
+    assert_eq!(search.iter().map(|e| e.2).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>(), "the requeued dead letter and the rest");
+    c.batch_execute("INSERT INTO chunks VALUES (11, 1, 'new', '{1}'); UPDATE chunks SET content = 'v2' WHERE id = 1").unwrap();
+    let new = claim(&mut c, "SELECT * FROM outbox_claim(100)");
+    assert_eq!(new.iter().map(|e| (e.1.as_str(), e.2)).collect::<Vec<_>>(), [("EMBED_UPSERT", 11), ("EMBED_UPSERT", 1)]);
+    c.batch_execute("SELECT outbox_subscribe('late', from_start => true)").unwrap();
+    assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(100, 'late')").len(), 11, "each row's first retained event");
+}
