@@ -36,32 +36,22 @@ SELECT e.id, e.type, e.payload, e.created_at, l.source, l.txid
 FROM @extschema@.outbox_log l
 CROSS JOIN LATERAL @extschema@.outbox_log_events(l) e;
 
--- The events with these ids, reading only the log rows that hold them. Consecutive log rows
--- (their bases 4096 apart) form runs, each read with one index range scan: a claim's events
--- usually make one run. The planner cannot know how few rows a run holds and estimates
--- millions, which makes it JIT-compile a query of a few milliseconds for most of a second:
--- hence jit off, which also keeps the function from being inlined into its callers (measured
--- to make no difference to a claim).
+-- The events with these ids, reading only the log rows that hold them, each found by its base
+-- through the index. A SQL function's query is planned without its argument's value, and a
+-- range condition (consecutive bases as one range) left that plan guessing: it read every
+-- log row, 25 ms a claim with 2,000 of them. An equality on the bases is an index lookup
+-- whatever the plan. jit off: the estimates can still be large enough to JIT-compile a query
+-- of a few milliseconds for most of a second.
 CREATE FUNCTION @extschema@.outbox_events_for(ids bigint[])
 RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz)
 LANGUAGE sql STABLE SET jit = off AS $$
-    WITH bases AS (
-        SELECT DISTINCT i OPERATOR(pg_catalog.-) ((i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.%) 4096) AS base
-        FROM pg_catalog.unnest(ids) AS i
-    ), runs AS (
-        SELECT pg_catalog.min(b.base) AS lo, pg_catalog.max(b.base) AS hi
-        FROM (SELECT bases.base,
-                     bases.base OPERATOR(pg_catalog.-)
-                         (4096 OPERATOR(pg_catalog.*) pg_catalog.row_number() OVER (ORDER BY bases.base)) AS run
-              FROM bases) b
-        GROUP BY b.run
-    )
     SELECT e.id, e.type, e.payload, e.created_at
-    FROM runs
-    CROSS JOIN LATERAL (SELECT * FROM @extschema@.outbox_log l
-                        WHERE l.base OPERATOR(pg_catalog.>=) runs.lo AND l.base OPERATOR(pg_catalog.<=) runs.hi) l
+    FROM @extschema@.outbox_log l
     CROSS JOIN LATERAL @extschema@.outbox_log_events(l) e
     JOIN pg_catalog.unnest(ids) AS wanted(id) ON wanted.id OPERATOR(pg_catalog.=) e.id
+    WHERE l.base OPERATOR(pg_catalog.=) ANY (ARRAY(
+              SELECT DISTINCT i OPERATOR(pg_catalog.-) ((i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.%) 4096)
+              FROM pg_catalog.unnest(ids) AS i))
 $$;
 
 -- PL/pgSQL rather than SQL: it keeps the plan of its query between calls.
