@@ -515,7 +515,8 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
                 context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
             );
             // The worker pins search_path for its own queries; the function gets the database's
-            // default, as when its owner calls it. Leaving the subtransaction restores the pin.
+            // default, as when its owner calls it. AtEOXact_GUC below puts the pin back, and so
+            // does rolling the subtransaction back after an error.
             let nest_level = pg_sys::NewGUCNestLevel();
             let default_path = pg_sys::pstrdup(pg_sys::GetConfigOptionResetString(c"search_path".as_ptr()));
             pg_sys::set_config_option(

@@ -58,6 +58,12 @@ const CATALOG: &str = "
         FROM members m JOIN pg_event_trigger e ON m.classid = 'pg_event_trigger'::regclass AND e.oid = m.objid
     ) all_lines ORDER BY line";
 
+/// Each subscription's pending, in-flight, retrying and dead counts, as one line.
+fn backlog(c: &mut Client) -> Vec<String> {
+    let sql = "SELECT concat_ws(' ', subscription, pending, in_flight, retrying, dead) FROM outbox_backlog ORDER BY 1";
+    c.query(sql, &[]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
 fn catalog(c: &mut Client) -> Vec<String> {
     c.query(CATALOG, &[]).unwrap().iter().map(|r| r.get(0)).collect()
 }
@@ -89,23 +95,13 @@ fn update_from_the_previous_release_keeps_every_event_and_matches_a_fresh_instal
     let in_flight = ids(&claim(&mut c, "SELECT * FROM outbox_claim(2, lease => '1 hour')"));
     let dead = ids(&claim(&mut c, "SELECT * FROM outbox_claim(1, 'search')"));
     c.execute("SELECT outbox_fail($1, 'rejected', 'search')", &[&dead]).unwrap();
-    let before: Vec<String> = c
-        .query("SELECT concat_ws(' ', subscription, pending, in_flight, retrying, dead) FROM outbox_backlog ORDER BY 1", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let before = backlog(&mut c);
     assert_eq!(before, ["default 5 2 0 0", "search 9 0 0 1"]);
 
     c.batch_execute("ALTER EXTENSION outbox UPDATE").unwrap();
     let version: String = c.query_one("SELECT extversion FROM pg_extension WHERE extname = 'outbox'", &[]).unwrap().get(0);
     assert_eq!(version, CURRENT);
-    let after: Vec<String> = c
-        .query("SELECT concat_ws(' ', subscription, pending, in_flight, retrying, dead) FROM outbox_backlog ORDER BY 1", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let after = backlog(&mut c);
     assert_eq!(after, before, "the backlog is unchanged by the update");
     let fresh_catalog = catalog(&mut fresh);
     assert!(fresh_catalog.iter().filter(|line| line.starts_with("definition of outbox_claim(")).count() == 1, "{fresh_catalog:?}");
