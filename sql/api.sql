@@ -39,7 +39,7 @@ CROSS JOIN LATERAL @extschema@.outbox_log_events(l) e;
 -- The events with these ids, reading only the log rows that hold them, each found by its base
 -- through the index. A SQL function's query is planned without its argument's value, and a
 -- range condition (consecutive bases as one range) left that plan guessing: it read every
--- log row, 25 ms a claim with 2,000 of them. An equality on the bases is an index lookup
+-- log row, up to 25 ms a call with 2,000 of them. An equality on the bases is an index lookup
 -- whatever the plan. jit off: the estimates can still be large enough to JIT-compile a query
 -- of a few milliseconds for most of a second.
 CREATE FUNCTION @extschema@.outbox_events_for(ids bigint[])
