@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3-psycopg postgresql-15-pgq3 prometheus)
+# Debian's Node.js only when the machine has no npm of its own
+command -v npm >/dev/null || packages+=(nodejs npm)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -29,7 +31,7 @@ if ! grep -qs '^pg15 *=' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     cargo pgrx init --pg15 "$PG_CONFIG"
 fi
 
-# the Node.js consumer of docs/operations.md; Node.js and npm come with the machine
+# the Node.js consumer of docs/operations.md
 if [[ ! -d docs/examples/node_modules/pg ]]; then
     npm ci --prefix docs/examples --no-audit --no-fund --loglevel=error
 fi
