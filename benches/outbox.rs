@@ -16,8 +16,8 @@ const ROWS: i64 = 100_000;
 const PER_STATEMENT: i64 = 1_000;
 const ROUNDS: usize = 11;
 const REFERENCE_ROUNDS: usize = 3;
-const TPS_ROUNDS: usize = 5;
-const TPS_SECONDS: u32 = 10;
+const TPS_ROUNDS: usize = 11;
+const TPS_SECONDS: u32 = 5;
 
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -156,9 +156,12 @@ fn write_path(c: &mut Client) {
     println!("\nServer CPU time, outbox ÷ no capture: {:.3} (median of rounds)\n", median(cpu_ratios));
 }
 
-fn pgbench(cluster: &Cluster, db: &str, script: &str, seconds: u32) -> f64 {
+/// Transactions per second, and server CPU seconds per transaction, of `script` run by 4
+/// pgbench clients for `seconds`.
+fn pgbench(cluster: &Cluster, db: &str, script: &str, seconds: u32) -> (f64, f64) {
     let path = cluster.dir.join("bench.sql");
     std::fs::write(&path, script).unwrap();
+    let cpu = server_cpu(cluster);
     let out = Command::new("/usr/lib/postgresql/15/bin/pgbench")
         .args(["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string(), "-f"])
         .arg(&path)
@@ -167,11 +170,41 @@ fn pgbench(cluster: &Cluster, db: &str, script: &str, seconds: u32) -> f64 {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
-    text.lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no tps in {text}"))
+    let field = |prefix: &str, index: usize| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(index))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+    };
+    // the clients' backends have exited; give the postmaster a moment to reap them
+    std::thread::sleep(Duration::from_millis(200));
+    let transactions = field("number of transactions actually processed:", 5);
+    (field("tps = ", 2), (server_cpu(cluster) - cpu) / transactions)
+}
+
+/// CPU seconds the server has used so far: the postmaster with the children it has reaped,
+/// and the children still running.
+fn server_cpu(cluster: &Cluster) -> f64 {
+    let pid_file = std::fs::read_to_string(format!("{}/postmaster.pid", cluster.data())).unwrap();
+    let postmaster: i64 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    // fields after the command name: state ppid … utime(11) stime(12) cutime(13) cstime(14)
+    let stat = |pid: &str| -> Option<Vec<i64>> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields = text.rsplit_once(')')?.1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+        Some(fields)
+    };
+    let ticks = |fields: &[i64], range: std::ops::Range<usize>| fields[range].iter().sum::<i64>();
+    let mut total = ticks(&stat(&postmaster.to_string()).unwrap(), 11..15);
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(fields) = name.bytes().all(|b| b.is_ascii_digit()).then(|| stat(&name)).flatten() {
+            if fields[1] == postmaster {
+                total += ticks(&fields, 11..13);
+            }
+        }
+    }
+    total as f64 / 100.0
 }
 
 fn single_row_tps(cluster: &Cluster, db: &str, c: &mut Client) {
@@ -181,22 +214,41 @@ fn single_row_tps(cluster: &Cluster, db: &str, c: &mut Client) {
              INSERT INTO {table} SELECT nextval('bench_ids'), doc, embedding FROM stage WHERE id = :id;\n"
         )
     };
-    let (mut none, mut outbox) = (Vec::new(), Vec::new());
-    for _ in 0..TPS_ROUNDS {
-        c.batch_execute("TRUNCATE t_none, t_outbox, outbox_log; CHECKPOINT").unwrap();
-        none.push(pgbench(cluster, db, &script("t_none"), TPS_SECONDS));
-        c.batch_execute("TRUNCATE t_none, t_outbox, outbox_log; CHECKPOINT").unwrap();
-        outbox.push(pgbench(cluster, db, &script("t_outbox"), TPS_SECONDS));
+    // Alternating short runs, the ratio taken within each round: the VM's speed drifts by
+    // more than the difference being measured over a few minutes.
+    let (mut none, mut outbox, mut ratios, mut cpu_ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..TPS_ROUNDS {
+        let order = if round % 2 == 0 { ["t_none", "t_outbox"] } else { ["t_outbox", "t_none"] };
+        let mut results = std::collections::HashMap::new();
+        for table in order {
+            c.batch_execute("TRUNCATE t_none, t_outbox, outbox_log; CHECKPOINT").unwrap();
+            results.insert(table, pgbench(cluster, db, &script(table), TPS_SECONDS));
+        }
+        let ((n, n_cpu), (o, o_cpu)) = (results["t_none"], results["t_outbox"]);
+        none.push(n);
+        outbox.push(o);
+        ratios.push(o / n);
+        cpu_ratios.push(o_cpu / n_cpu);
     }
-    let spread = |v: &[f64]| format!("{:.0}–{:.0}", v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max));
-    let (none_spread, outbox_spread) = (spread(&none), spread(&outbox));
-    let (none, outbox) = (median(none), median(outbox));
+    let spread = |v: &[f64], digits: usize| {
+        format!("{:.digits$}–{:.digits$}", v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max))
+    };
     println!(
-        "## Write path: single-row transactions, 4 concurrent clients (pgbench, {TPS_SECONDS} s runs, median of {TPS_ROUNDS}, alternating)\n"
+        "## Write path: single-row transactions, 4 concurrent clients (pgbench, {TPS_ROUNDS} rounds of {TPS_SECONDS} s runs, alternating)\n"
     );
     println!("| capture | transactions/s (median) | range |\n|---|---|---|");
-    println!("| no capture | {none:.0} | {none_spread} |\n| outbox | {outbox:.0} | {outbox_spread} |");
-    println!("\nTPS with capture ÷ TPS without: **{:.3}**\n", outbox / none);
+    println!("| no capture | {:.0} | {} |", median(none.clone()), spread(&none, 0));
+    println!("| outbox | {:.0} | {} |", median(outbox.clone()), spread(&outbox, 0));
+    println!(
+        "\nTPS with capture ÷ TPS without, median of rounds: **{:.3}** (range {})",
+        median(ratios.clone()),
+        spread(&ratios, 3)
+    );
+    println!(
+        "Server CPU per transaction with capture ÷ without, median of rounds: {:.3} (range {})\n",
+        median(cpu_ratios.clone()),
+        spread(&cpu_ratios, 3)
+    );
 }
 
 /// Events per second for one consumer draining `events` events with `round_trip`.

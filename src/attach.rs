@@ -20,6 +20,8 @@ struct TableFacts {
     display: String,
     quoted: String,
     relkind: String,
+    /// A partitioned table or a partition: captured by row triggers (src/capture.rs says why).
+    row_triggers: bool,
     caller_owns: bool,
     primary_key: Vec<String>,
     /// (name, type) of every live column, in order
@@ -28,6 +30,8 @@ struct TableFacts {
 
 fn table_facts(client: &mut SpiClient<'_>, extension: &Extension, source: &PgRelation) -> Result<TableFacts, OutboxError> {
     let row = single(run(client, extension, &q::TABLE_FACTS, &[source.oid().into()])?)?;
+    let relkind: String = required(&row, 1)?;
+    let partition: bool = required(&row, 4)?;
     let columns = source
         .tuple_desc()
         .iter()
@@ -37,7 +41,8 @@ fn table_facts(client: &mut SpiClient<'_>, extension: &Extension, source: &PgRel
     Ok(TableFacts {
         display: format!("{}.{}", source.namespace(), source.name()),
         quoted: format!("{}.{}", quote_ident(source.namespace()), quote_ident(source.name())),
-        relkind: required(&row, 1)?,
+        row_triggers: relkind == "p" || partition,
+        relkind,
         caller_owns: required(&row, 2)?,
         primary_key: required(&row, 3)?,
         columns,
@@ -121,7 +126,7 @@ pub fn attach(
             let generation: i64 = required(&single(saved)?, 1)?;
             drop_capture_triggers(client, &extension, source, &facts.quoted)?;
             let function = format!("{}.outbox_capture", extension.schema);
-            for statement in create_statements(&facts.quoted, &function, generation, &condition) {
+            for statement in create_statements(&facts.quoted, &function, generation, &condition, facts.row_triggers) {
                 client.update(statement.as_str(), None, &[])?;
             }
             Ok(())

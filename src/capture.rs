@@ -1,7 +1,15 @@
-//! The capture trigger. Row-level AFTER triggers encode the key (and the chosen payload
-//! columns) of each changed row into a backend-local buffer; the statement-level AFTER trigger
-//! writes the buffer as a few packed log rows in the writer's transaction. No SQL runs per row,
-//! and wide rows (embeddings) are never copied into transition tables.
+//! The capture trigger. It encodes the key (and the chosen payload columns) of each changed
+//! row into a backend-local buffer, and at the end of each statement writes the buffer as a few
+//! packed log rows in the writer's transaction. No SQL runs per row.
+//!
+//! On a plain table, inserts and deletes arrive as the statement's transition table, which
+//! costs a quarter of what firing a row trigger per row does (Postgres refetches each row from
+//! its page for a row trigger). Updates keep a row trigger, whose WHEN clause drops updates of
+//! unwatched columns before Postgres does any work for them. On a partitioned table, row
+//! triggers do everything: they are cloned to every partition, so a statement aimed at a
+//! partition is captured too, which the parent's statement triggers never see. A partition
+//! attached by itself gets row triggers as well: its statement triggers do not fire for rows
+//! routed to it through its parent.
 //!
 //! Subtransaction and transaction aborts drop what their rows captured. A buffer still full at
 //! commit (a statement aimed at a partition directly, whose parent's statement trigger does not
@@ -9,6 +17,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
+use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +46,14 @@ enum Encoding {
     Text,
     /// Postgres' own `to_json`, for every other type, so payloads match `to_json` exactly.
     ToJson(*mut pg_sys::FmgrInfo),
+}
+
+impl Encoding {
+    /// Whether encoding a value may allocate in the current memory context (a text value can
+    /// be compressed or stored out of line).
+    fn allocates(&self) -> bool {
+        matches!(self, Encoding::Text | Encoding::ToJson(_))
+    }
 }
 
 struct Column {
@@ -69,6 +86,8 @@ impl Drop for Attachment {
 #[derive(Default)]
 struct Pending {
     events: Vec<CapturedEvent>,
+    /// The keys and data of `events`, which hold ranges of it.
+    text: String,
     /// The shape of each source with pending events; rarely more than one.
     shapes: Vec<(u32, Rc<Shape>)>,
 }
@@ -76,6 +95,10 @@ struct Pending {
 impl Pending {
     fn shape(&self, source: u32) -> &Shape {
         &self.shapes.iter().find(|(s, _)| *s == source).expect("a shape for every pending source").1
+    }
+
+    fn text(&self, range: &Range<u32>) -> &str {
+        &self.text[range.start as usize..range.end as usize]
     }
 }
 
@@ -189,61 +212,166 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
     let event = trigger.tg_event;
     let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
     if event & pg_sys::TRIGGER_EVENT_ROW == 0 {
-        if op == pg_sys::TRIGGER_EVENT_TRUNCATE {
-            let attachment = unsafe { attachment_for(trigger)? };
-            let source = attachment.source;
-            push(&attachment, source, Op::Truncate, false, "null".into(), None);
+        match op {
+            pg_sys::TRIGGER_EVENT_TRUNCATE => {
+                let attachment = unsafe { attachment_for(trigger)? };
+                let mut batch = Batch::new(&attachment, 1);
+                let key = batch.text("null");
+                batch.push(Op::Truncate, false, key, None);
+                batch.keep();
+            }
+            pg_sys::TRIGGER_EVENT_INSERT if !trigger.tg_newtable.is_null() => unsafe {
+                capture_transition_table(trigger, trigger.tg_newtable, Op::Upsert)?
+            },
+            pg_sys::TRIGGER_EVENT_DELETE if !trigger.tg_oldtable.is_null() => unsafe {
+                capture_transition_table(trigger, trigger.tg_oldtable, Op::Delete)?
+            },
+            _ => {}
         }
         return flush();
     }
 
     let attachment = unsafe { attachment_for(trigger)? };
-    let source = attachment.source;
     let tupdesc = unsafe { (*trigger.tg_relation).rd_att };
-    let encode_key = |tuple| unsafe { encode_object(&attachment.key, tuple, tupdesc) };
-    let encode_data = |tuple| unsafe { attachment.data.as_ref().map(|columns| encode_object(columns, tuple, tupdesc)) };
+    let mut batch = Batch::new(&attachment, 2);
     match op {
-        pg_sys::TRIGGER_EVENT_INSERT => {
-            let key = encode_key(trigger.tg_trigtuple);
-            push(&attachment, source, Op::Upsert, false, key, encode_data(trigger.tg_trigtuple));
-        }
-        pg_sys::TRIGGER_EVENT_DELETE => {
-            let key = encode_key(trigger.tg_trigtuple);
-            push(&attachment, source, Op::Delete, false, key, None);
-        }
-        pg_sys::TRIGGER_EVENT_UPDATE => {
+        pg_sys::TRIGGER_EVENT_INSERT => unsafe {
+            let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc);
+            let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_trigtuple, tupdesc));
+            batch.push(Op::Upsert, false, key, data);
+        },
+        pg_sys::TRIGGER_EVENT_DELETE => unsafe {
+            let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc);
+            batch.push(Op::Delete, false, key, None);
+        },
+        pg_sys::TRIGGER_EVENT_UPDATE => unsafe {
             // the trigger's WHEN clause already dropped updates that changed nothing watched
-            let old_key = encode_key(trigger.tg_trigtuple);
-            let new_key = encode_key(trigger.tg_newtuple);
-            if old_key != new_key {
-                push(&attachment, source, Op::Delete, true, old_key, None);
+            let old_key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc);
+            let new_key = batch.encode(&attachment.key, trigger.tg_newtuple, tupdesc);
+            if batch.slice(&old_key) != batch.slice(&new_key) {
+                batch.push(Op::Delete, true, old_key, None);
             }
-            push(&attachment, source, Op::Upsert, true, new_key, encode_data(trigger.tg_newtuple));
-        }
+            let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_newtuple, tupdesc));
+            batch.push(Op::Upsert, true, new_key, data);
+        },
         _ => {}
+    }
+    batch.keep();
+    Ok(())
+}
+
+/// Every row of a statement's transition table, as events of `op`.
+unsafe fn capture_transition_table(
+    trigger: &pg_sys::TriggerData,
+    table: *mut pg_sys::Tuplestorestate,
+    op: Op,
+) -> Result<(), OutboxError> {
+    let attachment = unsafe { attachment_for(trigger)? };
+    let data = if op == Op::Upsert { attachment.data.as_ref() } else { None };
+    unsafe {
+        let rows = pg_sys::tuplestore_tuple_count(table) as usize;
+        let mut batch = Batch::new(&attachment, rows);
+        // Transition tables hold rows in the trigger table's row type, converted from a
+        // partition's if need be. Another trigger may be reading the same table, so this
+        // reader gets a read pointer of its own.
+        let tupdesc = (*trigger.tg_relation).rd_att;
+        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+        let reader = pg_sys::tuplestore_alloc_read_pointer(table, 0);
+        pg_sys::tuplestore_select_read_pointer(table, reader);
+        pg_sys::tuplestore_rescan(table);
+        // to_json and detoasting allocate, and a statement may have millions of rows
+        let allocates = attachment.key.iter().chain(data.into_iter().flatten()).any(|c| c.encoding.allocates());
+        let per_row = allocates.then(|| {
+            pg_sys::AllocSetContextCreateExtended(
+                pg_sys::CurrentMemoryContext,
+                c"outbox capture row".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        });
+        let previous = per_row.map(|context| pg_sys::MemoryContextSwitchTo(context));
+        while pg_sys::tuplestore_gettupleslot(table, true, false, slot) {
+            // a minimal tuple slot keeps a heap tuple header over its tuple
+            let tuple = (*slot.cast::<pg_sys::MinimalTupleTableSlot>()).tuple;
+            let key = batch.encode(&attachment.key, tuple, tupdesc);
+            let data = data.map(|columns| batch.encode(columns, tuple, tupdesc));
+            batch.push(op, false, key, data);
+            if let Some(context) = per_row {
+                pg_sys::MemoryContextReset(context);
+            }
+        }
+        if let (Some(context), Some(previous)) = (per_row, previous) {
+            pg_sys::MemoryContextSwitchTo(previous);
+            pg_sys::MemoryContextDelete(context);
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        batch.keep();
     }
     Ok(())
 }
 
-fn push(attachment: &Attachment, source: pg_sys::Oid, op: Op, from_update: bool, key: String, data: Option<String>) {
-    let key_hash = if op == Op::Truncate { table_hash(source.into()) } else { key_hash(source.into(), &key) };
-    let event = CapturedEvent {
-        subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
-        source: source.into(),
-        command: unsafe { pg_sys::GetCurrentCommandId(false) },
-        op,
-        from_update,
-        key,
-        data,
-        key_hash,
-    };
-    PENDING.with(|p| {
-        let mut pending = p.borrow_mut();
-        if !pending.shapes.iter().any(|(s, _)| *s == event.source) {
-            pending.shapes.push((event.source, attachment.shape.clone()));
+/// Events of one trigger call, added to the pending buffer in one go. Keys and data are
+/// encoded into one string rather than a string each: a bulk insert captures thousands.
+struct Batch<'a> {
+    attachment: &'a Attachment,
+    subxact: u32,
+    command: u32,
+    text: String,
+    events: Vec<CapturedEvent>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(attachment: &'a Attachment, rows: usize) -> Self {
+        Batch {
+            attachment,
+            subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
+            command: unsafe { pg_sys::GetCurrentCommandId(false) },
+            text: String::with_capacity(rows * 16),
+            events: Vec::with_capacity(rows),
         }
-        pending.events.push(event);
-    });
+    }
+
+    fn text(&mut self, text: &str) -> Range<u32> {
+        let start = self.text.len() as u32;
+        self.text.push_str(text);
+        start..self.text.len() as u32
+    }
+
+    fn slice(&self, range: &Range<u32>) -> &str {
+        &self.text[range.start as usize..range.end as usize]
+    }
+
+    /// Encodes `columns` of `tuple` as a JSON object.
+    unsafe fn encode(&mut self, columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Range<u32> {
+        let start = self.text.len() as u32;
+        unsafe { encode_object(columns, tuple, tupdesc, &mut self.text) };
+        start..self.text.len() as u32
+    }
+
+    fn push(&mut self, op: Op, from_update: bool, key: Range<u32>, data: Option<Range<u32>>) {
+        let source = self.attachment.source.into();
+        let key_hash = if op == Op::Truncate { table_hash(source) } else { key_hash(source, self.slice(&key)) };
+        self.events.push(CapturedEvent { subxact: self.subxact, source, command: self.command, op, from_update, key, data, key_hash });
+    }
+
+    fn keep(self) {
+        let source = self.attachment.source.into();
+        PENDING.with(|p| {
+            let mut pending = p.borrow_mut();
+            if !pending.shapes.iter().any(|(s, _)| *s == source) {
+                pending.shapes.push((source, self.attachment.shape.clone()));
+            }
+            let offset = pending.text.len() as u32;
+            let shift = |r: Range<u32>| r.start + offset..r.end + offset;
+            pending.text.push_str(&self.text);
+            pending.events.extend(self.events.into_iter().map(|mut e| {
+                e.key = shift(e.key);
+                e.data = e.data.map(shift);
+                e
+            }));
+        });
+    }
 }
 
 /// Writes everything captured so far as log rows, in capture order.
@@ -280,8 +408,8 @@ fn write_log_rows(extension: &Extension, pending: &Pending) -> Result<(), Outbox
         let events = &events[row];
         let first = &events[0];
         let shape = pending.shape(first.source);
-        let keys = json_array(events.iter().map(|e| e.key.as_str()));
-        let data = first.data.is_some().then(|| json_array(events.iter().map(|e| e.data.as_deref().unwrap_or("null"))));
+        let keys = json_array(events.iter().map(|e| pending.text(&e.key)));
+        let data = first.data.is_some().then(|| json_array(events.iter().map(|e| e.data.as_ref().map_or("null", |d| pending.text(d)))));
         let hashes: Vec<i64> = events.iter().map(|e| e.key_hash).collect();
         let event_type = first.op.event_type(&shape.prefix);
         let row = LogRow {
@@ -441,9 +569,8 @@ unsafe fn encoding_for(typid: pg_sys::Oid, typmod: i32, collation: pg_sys::Oid, 
     }
 }
 
-/// The JSON object of `columns` of `tuple`, in column order.
-unsafe fn encode_object(columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> String {
-    let mut out = String::with_capacity(2 + columns.iter().map(|c| c.member.len() + 12).sum::<usize>());
+/// Appends the JSON object of `columns` of `tuple` to `out`, in column order.
+unsafe fn encode_object(columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc, out: &mut String) {
     out.push('{');
     for (i, column) in columns.iter().enumerate() {
         if i > 0 {
@@ -455,11 +582,10 @@ unsafe fn encode_object(columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: p
         if isnull {
             out.push_str("null");
         } else {
-            unsafe { encode_value(&column.encoding, value, &mut out) };
+            unsafe { encode_value(&column.encoding, value, out) };
         }
     }
     out.push('}');
-    out
 }
 
 unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut String) {

@@ -18,8 +18,10 @@ pub struct CapturedEvent {
     pub op: Op,
     /// Part of an UPDATE (a key change is a DELETE and an UPSERT from the same row).
     pub from_update: bool,
-    pub key: String,
-    pub data: Option<String>,
+    /// Where the key's JSON text is in the buffer that holds the event.
+    pub key: Range<u32>,
+    /// Where the payload data's JSON text is, when the attachment has payload columns.
+    pub data: Option<Range<u32>>,
     pub key_hash: i64,
 }
 
@@ -130,46 +132,47 @@ impl Blocked {
 mod tests {
     use super::*;
 
-    fn event(command: u32, op: Op, from_update: bool, key: &str) -> CapturedEvent {
+    /// Events whose key text is the single byte at `key` of their buffer.
+    fn event(command: u32, op: Op, from_update: bool, key: u32) -> CapturedEvent {
         CapturedEvent {
             subxact: 1,
             source: 10,
             command,
             op,
             from_update,
-            key: key.to_string(),
+            key: key..key + 1,
             data: None,
             key_hash: 0,
         }
     }
 
-    fn keys(events: &[CapturedEvent]) -> Vec<(Op, &str)> {
-        events.iter().map(|e| (e.op, e.key.as_str())).collect()
+    fn keys(events: &[CapturedEvent]) -> Vec<(Op, u32)> {
+        events.iter().map(|e| (e.op, e.key.start)).collect()
     }
 
     #[test]
     fn key_swap_puts_deletes_first() {
         let mut events = vec![
-            event(1, Op::Delete, true, "1"),
-            event(1, Op::Upsert, true, "2"),
-            event(1, Op::Delete, true, "2"),
-            event(1, Op::Upsert, true, "1"),
-            event(1, Op::Upsert, true, "3"),
+            event(1, Op::Delete, true, 1),
+            event(1, Op::Upsert, true, 2),
+            event(1, Op::Delete, true, 2),
+            event(1, Op::Upsert, true, 1),
+            event(1, Op::Upsert, true, 3),
         ];
         order_for_flush(&mut events);
         assert_eq!(
             keys(&events),
-            vec![(Op::Delete, "1"), (Op::Delete, "2"), (Op::Upsert, "2"), (Op::Upsert, "1"), (Op::Upsert, "3")]
+            vec![(Op::Delete, 1), (Op::Delete, 2), (Op::Upsert, 2), (Op::Upsert, 1), (Op::Upsert, 3)]
         );
     }
 
     #[test]
     fn separate_statements_and_inserts_are_not_reordered() {
         let mut events = vec![
-            event(1, Op::Upsert, true, "2"),
-            event(2, Op::Delete, true, "2"),
-            event(3, Op::Upsert, false, "5"),
-            event(3, Op::Delete, false, "6"),
+            event(1, Op::Upsert, true, 2),
+            event(2, Op::Delete, true, 2),
+            event(3, Op::Upsert, false, 5),
+            event(3, Op::Delete, false, 6),
         ];
         let before = events.clone();
         order_for_flush(&mut events);
@@ -178,9 +181,9 @@ mod tests {
 
     #[test]
     fn log_rows_split_by_table_operation_and_size() {
-        let mut events = vec![event(1, Op::Upsert, false, "a"); 5000];
-        events.push(event(1, Op::Delete, false, "b"));
-        let mut other = event(1, Op::Delete, false, "c");
+        let mut events = vec![event(1, Op::Upsert, false, 10); 5000];
+        events.push(event(1, Op::Delete, false, 11));
+        let mut other = event(1, Op::Delete, false, 12);
         other.source = 11;
         events.push(other);
         assert_eq!(log_rows(&events), vec![0..4096, 4096..5000, 5000..5001, 5001..5002]);

@@ -82,7 +82,8 @@ pub static TABLE_FACTS: Sql = Sql {
                         FROM pg_catalog.pg_index i \
                         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
                         WHERE i.indrelid = c.oid AND i.indisprimary \
-                        ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)) \
+                        ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)), \
+                  c.relispartition \
            FROM pg_catalog.pg_class c WHERE c.oid = $1",
     args: &[OID],
 };

@@ -165,6 +165,113 @@ mod tests {
     }
 
     #[pg_test]
+    fn other_triggers_read_the_same_transition_tables_whole() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("CREATE TABLE audit (trigger text, op text, n bigint)");
+        run("CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF TG_OP = 'INSERT' THEN
+                     INSERT INTO audit SELECT TG_NAME, TG_OP, count(*) FROM inserted;
+                 ELSE
+                     INSERT INTO audit SELECT TG_NAME, TG_OP, count(*) FROM deleted;
+                 END IF;
+                 RETURN NULL;
+             END $$");
+        // one fires before the capture trigger and one after it (triggers fire in name order)
+        for name in ["aa_audit", "zz_audit"] {
+            run(&format!("CREATE TRIGGER {name}_i AFTER INSERT ON chunks REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION audit()"));
+            run(&format!("CREATE TRIGGER {name}_d AFTER DELETE ON chunks REFERENCING OLD TABLE AS deleted FOR EACH STATEMENT EXECUTE FUNCTION audit()"));
+        }
+        run("INSERT INTO chunks SELECT g, 1, 'x', '{1}', 's' FROM generate_series(1, 100) g");
+        run("DELETE FROM chunks WHERE id <= 40");
+        assert_eq!(
+            value("SELECT jsonb_agg(jsonb_build_array(trigger, op, n) ORDER BY trigger, op DESC) FROM audit"),
+            json!([["aa_audit_d", "DELETE", 40], ["aa_audit_i", "INSERT", 100], ["zz_audit_d", "DELETE", 40], ["zz_audit_i", "INSERT", 100]])
+        );
+        assert_eq!(count("SELECT count(*) FROM outbox_events WHERE type = 'EMBED_UPSERT'"), 100);
+        assert_eq!(count("SELECT count(*) FROM outbox_events WHERE type = 'EMBED_DELETE'"), 40);
+        assert_eq!(count("SELECT count(DISTINCT payload->'key') FROM outbox_events WHERE type = 'EMBED_DELETE' AND (payload->'key'->>'id')::int <= 40"), 40);
+    }
+
+    #[pg_test]
+    fn merge_and_upsert_capture_every_action() {
+        chunks();
+        run("SELECT outbox_attach('chunks', payload_columns => ARRAY['content'])");
+        run("INSERT INTO chunks VALUES (1, 1, 'a', '{1}', 's'), (2, 1, 'b', '{1}', 's')");
+        run("INSERT INTO chunks VALUES (2, 1, 'b2', '{1}', 's'), (3, 1, 'c', '{1}', 's')
+             ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content");
+        run("MERGE INTO chunks t
+             USING (VALUES (1, 'gone'), (3, 'c2'), (4, 'd')) AS s(id, content) ON t.id = s.id
+             WHEN MATCHED AND s.content = 'gone' THEN DELETE
+             WHEN MATCHED THEN UPDATE SET content = s.content
+             WHEN NOT MATCHED THEN INSERT VALUES (s.id, 1, s.content, '{1}', 's')");
+        let mut captured: Vec<(String, i64, Value)> = Vec::new();
+        let Value::Array(all) = events() else { panic!("events are an array") };
+        for event in &all[2..] {
+            captured.push((event[0].as_str().unwrap().to_string(), event[1]["key"]["id"].as_i64().unwrap(), event[1]["data"].clone()));
+        }
+        // within one statement, events of different rows keep no particular order
+        captured.sort_by_key(|(_, id, _)| *id);
+        assert_eq!(
+            captured,
+            vec![
+                ("EMBED_DELETE".to_string(), 1, Value::Null),
+                ("EMBED_UPSERT".to_string(), 2, json!({"content": "b2"})),
+                ("EMBED_UPSERT".to_string(), 3, json!({"content": "c"})),
+                ("EMBED_UPSERT".to_string(), 3, json!({"content": "c2"})),
+                ("EMBED_UPSERT".to_string(), 4, json!({"content": "d"})),
+            ]
+        );
+    }
+
+    #[pg_test]
+    fn a_statement_larger_than_work_mem_is_captured_whole() {
+        chunks();
+        // text and to_json encodings, whose allocations are freed row by row
+        run("SELECT outbox_attach('chunks', payload_columns => ARRAY['content', 'embedding'])");
+        run("SET LOCAL work_mem = '64kB'");
+        run("INSERT INTO chunks SELECT g, 1, repeat('x', 500) || g, ARRAY[g, 0.5]::real[], 's' FROM generate_series(1, 3000) g");
+        run("DELETE FROM chunks WHERE id > 1000");
+        assert_eq!(count("SELECT count(*) FROM outbox_events WHERE type = 'EMBED_UPSERT'"), 3000);
+        assert_eq!(count("SELECT count(*) FROM outbox_events WHERE type = 'EMBED_DELETE'"), 2000);
+        assert_eq!(
+            value("SELECT payload FROM outbox_events WHERE type = 'EMBED_UPSERT' AND payload->'key'->>'id' = '2999'"),
+            json!({"table": "public.chunks", "key": {"id": 2999}, "data": {"content": format!("{}2999", "x".repeat(500)), "embedding": [2999, 0.5]}})
+        );
+    }
+
+    #[pg_test]
+    fn partitions_are_captured_by_row_triggers() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'chunks'::regclass AND tgname = 'outbox_capture_inserts'"), 1);
+        run("CREATE TABLE all_chunks (LIKE chunks) PARTITION BY RANGE (id)");
+        run("ALTER TABLE all_chunks ATTACH PARTITION chunks FOR VALUES FROM (0) TO (1000)");
+        assert_eq!(
+            value("SELECT jsonb_agg(tgname ORDER BY tgname) FROM pg_trigger WHERE tgrelid = 'chunks'::regclass"),
+            json!(["outbox_capture_rows", "outbox_capture_statement", "outbox_capture_truncate", "outbox_capture_updates"]),
+            "a captured table that became a partition switched to row triggers"
+        );
+        run("INSERT INTO all_chunks VALUES (1, 1, 'routed', '{1}', 's')");
+        run("INSERT INTO chunks VALUES (2, 1, 'direct', '{1}', 's')");
+        run("DELETE FROM all_chunks WHERE id = 1");
+        // rows written through the parent wait for a statement on the partition, or the commit
+        run("DELETE FROM chunks WHERE false");
+        assert_eq!(
+            events(),
+            json!([
+                ["EMBED_UPSERT", {"table": "public.chunks", "key": {"id": 1}}],
+                ["EMBED_UPSERT", {"table": "public.chunks", "key": {"id": 2}}],
+                ["EMBED_DELETE", {"table": "public.chunks", "key": {"id": 1}}],
+            ])
+        );
+        run("CREATE TABLE more_chunks PARTITION OF all_chunks FOR VALUES FROM (1000) TO (2000)");
+        run("SELECT outbox_attach('more_chunks', key_columns => ARRAY['id'])");
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'more_chunks'::regclass AND tgname = 'outbox_capture_rows'"), 1);
+    }
+
+    #[pg_test]
     fn reattach_changes_settings_and_detach_stops_capture() {
         chunks();
         run("SELECT outbox_attach('chunks')");
@@ -175,7 +282,7 @@ mod tests {
             value("SELECT jsonb_agg(jsonb_build_array(type, payload->'data') ORDER BY id) FROM outbox_events"),
             json!([["EMBED_UPSERT", null], ["V2_UPSERT", {"content": "b"}]])
         );
-        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'chunks'::regclass"), 4);
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'chunks'::regclass"), 5);
         run("SELECT outbox_detach('chunks')");
         run("INSERT INTO chunks VALUES (3, 1, 'c', '{1}', 's')");
         assert_eq!(count("SELECT count(*) FROM outbox_events"), 2);

@@ -1,9 +1,16 @@
 //! The capture triggers `outbox_attach` puts on a table, as DDL text. Pure Rust.
 
 /// Trigger names, chosen to sort after most user trigger names so that capture sees rows as
-/// the user's own AFTER triggers left them.
-pub const TRIGGER_NAMES: [&str; 4] =
-    ["outbox_capture_rows", "outbox_capture_updates", "outbox_capture_statement", "outbox_capture_truncate"];
+/// the user's own AFTER triggers left them. A plain table gets the first five; a partitioned
+/// table or a partition gets row triggers, the last four (src/capture.rs says why).
+pub const TRIGGER_NAMES: [&str; 6] = [
+    "outbox_capture_inserts",
+    "outbox_capture_deletes",
+    "outbox_capture_updates",
+    "outbox_capture_statement",
+    "outbox_capture_truncate",
+    "outbox_capture_rows",
+];
 
 /// Double-quotes an identifier. Always quoting is valid SQL and needs no keyword list.
 pub fn quote_ident(name: &str) -> String {
@@ -37,18 +44,27 @@ pub fn update_condition(columns: &[Watched]) -> String {
 
 /// Statements that (re)create the capture triggers. `table` and `function` are qualified and
 /// quoted; `generation` tells the trigger's cache that the settings changed.
-pub fn create_statements(table: &str, function: &str, generation: i64, condition: &str) -> Vec<String> {
-    let [rows, updates, statement, truncate] = TRIGGER_NAMES;
-    vec![
-        format!("CREATE TRIGGER {rows} AFTER INSERT OR DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION {function}('{generation}')"),
-        format!(
-            "CREATE TRIGGER {updates} AFTER UPDATE ON {table} FOR EACH ROW WHEN ({condition}) EXECUTE FUNCTION {function}('{generation}')"
-        ),
-        format!(
-            "CREATE TRIGGER {statement} AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {function}('{generation}')"
-        ),
-        format!("CREATE TRIGGER {truncate} AFTER TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {function}('{generation}')"),
-    ]
+pub fn create_statements(table: &str, function: &str, generation: i64, condition: &str, row_triggers: bool) -> Vec<String> {
+    let [inserts, deletes, updates, statement, truncate, rows] = TRIGGER_NAMES;
+    let call = format!("EXECUTE FUNCTION {function}('{generation}')");
+    let updates = format!("CREATE TRIGGER {updates} AFTER UPDATE ON {table} FOR EACH ROW WHEN ({condition}) {call}");
+    let truncate = format!("CREATE TRIGGER {truncate} AFTER TRUNCATE ON {table} FOR EACH STATEMENT {call}");
+    if row_triggers {
+        vec![
+            format!("CREATE TRIGGER {rows} AFTER INSERT OR DELETE ON {table} FOR EACH ROW {call}"),
+            updates,
+            format!("CREATE TRIGGER {statement} AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH STATEMENT {call}"),
+            truncate,
+        ]
+    } else {
+        vec![
+            format!("CREATE TRIGGER {inserts} AFTER INSERT ON {table} REFERENCING NEW TABLE AS outbox_inserted FOR EACH STATEMENT {call}"),
+            format!("CREATE TRIGGER {deletes} AFTER DELETE ON {table} REFERENCING OLD TABLE AS outbox_deleted FOR EACH STATEMENT {call}"),
+            updates,
+            format!("CREATE TRIGGER {statement} AFTER UPDATE ON {table} FOR EACH STATEMENT {call}"),
+            truncate,
+        ]
+    }
 }
 
 pub fn drop_statement(table: &str, trigger: &str) -> String {
@@ -78,16 +94,35 @@ mod tests {
         );
     }
 
+    const TABLE: &str = "\"public\".\"chunks\"";
+    const CONDITION: &str = "OLD.\"a\" IS DISTINCT FROM NEW.\"a\"";
+
+    fn trigger_count(row_triggers: bool) -> usize {
+        create_statements(TABLE, "f", 1, CONDITION, row_triggers).len()
+    }
+
     #[test]
-    fn statements_cover_rows_updates_statements_and_truncate() {
-        let create = create_statements("\"public\".\"chunks\"", "\"public\".outbox_capture", 7, "OLD.\"a\" IS DISTINCT FROM NEW.\"a\"");
+    fn a_plain_table_gets_transition_tables_for_inserts_and_deletes() {
+        let create = create_statements(TABLE, "\"public\".outbox_capture", 7, CONDITION, false);
+        assert_eq!(create.len(), 5);
+        assert!(create[0].contains("AFTER INSERT ON \"public\".\"chunks\" REFERENCING NEW TABLE AS outbox_inserted FOR EACH STATEMENT"));
+        assert!(create[1].contains("AFTER DELETE ON \"public\".\"chunks\" REFERENCING OLD TABLE AS outbox_deleted FOR EACH STATEMENT"));
+        assert!(create[2].contains("AFTER UPDATE ON \"public\".\"chunks\" FOR EACH ROW WHEN (OLD.\"a\" IS DISTINCT FROM NEW.\"a\")"));
+        assert!(create[3].contains("AFTER UPDATE ON \"public\".\"chunks\" FOR EACH STATEMENT"));
+        assert!(create[4].contains("AFTER TRUNCATE"));
+        assert!(create.iter().all(|s| s.ends_with("\"public\".outbox_capture('7')")));
+        assert_eq!(drop_statement("t", "outbox_capture_rows"), "DROP TRIGGER \"outbox_capture_rows\" ON t");
+    }
+
+    #[test]
+    fn a_partitioned_table_gets_row_triggers_its_partitions_inherit() {
+        let create = create_statements(TABLE, "\"public\".outbox_capture", 7, CONDITION, true);
         assert_eq!(create.len(), 4);
         assert!(create[0].contains("AFTER INSERT OR DELETE ON \"public\".\"chunks\" FOR EACH ROW"));
         assert!(create[1].contains("WHEN (OLD.\"a\" IS DISTINCT FROM NEW.\"a\")"));
-        assert!(create[2].contains("FOR EACH STATEMENT"));
+        assert!(create[2].contains("AFTER INSERT OR UPDATE OR DELETE ON \"public\".\"chunks\" FOR EACH STATEMENT"));
         assert!(create[3].contains("AFTER TRUNCATE"));
-        assert!(create.iter().all(|s| s.ends_with("\"public\".outbox_capture('7')")));
-        assert_eq!(drop_statement("t", "outbox_capture_rows"), "DROP TRIGGER \"outbox_capture_rows\" ON t");
+        assert!(create.iter().all(|s| !s.contains("REFERENCING")));
     }
 
     #[test]
@@ -96,6 +131,11 @@ mod tests {
         for name in TRIGGER_NAMES {
             assert!(guard.contains(&format!("'{name}'")), "sql/ddl.sql must check for {name}");
         }
-        assert!(guard.contains(&format!("<>) {}", TRIGGER_NAMES.len())));
+        // the guard counts a table's capture triggers to see that none was dropped
+        assert!(guard.contains(&format!("THEN {} ELSE {} END", trigger_count(true), trigger_count(false))));
+        assert!(create_statements(TABLE, "f", 1, CONDITION, false)
+            .iter()
+            .chain(&create_statements(TABLE, "f", 1, CONDITION, true))
+            .all(|s| TRIGGER_NAMES.iter().any(|n| s.starts_with(&format!("CREATE TRIGGER {n} ")))));
     }
 }

@@ -1,6 +1,7 @@
-//! `ALTER EXTENSION outbox UPDATE` from the previous release, 0.1.0, with live data: events
-//! processed, pending, in flight and dead, in two subscriptions. The install script of 0.1.0
-//! is kept in tests/fixtures as it was released; the test puts it next to the current one.
+//! `ALTER EXTENSION outbox UPDATE` from the previous releases, 0.2.0 and (through it) 0.1.0,
+//! with live data: events processed, pending, in flight and dead, in two subscriptions, on a
+//! table attached before the update. The install scripts of the releases are kept in
+//! tests/fixtures as they were released; the test puts them next to the current one.
 #![cfg(not(feature = "pg_test"))] // run by scripts/test.sh against the installed extension, not by cargo pgrx test
 
 mod common;
@@ -10,16 +11,15 @@ use std::process::Command;
 
 use common::*;
 
-const PREVIOUS: &str = "0.1.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
-fn install_previous_release_script() {
+fn install_release_script(release: &str) {
     let sharedir = Command::new(std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into()))
         .arg("--sharedir")
         .output()
         .expect("pg_config runs");
-    let target = PathBuf::from(String::from_utf8(sharedir.stdout).unwrap().trim()).join(format!("extension/outbox--{PREVIOUS}.sql"));
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/outbox--{PREVIOUS}.sql"));
+    let target = PathBuf::from(String::from_utf8(sharedir.stdout).unwrap().trim()).join(format!("extension/outbox--{release}.sql"));
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/outbox--{release}.sql"));
     std::fs::copy(&fixture, &target)
         .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e} (run as a user who can write there)", fixture.display(), target.display()));
 }
@@ -68,27 +68,65 @@ fn catalog(c: &mut Client) -> Vec<String> {
     c.query(CATALOG, &[]).unwrap().iter().map(|r| r.get(0)).collect()
 }
 
+/// The capture triggers on `chunks`, without the attachment generation they carry.
+fn capture_triggers(c: &mut Client) -> Vec<String> {
+    let sql = "SELECT regexp_replace(pg_get_triggerdef(oid), 'outbox_capture\\(''[0-9]+''\\)', 'outbox_capture(N)') \
+               FROM pg_trigger WHERE tgrelid = 'chunks'::regclass ORDER BY tgname";
+    c.query(sql, &[]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+const SETUP: &str = "CREATE TABLE chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[]);
+                     SELECT outbox_attach('chunks', payload_columns => ARRAY['content']);";
+
+/// Puts back the insert and delete triggers that `outbox_attach` of 0.1.0 and 0.2.0 created
+/// (this library's `outbox_attach` creates its own).
+const RELEASED_TRIGGERS: &str = "DO $$
+    DECLARE generation text := (SELECT generation FROM outbox_attachments WHERE source = 'chunks'::regclass);
+    BEGIN
+        DROP TRIGGER outbox_capture_inserts ON chunks;
+        DROP TRIGGER outbox_capture_deletes ON chunks;
+        DROP TRIGGER outbox_capture_statement ON chunks;
+        EXECUTE format('CREATE TRIGGER outbox_capture_rows AFTER INSERT OR DELETE ON chunks
+                        FOR EACH ROW EXECUTE FUNCTION outbox_capture(%L)', generation);
+        EXECUTE format('CREATE TRIGGER outbox_capture_statement AFTER INSERT OR UPDATE OR DELETE ON chunks
+                        FOR EACH STATEMENT EXECUTE FUNCTION outbox_capture(%L)', generation);
+    END $$;";
+
 #[test]
 fn update_from_the_previous_release_keeps_every_event_and_matches_a_fresh_install() {
-    install_previous_release_script();
+    update_from("0.2.0");
+}
+
+#[test]
+fn update_from_the_first_release_goes_through_every_script() {
+    update_from("0.1.0");
+}
+
+fn update_from(previous: &str) {
+    install_release_script(previous);
     let cluster = shared();
     let mut admin = cluster.connect("postgres");
-    for db in ["upgraded", "fresh"] {
+    let suffix = previous.replace('.', "_");
+    let (upgraded, fresh_db) = (format!("upgraded_{suffix}"), format!("fresh_{suffix}"));
+    for db in [&upgraded, &fresh_db] {
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).unwrap();
         admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
     }
-    let mut fresh = cluster.connect("fresh");
+    let mut fresh = cluster.connect(&fresh_db);
     fresh.batch_execute("CREATE EXTENSION outbox").unwrap();
+    fresh.batch_execute(SETUP).unwrap();
 
-    let mut c = cluster.connect("upgraded");
+    // the rows are captured by the triggers of the previous release, run by this library
+    let mut c = cluster.connect(&upgraded);
     c.batch_execute(&format!(
-        "CREATE EXTENSION outbox VERSION '{PREVIOUS}';
-         CREATE TABLE chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[]);
-         SELECT outbox_attach('chunks', payload_columns => ARRAY['content']);
+        "CREATE EXTENSION outbox VERSION '{previous}';
+         {SETUP}
+         {RELEASED_TRIGGERS}
          SELECT outbox_subscribe('search', options => '{{\"max_attempts\": 1}}');
          INSERT INTO chunks SELECT g, 1, 'v1', '{{1}}' FROM generate_series(1, 10) g;"
     ))
     .unwrap();
+    assert_ne!(capture_triggers(&mut c), capture_triggers(&mut fresh), "the previous release's triggers differ");
     // default: 3 processed, 2 in flight, 5 pending; search: 1 dead, 9 pending
     let processed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(3)"));
     c.execute("SELECT outbox_ack($1)", &[&processed]).unwrap();
@@ -106,6 +144,7 @@ fn update_from_the_previous_release_keeps_every_event_and_matches_a_fresh_instal
     let fresh_catalog = catalog(&mut fresh);
     assert!(fresh_catalog.iter().filter(|line| line.starts_with("definition of outbox_claim(")).count() == 1, "{fresh_catalog:?}");
     assert_eq!(catalog(&mut c), fresh_catalog, "the updated extension is the fresh install's");
+    assert_eq!(capture_triggers(&mut c), capture_triggers(&mut fresh), "the attached table has this release's triggers");
 
     // everything goes on where it was
     assert_eq!(c.query_one("SELECT outbox_ack($1)", &[&in_flight]).unwrap().get::<_, i32>(0), 2, "the in-flight batch acks");
@@ -115,9 +154,16 @@ fn update_from_the_previous_release_keeps_every_event_and_matches_a_fresh_instal
     assert_eq!(scalar_i64(&mut c, "SELECT outbox_requeue_dead('search')"), 1);
     let search = claim(&mut c, "SELECT * FROM outbox_claim(100, 'search')");
     assert_eq!(search.iter().map(|e| e.2).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>(), "the requeued dead letter and the rest");
-    c.batch_execute("INSERT INTO chunks VALUES (11, 1, 'new', '{1}'); UPDATE chunks SET content = 'v2' WHERE id = 1").unwrap();
+    c.batch_execute(
+        "INSERT INTO chunks VALUES (11, 1, 'new', '{1}'); UPDATE chunks SET content = 'v2' WHERE id = 1;
+         DELETE FROM chunks WHERE id = 2",
+    )
+    .unwrap();
     let new = claim(&mut c, "SELECT * FROM outbox_claim(100)");
-    assert_eq!(new.iter().map(|e| (e.1.as_str(), e.2)).collect::<Vec<_>>(), [("EMBED_UPSERT", 11), ("EMBED_UPSERT", 1)]);
+    assert_eq!(
+        new.iter().map(|e| (e.1.as_str(), e.2)).collect::<Vec<_>>(),
+        [("EMBED_UPSERT", 11), ("EMBED_UPSERT", 1), ("EMBED_DELETE", 2)]
+    );
     c.batch_execute("SELECT outbox_subscribe('late', from_start => true)").unwrap();
     assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(100, 'late')").len(), 11, "each row's first retained event");
 }

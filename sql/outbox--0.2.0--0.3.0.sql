@@ -1,0 +1,63 @@
+-- 0.2.0 to 0.3.0.
+--
+-- Capture on plain tables reads inserts and deletes from the statement's transition tables
+-- instead of firing a row trigger per row; partitioned tables keep their row triggers. The
+-- guard against DDL that drops capture triggers learns the new trigger names and counts, and
+-- moves a table that becomes a partition to row triggers.
+CREATE OR REPLACE FUNCTION @extschema@.outbox_check_altered_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    attachment record;
+    missing text;
+BEGIN
+    -- A table captured through transition tables that has just become a partition would miss
+    -- the rows routed to it through its parent: it switches to the row triggers of a partition.
+    PERFORM @extschema@.outbox_attach(t.source, t.payload_columns, t.watch_columns, t.event_prefix, t.key_columns)
+    FROM @extschema@.outbox_attachments t
+    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.source::pg_catalog.oid
+    WHERE c.relispartition
+      AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
+                  WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_inserts');
+    FOR attachment IN
+        SELECT DISTINCT t.source, t.key_columns, t.payload_columns, t.watch_columns
+        FROM pg_catalog.pg_event_trigger_ddl_commands() c
+        JOIN @extschema@.outbox_attachments t ON t.source::pg_catalog.oid OPERATOR(pg_catalog.=) c.objid
+        WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+    LOOP
+        SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(n), ', ') INTO missing
+        FROM pg_catalog.unnest(attachment.key_columns
+                               OPERATOR(pg_catalog.||) coalesce(attachment.payload_columns, '{}')
+                               OPERATOR(pg_catalog.||) coalesce(attachment.watch_columns, '{}')) AS n
+        WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid OPERATOR(pg_catalog.=) attachment.source
+                            AND a.attname OPERATOR(pg_catalog.=) n
+                            AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped);
+        IF missing IS NULL AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger g
+                                WHERE g.tgrelid OPERATOR(pg_catalog.=) attachment.source
+                                  AND g.tgname OPERATOR(pg_catalog.=) ANY (ARRAY['outbox_capture_inserts', 'outbox_capture_deletes',
+                                                    'outbox_capture_updates', 'outbox_capture_statement',
+                                                    'outbox_capture_truncate', 'outbox_capture_rows']))
+                               OPERATOR(pg_catalog.<>) (SELECT CASE WHEN c.relkind OPERATOR(pg_catalog.=) 'p' OR c.relispartition
+                                                                    THEN 4 ELSE 5 END
+                                                        FROM pg_catalog.pg_class c
+                                                        WHERE c.oid OPERATOR(pg_catalog.=) attachment.source) THEN
+            RAISE EXCEPTION 'outbox: this change to table % would drop its capture triggers', attachment.source
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = 'Change the attachment in the same transaction first: outbox_attach() with watch_columns '
+                             'that leave out the column, or outbox_detach().';
+        END IF;
+        IF missing IS NOT NULL THEN
+            RAISE EXCEPTION 'outbox: table % is captured with column(s) % by name', attachment.source, missing
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = 'Change the attachment in the same transaction first: outbox_attach() without those '
+                             'columns, then the ALTER TABLE, then outbox_attach() with the new ones.';
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Every attached table gets the capture triggers of 0.3.0, with its settings unchanged. (The
+-- 0.3.0 library still captures through the triggers of 0.2.0, so a database can run on the
+-- new library before this update.)
+SELECT @extschema@.outbox_attach(a.source, a.payload_columns, a.watch_columns, a.event_prefix, a.key_columns)
+FROM @extschema@.outbox_attachments a;
