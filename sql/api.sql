@@ -36,6 +36,24 @@ SELECT e.id, e.type, e.payload, e.created_at, l.source, l.txid
 FROM @extschema@.outbox_log l
 CROSS JOIN LATERAL @extschema@.outbox_log_events(l) e;
 
+-- The events with these ids, reading only the log rows that hold them, each found by its base
+-- through the index. A SQL function's query is planned without its argument's value, and a
+-- range condition (consecutive bases as one range) left that plan guessing: it read every
+-- log row, up to 25 ms a call with 2,000 of them. An equality on the bases is an index lookup
+-- whatever the plan. jit off: the estimates can still be large enough to JIT-compile a query
+-- of a few milliseconds for most of a second.
+CREATE FUNCTION @extschema@.outbox_events_for(ids bigint[])
+RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz)
+LANGUAGE sql STABLE SET jit = off AS $$
+    SELECT e.id, e.type, e.payload, e.created_at
+    FROM @extschema@.outbox_log l
+    CROSS JOIN LATERAL @extschema@.outbox_log_events(l) e
+    JOIN pg_catalog.unnest(ids) AS wanted(id) ON wanted.id OPERATOR(pg_catalog.=) e.id
+    WHERE l.base OPERATOR(pg_catalog.=) ANY (ARRAY(
+              SELECT DISTINCT i OPERATOR(pg_catalog.-) ((i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.%) 4096)
+              FROM pg_catalog.unnest(ids) AS i))
+$$;
+
 -- PL/pgSQL rather than SQL: it keeps the plan of its query between calls.
 CREATE FUNCTION @extschema@.outbox_claim(
     batch_size integer DEFAULT 100,
@@ -55,7 +73,7 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY
-    SELECT i.id, coalesce(k.type, e.type), coalesce(k.payload, e.payload::jsonb),
+    SELECT i.id, coalesce(k.type, e.type), coalesce(k.payload, e.payload),
            coalesce(k.created_at, e.created_at), i.attempts
     FROM unnest(claimed_ids, claimed_attempts) AS i(id, attempts)
     -- events requeued from the dead letters carry their own copy

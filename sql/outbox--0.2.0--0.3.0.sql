@@ -3,7 +3,7 @@
 -- Capture on plain tables reads inserts and deletes from the statement's transition tables
 -- instead of firing a row trigger per row; partitioned tables keep their row triggers. The
 -- guard against DDL that drops capture triggers learns the new trigger names and counts, and
--- moves a table that becomes a partition to row triggers. Claims render events in Rust.
+-- moves a table that becomes a partition to row triggers.
 CREATE OR REPLACE FUNCTION @extschema@.outbox_check_altered_tables() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -53,54 +53,6 @@ BEGIN
                              'columns, then the ALTER TABLE, then outbox_attach() with the new ones.';
         END IF;
     END LOOP;
-END
-$$;
-
--- Claims render their events in Rust: outbox_events_for returns payloads as text, which
--- outbox_claim casts to jsonb. (The statement below is the one cargo pgrx writes for it.)
-DROP FUNCTION @extschema@.outbox_events_for(bigint[]);
-CREATE FUNCTION @extschema@.outbox_events_for(
-	"ids" bigint[]
-) RETURNS TABLE (
-	"id" bigint,
-	"type" TEXT,
-	"payload" TEXT,
-	"created_at" timestamp with time zone
-)
-STABLE PARALLEL SAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'outbox_events_for_wrapper';
-REVOKE ALL ON FUNCTION @extschema@.outbox_events_for(bigint[]) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION @extschema@.outbox_claim(
-    batch_size integer DEFAULT 100,
-    subscription text DEFAULT 'default',
-    lease interval DEFAULT '30 seconds')
-RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz, attempts integer)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
--- a claim is a few milliseconds of work: starting parallel workers for it costs more
-SET search_path = pg_catalog, pg_temp SET max_parallel_workers_per_gather = 0 AS $$
-DECLARE
-    claimed_ids bigint[];
-    claimed_attempts integer[];
-BEGIN
-    SELECT c.ids, c.attempts INTO claimed_ids, claimed_attempts
-    FROM @extschema@.outbox_claim_ids(outbox_claim.batch_size, outbox_claim.subscription, outbox_claim.lease) c;
-    IF cardinality(claimed_ids) = 0 THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    SELECT i.id, coalesce(k.type, e.type), coalesce(k.payload, e.payload::jsonb),
-           coalesce(k.created_at, e.created_at), i.attempts
-    FROM unnest(claimed_ids, claimed_attempts) AS i(id, attempts)
-    -- events requeued from the dead letters carry their own copy
-    LEFT JOIN @extschema@.outbox_retries k
-           ON k.event_id = i.id AND k.payload IS NOT NULL
-          AND k.subscription_id = (SELECT s.id FROM @extschema@.outbox_subscriptions s
-                                   WHERE s.name = outbox_claim.subscription)
-    LEFT JOIN @extschema@.outbox_events_for(claimed_ids) e ON e.id = i.id
-    ORDER BY i.id;
 END
 $$;
 

@@ -68,16 +68,6 @@ fn outbox_claim_ids(
     TableIterator::once((ids, attempts))
 }
 
-/// The events with these ids, payloads as JSON text; `outbox_claim` (SQL) casts them to jsonb.
-#[pg_extern(stable, parallel_safe)]
-#[search_path(pg_catalog, pg_temp)]
-fn outbox_events_for(
-    ids: Option<Vec<Option<i64>>>,
-) -> TableIterator<'static, (name!(id, i64), name!(type, String), name!(payload, String), name!(created_at, TimestampWithTimeZone))> {
-    let ids: Vec<i64> = given(ids, "ids").into_iter().flatten().collect();
-    TableIterator::new(consume::events_for(&ids).or_raise())
-}
-
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_ack(ids: Option<Vec<Option<i64>>>, subscription: default!(Option<&str>, "'default'")) -> i32 {

@@ -97,8 +97,8 @@ impl Pending {
         &self.shapes.iter().find(|(s, _)| *s == source).expect("a shape for every pending source").1
     }
 
-    fn text(&self, range: &Range<u32>) -> &str {
-        &self.text[range.start as usize..range.end as usize]
+    fn text(&self, range: &Range<usize>) -> &str {
+        &self.text[range.clone()]
     }
 }
 
@@ -332,24 +332,24 @@ impl<'a> Batch<'a> {
         }
     }
 
-    fn text(&mut self, text: &str) -> Range<u32> {
-        let start = self.text.len() as u32;
+    fn text(&mut self, text: &str) -> Range<usize> {
+        let start = self.text.len();
         self.text.push_str(text);
-        start..self.text.len() as u32
+        start..self.text.len()
     }
 
-    fn slice(&self, range: &Range<u32>) -> &str {
-        &self.text[range.start as usize..range.end as usize]
+    fn slice(&self, range: &Range<usize>) -> &str {
+        &self.text[range.clone()]
     }
 
     /// Encodes `columns` of `tuple` as a JSON object.
-    unsafe fn encode(&mut self, columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Range<u32> {
-        let start = self.text.len() as u32;
+    unsafe fn encode(&mut self, columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Range<usize> {
+        let start = self.text.len();
         unsafe { encode_object(columns, tuple, tupdesc, &mut self.text) };
-        start..self.text.len() as u32
+        start..self.text.len()
     }
 
-    fn push(&mut self, op: Op, from_update: bool, key: Range<u32>, data: Option<Range<u32>>) {
+    fn push(&mut self, op: Op, from_update: bool, key: Range<usize>, data: Option<Range<usize>>) {
         let source = self.attachment.source.into();
         let key_hash = if op == Op::Truncate { table_hash(source) } else { key_hash(source, self.slice(&key)) };
         self.events.push(CapturedEvent { subxact: self.subxact, source, command: self.command, op, from_update, key, data, key_hash });
@@ -362,8 +362,8 @@ impl<'a> Batch<'a> {
             if !pending.shapes.iter().any(|(s, _)| *s == source) {
                 pending.shapes.push((source, self.attachment.shape.clone()));
             }
-            let offset = pending.text.len() as u32;
-            let shift = |r: Range<u32>| r.start + offset..r.end + offset;
+            let offset = pending.text.len();
+            let shift = |r: Range<usize>| r.start + offset..r.end + offset;
             pending.text.push_str(&self.text);
             pending.events.extend(self.events.into_iter().map(|mut e| {
                 e.key = shift(e.key);

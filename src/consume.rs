@@ -23,7 +23,7 @@ use crate::metrics::{bucket_of, LATENCY_BUCKETS};
 use crate::ordering::{Blocked, OrderKey};
 use crate::policy::{check_batch_size, RetryPolicy};
 use crate::queries::{self as q, run};
-use crate::shape::{json_array_elements, payload, EVENTS_PER_ROW};
+use crate::shape::EVENTS_PER_ROW;
 
 pub struct Claimed {
     pub id: i64,
@@ -370,59 +370,6 @@ fn read_log_rows(table: SpiTupleTable<'_>) -> Result<Vec<LogRow>, OutboxError> {
             })
         })
         .collect()
-}
-
-/// An event as `outbox_events_for` returns it: id, type, payload (JSON text) and created_at.
-pub type RenderedEvent = (i64, String, String, TimestampWithTimeZone);
-
-/// The events with these ids that are still in the log, in the order asked for. Rendered here
-/// rather than in SQL: a claim holds its subscription's lock while its events are rendered, and
-/// JSON functions in SQL took 10 µs an event, most of a claim.
-pub fn events_for(ids: &[i64]) -> Result<Vec<RenderedEvent>, OutboxError> {
-    let mut bases: Vec<i64> = ids.iter().map(|id| id - (id - 1).rem_euclid(EVENTS_PER_ROW)).collect();
-    bases.sort_unstable();
-    bases.dedup();
-    let extension = Extension::current()?;
-    Spi::connect_mut(|client| {
-        struct Row {
-            n: i64,
-            event_type: String,
-            source_name: String,
-            keys: String,
-            data: Option<String>,
-            created_at: TimestampWithTimeZone,
-        }
-        let mut rows = std::collections::HashMap::with_capacity(bases.len());
-        for row in run(client, &extension, &q::LOG_ROWS_AT, &[bases.into()])? {
-            let base: i64 = required(&row, 1)?;
-            let n: i32 = required(&row, 2)?;
-            rows.insert(base, Row {
-                n: i64::from(n),
-                event_type: required(&row, 3)?,
-                source_name: required(&row, 4)?,
-                keys: required(&row, 5)?,
-                data: row.get(6)?,
-                created_at: required(&row, 7)?,
-            });
-        }
-        let split: std::collections::HashMap<i64, (Vec<&str>, Vec<&str>)> = rows
-            .iter()
-            .map(|(base, row)| {
-                let data = row.data.as_deref().map(json_array_elements).unwrap_or_default();
-                (*base, (json_array_elements(&row.keys), data))
-            })
-            .collect();
-        let mut events = Vec::with_capacity(ids.len());
-        for &id in ids {
-            let ordinal = (id - 1).rem_euclid(EVENTS_PER_ROW);
-            let base = id - ordinal;
-            let (Some(row), Some((keys, data))) = (rows.get(&base), split.get(&base)) else { continue };
-            let Some(key) = keys.get(ordinal as usize).filter(|_| ordinal < row.n) else { continue };
-            let data = row.data.as_ref().and_then(|_| data.get(ordinal as usize).copied());
-            events.push((id, row.event_type.clone(), payload(&row.source_name, key, data), row.created_at));
-        }
-        Ok(events)
-    })
 }
 
 /// Makes events of `subscription` pending again, as new (attempts 0).

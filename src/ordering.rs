@@ -19,9 +19,9 @@ pub struct CapturedEvent {
     /// Part of an UPDATE (a key change is a DELETE and an UPSERT from the same row).
     pub from_update: bool,
     /// Where the key's JSON text is in the buffer that holds the event.
-    pub key: Range<u32>,
+    pub key: Range<usize>,
     /// Where the payload data's JSON text is, when the attachment has payload columns.
-    pub data: Option<Range<u32>>,
+    pub data: Option<Range<usize>>,
     pub key_hash: i64,
 }
 
@@ -133,7 +133,7 @@ mod tests {
     use super::*;
 
     /// Events whose key text is the single byte at `key` of their buffer.
-    fn event(command: u32, op: Op, from_update: bool, key: u32) -> CapturedEvent {
+    fn event(command: u32, op: Op, from_update: bool, key: usize) -> CapturedEvent {
         CapturedEvent {
             subxact: 1,
             source: 10,
@@ -146,7 +146,7 @@ mod tests {
         }
     }
 
-    fn keys(events: &[CapturedEvent]) -> Vec<(Op, u32)> {
+    fn keys(events: &[CapturedEvent]) -> Vec<(Op, usize)> {
         events.iter().map(|e| (e.op, e.key.start)).collect()
     }
 

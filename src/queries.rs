@@ -359,19 +359,12 @@ pub static IN_FLIGHT_RETRIES: Sql = Sql {
     args: &[INT4],
 };
 
-/// The log rows that hold events with these bases, for `outbox_events_for`.
-pub static LOG_ROWS_AT: Sql = Sql {
-    text: "SELECT l.base, l.n, l.type, l.source_name, l.keys, l.data, l.created_at \
-           FROM @extschema@.outbox_log l WHERE l.base = ANY ($1)",
-    args: &[INT8S],
-};
-
 /// Moves events to the dead letters, taking type and payload from the retry table's copy or
 /// from the log.
 pub static BURY: Sql = Sql {
     text: "WITH dead AS ( \
              SELECT d.id, d.attempts, d.key_hash, d.table_hash, \
-                    coalesce(r.type, e.type) AS type, coalesce(r.payload, e.payload::pg_catalog.jsonb) AS payload, \
+                    coalesce(r.type, e.type) AS type, coalesce(r.payload, e.payload) AS payload, \
                     coalesce(r.created_at, e.created_at) AS created_at \
              FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5)) AS d(id, attempts, key_hash, table_hash) \
              LEFT JOIN @extschema@.outbox_retries r ON r.subscription_id = $1 AND r.event_id = d.id \

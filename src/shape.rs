@@ -133,86 +133,9 @@ pub fn json_array<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
     out
 }
 
-/// The elements of a JSON array, as text. The arrays are the ones capture writes (keys and
-/// payload data), so this only has to find the top-level commas: it tracks strings, escapes
-/// and nesting, and trims the whitespace around each element.
-pub fn json_array_elements(array: &str) -> Vec<&str> {
-    let inner = array.trim().strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or("");
-    let mut elements = Vec::new();
-    let (mut depth, mut in_string, mut escaped, mut start) = (0usize, false, false, 0usize);
-    for (i, byte) in inner.bytes().enumerate() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b',' if depth == 0 => {
-                elements.push(inner[start..i].trim());
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    if !inner.trim().is_empty() {
-        elements.push(inner[start..].trim());
-    }
-    elements
-}
-
-/// An event's payload as JSON text: `{"table": …, "key": …, "data": …}`, with no key for a
-/// TRUNCATE (whose key is `null`) and no data unless payload columns were captured. The same
-/// shape as `outbox_log_events` in sql/api.sql, which the views use; a test checks they agree.
-pub fn payload(table: &str, key: &str, data: Option<&str>) -> String {
-    let mut out = String::with_capacity(table.len() + key.len() + data.map_or(0, str::len) + 32);
-    out.push_str("{\"table\":");
-    push_json_string(&mut out, table);
-    if key != "null" {
-        out.push_str(",\"key\":");
-        out.push_str(key);
-        if let Some(data) = data {
-            out.push_str(",\"data\":");
-            out.push_str(data);
-        }
-    }
-    out.push('}');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn array_elements_split_at_top_level_commas_only() {
-        assert_eq!(json_array_elements(r#"[{"id":1},{"id":2}]"#), [r#"{"id":1}"#, r#"{"id":2}"#]);
-        assert_eq!(
-            json_array_elements(r#"[{"k":"a,]}\"[{"},{"k":[1,{"x":[2]}]}, null ]"#),
-            [r#"{"k":"a,]}\"[{"}"#, r#"{"k":[1,{"x":[2]}]}"#, "null"]
-        );
-        assert_eq!(json_array_elements(r#"["\\",1]"#), [r#""\\""#, "1"]);
-        assert_eq!(json_array_elements("[null]"), ["null"]);
-        assert!(json_array_elements("[]").is_empty());
-        let keys = [r#"{"id":7}"#, r#"{"name":"x\"y"}"#];
-        assert_eq!(json_array_elements(&json_array(keys)), keys);
-    }
-
-    #[test]
-    fn payloads_name_the_table_and_carry_key_and_data() {
-        assert_eq!(payload("public.chunks", r#"{"id":1}"#, None), r#"{"table":"public.chunks","key":{"id":1}}"#);
-        assert_eq!(
-            payload("public.chunks", r#"{"id":1}"#, Some(r#"{"c":"x"}"#)),
-            r#"{"table":"public.chunks","key":{"id":1},"data":{"c":"x"}}"#
-        );
-        assert_eq!(payload("s.\"odd\" name", "null", None), r#"{"table":"s.\"odd\" name"}"#, "a TRUNCATE");
-    }
 
     #[test]
     fn event_types_use_the_prefix() {

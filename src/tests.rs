@@ -272,32 +272,6 @@ mod tests {
     }
 
     #[pg_test]
-    fn claims_render_payloads_exactly_as_the_events_view() {
-        run("CREATE TABLE odd (\"Key\" text, n int, doc jsonb, tags text[], PRIMARY KEY (\"Key\", n))");
-        run("SELECT outbox_attach('odd', payload_columns => ARRAY['doc', 'tags'])");
-        run(r#"INSERT INTO odd VALUES
-                 ('plain', 1, '{"a": [1, {"b": "],["}]}', '{x,y}'),
-                 ('quote " backslash \ comma , bracket ] brace }', 2, '"just a string"', NULL),
-                 ('tab	newline
-    é ✓', 3, 'null', '{"with,comma"}')"#);
-        run("DELETE FROM odd WHERE n = 2");
-        run("TRUNCATE odd");
-        let view = value("SELECT jsonb_agg(jsonb_build_array(id, type, payload) ORDER BY id) FROM outbox_events");
-        let rendered = value(
-            "SELECT jsonb_agg(jsonb_build_array(e.id, e.type, e.payload::jsonb) ORDER BY e.id) \
-             FROM outbox_events_for((SELECT array_agg(id) FROM outbox_events)) e",
-        );
-        assert_eq!(rendered, view);
-        assert_eq!(view.as_array().map(Vec::len), Some(5), "three upserts, a delete and a truncate");
-        let (first, last) = (count("SELECT min(id) FROM outbox_events"), count("SELECT max(id) FROM outbox_events"));
-        assert_eq!(
-            count(&format!("SELECT count(*) FROM outbox_events_for(ARRAY[{last} + 1, {first} - 1, {first}, {first}])")),
-            2,
-            "ids that are not events are skipped; repeated ids repeat"
-        );
-    }
-
-    #[pg_test]
     fn reattach_changes_settings_and_detach_stops_capture() {
         chunks();
         run("SELECT outbox_attach('chunks')");
