@@ -195,6 +195,21 @@ mod tests {
     }
 
     #[pg_test]
+    fn cascaded_deletes_are_captured() {
+        run("CREATE TABLE docs (id int PRIMARY KEY)");
+        run("CREATE TABLE parts (id bigint PRIMARY KEY, doc_id int REFERENCES docs ON DELETE CASCADE)");
+        run("SELECT outbox_attach('parts')");
+        run("INSERT INTO docs VALUES (1), (2)");
+        run("INSERT INTO parts SELECT g, 1 + g % 2 FROM generate_series(1, 6) g");
+        run("DELETE FROM docs WHERE id = 1");
+        assert_eq!(
+            value("SELECT jsonb_agg((payload->'key'->>'id')::int ORDER BY (payload->'key'->>'id')::int) FROM outbox_events WHERE type = 'EMBED_DELETE'"),
+            json!([2, 4, 6]),
+            "the chunks of a deleted document"
+        );
+    }
+
+    #[pg_test]
     fn merge_and_upsert_capture_every_action() {
         chunks();
         run("SELECT outbox_attach('chunks', payload_columns => ARRAY['content'])");
