@@ -3,7 +3,7 @@
 //! packed log rows in the writer's transaction. No SQL runs per row.
 //!
 //! On a plain table, inserts and deletes arrive as the statement's transition table, which
-//! costs a quarter of what firing a row trigger per row does (Postgres refetches each row from
+//! costs less than half of what firing a row trigger per row does (Postgres refetches each row from
 //! its page for a row trigger). Updates keep a row trigger, whose WHEN clause drops updates of
 //! unwatched columns before Postgres does any work for them. On a partitioned table, row
 //! triggers do everything: they are cloned to every partition, so a statement aimed at a
