@@ -98,9 +98,7 @@ fn num_cpus() -> usize {
 /// CPU seconds the server process of `c` has used so far.
 fn backend_cpu(c: &mut Client) -> f64 {
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+    cpu_seconds(pid.into())
 }
 
 /// Wall-clock and server CPU seconds to load all rows, PER_STATEMENT rows per INSERT … SELECT,
@@ -188,20 +186,12 @@ fn pgbench(cluster: &Cluster, db: &str, script: &str, seconds: u32) -> (f64, f64
 fn server_cpu(cluster: &Cluster) -> f64 {
     let pid_file = std::fs::read_to_string(format!("{}/postmaster.pid", cluster.data())).unwrap();
     let postmaster: i64 = pid_file.lines().next().unwrap().trim().parse().unwrap();
-    // fields after the command name: state ppid … utime(11) stime(12) cutime(13) cstime(14)
-    let stat = |pid: &str| -> Option<Vec<i64>> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let fields = text.rsplit_once(')')?.1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
-        Some(fields)
-    };
     let ticks = |fields: &[i64], range: std::ops::Range<usize>| fields[range].iter().sum::<i64>();
-    let mut total = ticks(&stat(&postmaster.to_string()).unwrap(), 11..15);
+    let mut total = ticks(&proc_stat(postmaster).unwrap(), 11..15);
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(fields) = name.bytes().all(|b| b.is_ascii_digit()).then(|| stat(&name)).flatten() {
-            if fields[1] == postmaster {
-                total += ticks(&fields, 11..13);
-            }
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else { continue };
+        if let Some(fields) = proc_stat(pid).filter(|fields| fields[1] == postmaster) {
+            total += ticks(&fields, 11..13);
         }
     }
     total as f64 / 100.0

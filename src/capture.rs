@@ -281,27 +281,28 @@ unsafe fn capture_transition_table(
         pg_sys::tuplestore_rescan(table);
         // to_json and detoasting allocate, and a statement may have millions of rows
         let allocates = attachment.key.iter().chain(data.into_iter().flatten()).any(|c| c.encoding.allocates());
+        // (the per-row context, and the context it replaced)
         let per_row = allocates.then(|| {
-            pg_sys::AllocSetContextCreateExtended(
+            let context = pg_sys::AllocSetContextCreateExtended(
                 pg_sys::CurrentMemoryContext,
                 c"outbox capture row".as_ptr(),
                 pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
                 pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-            )
+            );
+            (context, pg_sys::MemoryContextSwitchTo(context))
         });
-        let previous = per_row.map(|context| pg_sys::MemoryContextSwitchTo(context));
         while pg_sys::tuplestore_gettupleslot(table, true, false, slot) {
             // a minimal tuple slot keeps a heap tuple header over its tuple
             let tuple = (*slot.cast::<pg_sys::MinimalTupleTableSlot>()).tuple;
             let key = batch.encode(&attachment.key, tuple, tupdesc);
             let data = data.map(|columns| batch.encode(columns, tuple, tupdesc));
             batch.push(op, false, key, data);
-            if let Some(context) = per_row {
+            if let Some((context, _)) = per_row {
                 pg_sys::MemoryContextReset(context);
             }
         }
-        if let (Some(context), Some(previous)) = (per_row, previous) {
+        if let Some((context, previous)) = per_row {
             pg_sys::MemoryContextSwitchTo(previous);
             pg_sys::MemoryContextDelete(context);
         }

@@ -345,12 +345,7 @@ fn the_worker_uses_no_measurable_cpu_when_idle() {
     assert!(eventually(Duration::from_secs(5), || settled(&mut c, "idle_sink")));
     assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
     let pid = worker_pid(&mut c).unwrap();
-    let cpu = || -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        ticks / 100.0
-    };
+    let cpu = || cpu_seconds(pid.into());
     let before = cpu();
     std::thread::sleep(Duration::from_secs(10));
     let used = cpu() - before;

@@ -332,6 +332,19 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name, in clock ticks where they are
+/// times: state 0, ppid 1, utime 11, stime 12, cutime 13 and cstime 14 (reaped children).
+pub fn proc_stat(pid: i64) -> Option<Vec<i64>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(text.rsplit_once(')')?.1.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
+}
+
+/// CPU seconds a process has used so far (user and system).
+pub fn cpu_seconds(pid: i64) -> f64 {
+    let fields = proc_stat(pid).unwrap_or_else(|| panic!("no process {pid}"));
+    (fields[11] + fields[12]) as f64 / 100.0
+}
+
 /// Bytes on disk of every outbox table with its indexes and TOAST.
 pub fn outbox_size(c: &mut Client) -> i64 {
     c.query_one(
