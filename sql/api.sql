@@ -118,10 +118,9 @@ CROSS JOIN LATERAL (
                     ELSE l.n::bigint
                END AS waiting
         FROM @extschema@.outbox_log l
-        WHERE l.base OPERATOR(pg_catalog.>) s.done_seq
-           OR ((l.txid OPERATOR(pg_catalog.>=) pg_catalog.pg_snapshot_xmax(s.done_snapshot)
-                OR l.txid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(s.done_snapshot))))
-               AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot))
+        WHERE l.base OPERATOR(pg_catalog.>) s.straddle_floor
+          AND (l.base OPERATOR(pg_catalog.>) s.done_seq
+               OR NOT pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot))
     ) x
 ) w
 CROSS JOIN LATERAL (

@@ -23,7 +23,12 @@ CREATE TABLE @extschema@.outbox_subscriptions (
     done_seq bigint NOT NULL,
     window_snapshot pg_catalog.pg_snapshot NOT NULL,
     window_seq bigint NOT NULL,
-    window_cursor bigint NOT NULL DEFAULT 0
+    window_cursor bigint NOT NULL DEFAULT 0,
+    -- Rows of transactions still running at done_snapshot have bases above straddle_floor.
+    -- floor_mark_bases and floor_mark_xids are the marks it moves up by (see StraddleFloor).
+    straddle_floor bigint NOT NULL DEFAULT -4095,
+    floor_mark_bases bigint[] NOT NULL DEFAULT '{}',
+    floor_mark_xids bigint[] NOT NULL DEFAULT '{}'
 );
 
 CREATE TABLE @extschema@.outbox_attachments (
@@ -66,8 +71,8 @@ CREATE TABLE @extschema@.outbox_log (
     key_hashes bigint[] NOT NULL,
     table_hash bigint NOT NULL
 ) PARTITION BY LIST (slot);
+-- The only index: straddlers are found by base too (see outbox_subscriptions.straddle_floor).
 CREATE INDEX outbox_log_base ON @extschema@.outbox_log (base);
-CREATE INDEX outbox_log_txid ON @extschema@.outbox_log (txid);
 
 CREATE TABLE @extschema@.outbox_ledger (
     slot smallint NOT NULL,

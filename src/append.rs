@@ -35,6 +35,9 @@ pub unsafe fn append(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![true; natts];
 
+        // The xid first: a claim's straddle floor relies on every base being drawn after its
+        // transaction got its xid (see StraddleFloor).
+        let txid = pg_sys::GetTopFullTransactionId().value;
         let base = pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])
             .expect("nextval returns a value");
         let hashes: Vec<pg_sys::Datum> = row.key_hashes.iter().map(|h| pg_sys::Datum::from(*h)).collect();
@@ -56,7 +59,7 @@ pub unsafe fn append(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow
                 b"slot" => pg_sys::Datum::from(row.slot),
                 b"base" => pg_sys::Datum::from(base),
                 b"n" => pg_sys::Datum::from(row.n),
-                b"txid" => pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value),
+                b"txid" => pg_sys::Datum::from(txid),
                 b"created_at" => pg_sys::Datum::from(pg_sys::GetCurrentTimestamp()),
                 b"source" => pg_sys::Datum::from(row.source),
                 b"source_name" => text(row.source_name),

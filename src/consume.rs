@@ -20,7 +20,7 @@ use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
 use crate::metrics::{bucket_of, LATENCY_BUCKETS};
-use crate::ordering::{Blocked, OrderKey};
+use crate::ordering::{Blocked, OrderKey, StraddleFloor};
 use crate::policy::{check_batch_size, RetryPolicy};
 use crate::queries::{self as q, run};
 use crate::shape::EVENTS_PER_ROW;
@@ -398,7 +398,8 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
     let expires = now.saturating_add(lease_micros);
     let batch = batch_size as usize;
     Spi::connect_mut(|client| {
-        let locked = run(client, &extension, &q::LOCK_SUBSCRIPTION, &[subscription.into()])?;
+        let lock = if extension.has_straddle_floor { &q::LOCK_SUBSCRIPTION } else { &q::LOCK_SUBSCRIPTION_BEFORE_0_4 };
+        let locked = run(client, &extension, lock, &[subscription.into()])?;
         let Some(row) = locked.into_iter().next() else {
             return Err(OutboxError::UnknownSubscription(subscription.to_string()));
         };
@@ -407,6 +408,10 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
         let mut done_seq: i64 = required(&row, 3)?;
         let mut window_seq: i64 = required(&row, 4)?;
         let mut cursor: i64 = required(&row, 5)?;
+        let bases: Vec<i64> = required(&row, 7)?;
+        let xids: Vec<i64> = required(&row, 8)?;
+        let mut floor = StraddleFloor { floor: required(&row, 6)?, marks: bases.into_iter().zip(xids).collect() };
+        let window_xmin: i64 = required(&row, 9)?;
         let policy = guc::retry_policy().with_overrides(&options.0)?;
 
         rescue_expired(client, &extension, sub, &policy, now)?;
@@ -461,7 +466,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
                     client,
                     &extension,
                     &q::STRADDLERS,
-                    &[sub.into(), done_seq.into(), (cursor - EVENTS_PER_ROW).into(), (wanted + 1).into()],
+                    &[sub.into(), done_seq.into(), (cursor - EVENTS_PER_ROW).max(floor.floor).into(), (wanted + 1).into()],
                 )?
             } else {
                 let lower = done_seq.max(cursor - EVENTS_PER_ROW);
@@ -500,7 +505,17 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
             } else if advanced {
                 break;
             } else {
-                let next = single(run(client, &extension, &q::ADVANCE_WINDOW, &[sub.into()])?)?;
+                // the mark's base is read before its xid, as StraddleFloor requires
+                let mark_base: i64 = required(&single(run(client, &extension, &q::LAST_BASE, &[])?)?, 1)?;
+                let mark_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
+                floor.close_window(window_xmin, (mark_base, mark_xid));
+                let (bases, xids): (Vec<i64>, Vec<i64>) = floor.marks.iter().copied().unzip();
+                let next = single(run(
+                    client,
+                    &extension,
+                    if extension.has_straddle_floor { &q::ADVANCE_WINDOW } else { &q::ADVANCE_WINDOW_BEFORE_0_4 },
+                    &[sub.into(), floor.floor.into(), bases.into(), xids.into()],
+                )?)?;
                 done_seq = required(&next, 1)?;
                 window_seq = required(&next, 2)?;
                 cursor = 0;

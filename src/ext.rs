@@ -16,6 +16,9 @@ pub struct Extension {
     /// `outbox_log_0` … `outbox_log_7`, which capture writes to directly.
     pub log_segments: Vec<pg_sys::Oid>,
     pub event_id_seq: pg_sys::Oid,
+    /// The subscriptions have a straddle floor (0.4.0). False in a database whose SQL is still
+    /// an older release's, which this library keeps claiming from until it is updated.
+    pub has_straddle_floor: bool,
 }
 
 thread_local! {
@@ -28,6 +31,7 @@ pub fn init() {
 
 /// Dropping the extension drops its relations, which invalidates them in every backend: the
 /// cached lookup goes with them, and the capture trigger needs no catalog lookup otherwise.
+/// (The update to 0.4.0 drops an index of the log segments, which invalidates them too.)
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     CURRENT.with(|c| {
@@ -50,7 +54,7 @@ impl Extension {
             return Err(OutboxError::NotInstalled);
         }
         // runs under any search_path (from the capture trigger): everything is qualified
-        let (schema, owner, log_segments, event_id_seq) = Spi::connect(|client| {
+        let (schema, owner, log_segments, event_id_seq, has_straddle_floor) = Spi::connect(|client| {
             let row = client
                 .select(
                     "SELECT pg_catalog.quote_ident(n.nspname), e.extowner, \
@@ -60,7 +64,12 @@ impl Extension {
                                   ORDER BY pg_catalog.substr(c.relname, 12)::pg_catalog.int4), \
                             (SELECT c.oid FROM pg_catalog.pg_class c \
                              WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid \
-                               AND c.relname OPERATOR(pg_catalog.=) 'outbox_event_id_seq') \
+                               AND c.relname OPERATOR(pg_catalog.=) 'outbox_event_id_seq'), \
+                            EXISTS (SELECT FROM pg_catalog.pg_attribute a \
+                                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
+                                    WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid \
+                                      AND c.relname OPERATOR(pg_catalog.=) 'outbox_subscriptions' \
+                                      AND a.attname OPERATOR(pg_catalog.=) 'straddle_floor' AND NOT a.attisdropped) \
                      FROM pg_catalog.pg_extension e \
                      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
                      WHERE e.oid OPERATOR(pg_catalog.=) $1",
@@ -73,6 +82,7 @@ impl Extension {
                 row.get::<pg_sys::Oid>(2)?,
                 row.get::<Vec<pg_sys::Oid>>(3)?,
                 row.get::<pg_sys::Oid>(4)?,
+                row.get::<bool>(5)?,
             ))
         })?;
         let extension = Rc::new(Extension {
@@ -80,6 +90,7 @@ impl Extension {
             owner: owner.ok_or(OutboxError::NotInstalled)?,
             log_segments: log_segments.unwrap_or_default(),
             event_id_seq: event_id_seq.ok_or(OutboxError::NotInstalled)?,
+            has_straddle_floor: has_straddle_floor.unwrap_or(false),
         });
         crate::queries::forget_plans();
         CURRENT.with(|c| *c.borrow_mut() = Some(extension.clone()));

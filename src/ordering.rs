@@ -1,5 +1,6 @@
 //! Ordering decisions, kept pure: how the events one statement captured are ordered and cut
-//! into log rows, and which events a claim may hand out without breaking per-key order.
+//! into log rows, which events a claim may hand out without breaking per-key order, and how
+//! far back a claim must look for transactions that committed after a window closed.
 
 use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -128,6 +129,45 @@ impl Blocked {
     }
 }
 
+/// The most marks a subscription keeps while a long transaction holds its floor back.
+pub const FLOOR_MARKS: usize = 8;
+
+/// A lower bound on the bases of the log rows that transactions still running at a
+/// subscription's done snapshot wrote or will write: the straddlers a claim must still hand
+/// out lie between it and `done_seq`, so they are found through the base index and the log
+/// needs no index on txid.
+///
+/// It rests on marks. A mark pairs the last base handed out with the next xid to be assigned,
+/// read in that order: a transaction whose xid is at least the mark's xid got it after the
+/// read, and capture draws a base only once its transaction has an xid, so every base it
+/// draws is greater than the mark's base. When a window closes, the marks whose xid is at
+/// most the closing snapshot's xmin (the oldest xid still running then) are confirmed and
+/// the floor moves up to the newest of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StraddleFloor {
+    pub floor: i64,
+    /// (base, next xid), oldest first
+    pub marks: Vec<(i64, i64)>,
+}
+
+impl StraddleFloor {
+    /// The window whose snapshot has xmin `closing_xmin` becomes the done one; `mark` was read
+    /// just now.
+    pub fn close_window(&mut self, closing_xmin: i64, mark: (i64, i64)) {
+        let confirmed = self.marks.iter().filter(|(_, xid)| *xid <= closing_xmin).map(|(base, _)| *base).max();
+        if let Some(base) = confirmed {
+            self.floor = self.floor.max(base);
+        }
+        self.marks.retain(|(_, xid)| *xid > closing_xmin);
+        // A long transaction keeps every mark unconfirmed: keep the oldest ones, which will be
+        // confirmed first, and let the newest slot follow the present.
+        if self.marks.len() == FLOOR_MARKS {
+            self.marks.pop();
+        }
+        self.marks.push(mark);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +259,39 @@ mod tests {
         assert!(blocked.blocks(row(7, 100)));
         assert!(blocked.blocks(truncate(100)));
         assert!(!blocked.blocks(row(7, 200)));
+    }
+
+    #[test]
+    fn the_floor_moves_to_the_newest_mark_older_than_every_running_transaction() {
+        let mut floor = StraddleFloor { floor: -4095, marks: vec![] };
+        floor.close_window(100, (4097, 110));
+        assert_eq!(floor, StraddleFloor { floor: -4095, marks: vec![(4097, 110)] }, "nothing confirmed yet");
+        floor.close_window(105, (8193, 120));
+        assert_eq!(floor.floor, -4095, "xid 105 may have drawn a base below 4097");
+        floor.close_window(120, (12289, 130));
+        assert_eq!(floor, StraddleFloor { floor: 8193, marks: vec![(12289, 130)] });
+    }
+
+    #[test]
+    fn the_floor_never_moves_down() {
+        let mut floor = StraddleFloor { floor: 9000, marks: vec![(4097, 110)] };
+        floor.close_window(200, (12289, 210));
+        assert_eq!(floor.floor, 9000);
+    }
+
+    #[test]
+    fn a_long_transaction_keeps_the_oldest_marks_and_the_newest() {
+        let mut floor = StraddleFloor { floor: 0, marks: vec![] };
+        for i in 0..20 {
+            floor.close_window(50, (1000 * (i + 1), 100 + i));
+        }
+        assert_eq!(floor.floor, 0, "xid 50 is still running");
+        assert_eq!(floor.marks.len(), FLOOR_MARKS);
+        assert_eq!(floor.marks[..FLOOR_MARKS - 1], (0..7).map(|i| (1000 * (i + 1), 100 + i)).collect::<Vec<_>>()[..]);
+        assert_eq!(floor.marks[FLOOR_MARKS - 1], (20000, 119));
+        // it ends: the marks older than the transactions running now are confirmed
+        floor.close_window(115, (21000, 130));
+        assert_eq!(floor.floor, 7000);
+        assert_eq!(floor.marks, [(20000, 119), (21000, 130)]);
     }
 }

@@ -129,7 +129,26 @@ macro_rules! last_base {
     };
 }
 
+/// A new subscription's straddle floor is the highest of the others': each holds for every
+/// snapshot taken after that subscription's done snapshot, the new one's included.
 pub static SUBSCRIBE: Sql = Sql {
+    text: concat!(
+        "INSERT INTO @extschema@.outbox_subscriptions \
+           (name, sink, options, done_snapshot, done_seq, window_snapshot, window_seq, straddle_floor) \
+         SELECT $1, $2, $3, w.snap, w.seq, w.snap, w.seq, w.floor \
+         FROM (SELECT CASE WHEN $4 THEN '1:1:'::pg_catalog.pg_snapshot ELSE pg_catalog.pg_current_snapshot() END AS snap, \
+                      CASE WHEN $4 THEN 1 - 4096 ELSE ",
+        last_base!(),
+        " END AS seq, \
+                      CASE WHEN $4 THEN 1 - 4096 \
+                           ELSE coalesce((SELECT max(straddle_floor) FROM @extschema@.outbox_subscriptions), 1 - 4096) \
+                      END AS floor) w \
+         ON CONFLICT (name) DO NOTHING RETURNING id"
+    ),
+    args: &[TEXT, TEXT, JSONB, BOOL],
+};
+
+pub static SUBSCRIBE_BEFORE_0_4: Sql = Sql {
     text: concat!(
         "INSERT INTO @extschema@.outbox_subscriptions \
            (name, sink, options, done_snapshot, done_seq, window_snapshot, window_seq) \
@@ -164,7 +183,19 @@ pub static FIND_SUBSCRIPTION: Sql = Sql {
 
 /// Serializes claims of one subscription; acks and fails do not take this lock.
 pub static LOCK_SUBSCRIPTION: Sql = Sql {
-    text: "SELECT id, options, done_seq, window_seq, window_cursor \
+    text: "SELECT id, options, done_seq, window_seq, window_cursor, straddle_floor, floor_mark_bases, floor_mark_xids, \
+                  pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
+           FROM @extschema@.outbox_subscriptions WHERE name = $1 FOR NO KEY UPDATE",
+    args: &[TEXT],
+};
+
+// The `_BEFORE_0_4` twins serve databases whose SQL is still 0.3.0 or older
+// (`Extension::has_straddle_floor`): no floor columns, so the floor stays at the bottom, which
+// holds for any history. Remove them when updates from 0.3.0 are no longer supported.
+
+pub static LOCK_SUBSCRIPTION_BEFORE_0_4: Sql = Sql {
+    text: "SELECT id, options, done_seq, window_seq, window_cursor, -4095::bigint, '{}'::bigint[], '{}'::bigint[], \
+                  pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
            FROM @extschema@.outbox_subscriptions WHERE name = $1 FOR NO KEY UPDATE",
     args: &[TEXT],
 };
@@ -253,16 +284,13 @@ pub static ADD_RETRIES: Sql = Sql {
 };
 
 /// Rows of transactions that were still running when the subscription's done snapshot was
-/// taken and have committed since. Found by txid: all of them lie between that snapshot's
-/// xmin and the window snapshot's xmax, a short range. (OFFSET 0 keeps the base conditions
-/// out of the scan, or the planner would scan every older row by base.)
+/// taken and have committed since: between the straddle floor (the caller's `$3` is never
+/// below it) and done_seq.
 pub static STRADDLERS: Sql = Sql {
     text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at \
-           FROM (SELECT done_snapshot AS done, window_snapshot AS win \
+           FROM @extschema@.outbox_log l, \
+                (SELECT done_snapshot AS done, window_snapshot AS win \
                  FROM @extschema@.outbox_subscriptions WHERE id = $1) s \
-           CROSS JOIN LATERAL (SELECT * FROM @extschema@.outbox_log l \
-                               WHERE l.txid >= pg_catalog.pg_snapshot_xmin(s.done) \
-                                 AND l.txid < pg_catalog.pg_snapshot_xmax(s.win) OFFSET 0) l \
            WHERE l.base <= $2 AND l.base > $3 \
              AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, s.done) \
              AND pg_catalog.pg_visible_in_snapshot(l.txid, s.win) \
@@ -280,8 +308,24 @@ pub static WINDOW_ROWS: Sql = Sql {
     args: &[INT4, INT8, INT8, INT8],
 };
 
-/// Closes the exhausted window and opens the next one at the current snapshot.
+/// The last base handed out: the first half of a straddle-floor mark.
+pub static LAST_BASE: Sql = Sql { text: concat!("SELECT ", last_base!()), args: &[] };
+
+/// Closes the exhausted window and opens the next one at the current snapshot, with the
+/// straddle floor and marks as `StraddleFloor::close_window` left them.
 pub static ADVANCE_WINDOW: Sql = Sql {
+    text: concat!(
+        "UPDATE @extschema@.outbox_subscriptions \
+         SET done_snapshot = window_snapshot, done_seq = window_seq, \
+             window_snapshot = pg_catalog.pg_current_snapshot(), window_seq = ",
+        last_base!(),
+        ", window_cursor = 0, straddle_floor = $2, floor_mark_bases = $3, floor_mark_xids = $4 \
+         WHERE id = $1 RETURNING done_seq, window_seq"
+    ),
+    args: &[INT4, INT8, INT8S, INT8S],
+};
+
+pub static ADVANCE_WINDOW_BEFORE_0_4: Sql = Sql {
     text: concat!(
         "UPDATE @extschema@.outbox_subscriptions \
          SET done_snapshot = window_snapshot, done_seq = window_seq, \
@@ -289,7 +333,7 @@ pub static ADVANCE_WINDOW: Sql = Sql {
         last_base!(),
         ", window_cursor = 0 WHERE id = $1 RETURNING done_seq, window_seq"
     ),
-    args: &[INT4],
+    args: &[INT4, INT8, INT8S, INT8S],
 };
 
 pub static SAVE_CURSOR: Sql = Sql {

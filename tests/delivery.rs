@@ -251,11 +251,32 @@ fn a_transaction_committing_after_a_later_one_is_not_skipped() {
     let second = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!(second.iter().map(|e| e.2).collect::<Vec<_>>(), [3]);
     c.execute("SELECT outbox_ack($1)", &[&ids(&second)]).unwrap();
+    // more window advances than the subscription keeps straddle-floor marks
+    for key in 100..120 {
+        late.batch_execute(&format!("INSERT INTO chunks VALUES ({key}, 1, 'meanwhile', '{{1}}')")).unwrap();
+        let one = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+        assert_eq!(one.iter().map(|e| e.2).collect::<Vec<_>>(), [key]);
+        c.execute("SELECT outbox_ack($1)", &[&ids(&one)]).unwrap();
+    }
+    let floor = "SELECT straddle_floor FROM outbox_subscriptions WHERE name = 'default'";
 
     early.batch_execute("COMMIT").unwrap();
     let third = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!(third.iter().map(|e| e.2).collect::<Vec<_>>(), [1], "the early transaction's event");
     assert!(third[0].0 < first[0].0, "it has the lower id");
+    assert!(scalar_i64(&mut c, floor) < third[0].0, "the floor stayed below it while it was running");
+    // xids are the cluster's: other tests' transactions running across a window hold the floor
+    // back too, so give them time to end
+    let started = Instant::now();
+    for key in 200.. {
+        late.batch_execute(&format!("INSERT INTO chunks VALUES ({key}, 1, 'after', '{{1}}')")).unwrap();
+        assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(10)").len(), 1);
+        if scalar_i64(&mut c, floor) > third[0].0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the floor never passed the early transaction's event");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A subscription opened in the transaction that writes the first events ever gets them, also
