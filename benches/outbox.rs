@@ -258,6 +258,17 @@ fn drain(events: i64, mut round_trip: impl FnMut() -> usize) -> f64 {
     events as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The ids of a claimed batch of (id, type, payload jsonb), each payload decoded as a
+/// consumer would.
+fn decoded_ids(rows: &[postgres::Row]) -> Vec<i64> {
+    rows.iter()
+        .map(|r| {
+            let _payload: serde_json::Value = r.get(2);
+            r.get(0)
+        })
+        .collect()
+}
+
 fn drain_path(c: &mut Client) {
     c.batch_execute(
         "CREATE TABLE skip_queue (id bigserial PRIMARY KEY, type text, payload jsonb,
@@ -304,14 +315,7 @@ fn drain_path(c: &mut Client) {
             let claim = c.prepare("SELECT id, type, payload FROM outbox_claim(1000, $1)").unwrap();
             let ack = c.prepare("SELECT outbox_ack($1, $2)").unwrap();
             rates.push(drain(ROWS, || {
-                let rows = c.query(&claim, &[&name]).unwrap();
-                let ids: Vec<i64> = rows
-                    .iter()
-                    .map(|r| {
-                        let _payload: serde_json::Value = r.get(2);
-                        r.get(0)
-                    })
-                    .collect();
+                let ids = decoded_ids(&c.query(&claim, &[&name]).unwrap());
                 if !ids.is_empty() {
                     c.query_one(&ack, &[&ids, &name]).unwrap();
                 }
@@ -343,14 +347,7 @@ fn drain_path(c: &mut Client) {
         .unwrap();
         settle(c);
         rates.push(drain(ROWS, || {
-            let rows = c.query(&claim, &[]).unwrap();
-            let ids: Vec<i64> = rows
-                .iter()
-                .map(|r| {
-                    let _payload: serde_json::Value = r.get(2);
-                    r.get(0)
-                })
-                .collect();
+            let ids = decoded_ids(&c.query(&claim, &[]).unwrap());
             if !ids.is_empty() {
                 c.execute(&ack, &[&ids]).unwrap();
             }
