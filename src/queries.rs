@@ -141,7 +141,7 @@ pub static SUBSCRIBE: Sql = Sql {
         last_base!(),
         " END AS seq, \
                       CASE WHEN $4 THEN 1 - 4096 \
-                           ELSE coalesce((SELECT max(straddle_floor) FROM @extschema@.outbox_subscriptions), 1 - 4096) \
+                           ELSE coalesce((SELECT pg_catalog.max(straddle_floor) FROM @extschema@.outbox_subscriptions), 1 - 4096) \
                       END AS floor) w \
          ON CONFLICT (name) DO NOTHING RETURNING id"
     ),
