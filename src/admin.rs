@@ -46,7 +46,7 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
         let created = run(
             client,
             &extension,
-            if extension.has_straddle_floor { &q::SUBSCRIBE } else { &q::SUBSCRIBE_BEFORE_0_4 },
+            q::SUBSCRIBE.pick(&extension),
             &[name.into(), sink.into(), pgrx::JsonB(options.clone()).into(), from_start.into()],
         )?;
         if created.is_empty() {

@@ -398,8 +398,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
     let expires = now.saturating_add(lease_micros);
     let batch = batch_size as usize;
     Spi::connect_mut(|client| {
-        let lock = if extension.has_straddle_floor { &q::LOCK_SUBSCRIPTION } else { &q::LOCK_SUBSCRIPTION_BEFORE_0_4 };
-        let locked = run(client, &extension, lock, &[subscription.into()])?;
+        let locked = run(client, &extension, q::LOCK_SUBSCRIPTION.pick(&extension), &[subscription.into()])?;
         let Some(row) = locked.into_iter().next() else {
             return Err(OutboxError::UnknownSubscription(subscription.to_string()));
         };
@@ -513,7 +512,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
                 let next = single(run(
                     client,
                     &extension,
-                    if extension.has_straddle_floor { &q::ADVANCE_WINDOW } else { &q::ADVANCE_WINDOW_BEFORE_0_4 },
+                    q::ADVANCE_WINDOW.pick(&extension),
                     &[sub.into(), floor.floor.into(), bases.into(), xids.into()],
                 )?)?;
                 done_seq = required(&next, 1)?;

@@ -21,6 +21,25 @@ pub struct Sql {
     pub args: &'static [Oid],
 }
 
+/// A statement in two versions: for databases whose SQL has the straddle floor (0.4.0), and for
+/// those still at an older release, which this library keeps claiming from until they are
+/// updated (there the floor stays at the bottom, which holds for any history). Remove the
+/// older versions when updates from 0.3.0 are no longer supported.
+pub struct ForRelease {
+    current: Sql,
+    before_0_4: Sql,
+}
+
+impl ForRelease {
+    pub fn pick(&'static self, extension: &Extension) -> &'static Sql {
+        if extension.has_straddle_floor {
+            &self.current
+        } else {
+            &self.before_0_4
+        }
+    }
+}
+
 use pg_sys::{
     BOOLOID as BOOL, INT2OID as INT2, INT4OID as INT4, INT8ARRAYOID as INT8S, INT8OID as INT8, JSONBOID as JSONB, OIDOID as OID, TEXTARRAYOID as TEXTS, TEXTOID as TEXT, TIMESTAMPTZARRAYOID as TIMES,
     TIMESTAMPTZOID as TIME, INTERVALOID as INTERVAL,
@@ -129,37 +148,36 @@ macro_rules! last_base {
     };
 }
 
+macro_rules! subscribe {
+    ($floor_column:literal, $floor:literal) => {
+        concat!(
+            "INSERT INTO @extschema@.outbox_subscriptions \
+               (name, sink, options, done_snapshot, done_seq, window_snapshot, window_seq",
+            $floor_column,
+            ") \
+             SELECT $1, $2, $3, w.snap, w.seq, w.snap, w.seq",
+            $floor,
+            " FROM (SELECT CASE WHEN $4 THEN '1:1:'::pg_catalog.pg_snapshot ELSE pg_catalog.pg_current_snapshot() END AS snap, \
+                           CASE WHEN $4 THEN 1 - 4096 ELSE ",
+            last_base!(),
+            " END AS seq) w \
+             ON CONFLICT (name) DO NOTHING RETURNING id"
+        )
+    };
+}
+
 /// A new subscription's straddle floor is the highest of the others': each holds for every
 /// snapshot taken after that subscription's done snapshot, the new one's included.
-pub static SUBSCRIBE: Sql = Sql {
-    text: concat!(
-        "INSERT INTO @extschema@.outbox_subscriptions \
-           (name, sink, options, done_snapshot, done_seq, window_snapshot, window_seq, straddle_floor) \
-         SELECT $1, $2, $3, w.snap, w.seq, w.snap, w.seq, w.floor \
-         FROM (SELECT CASE WHEN $4 THEN '1:1:'::pg_catalog.pg_snapshot ELSE pg_catalog.pg_current_snapshot() END AS snap, \
-                      CASE WHEN $4 THEN 1 - 4096 ELSE ",
-        last_base!(),
-        " END AS seq, \
-                      CASE WHEN $4 THEN 1 - 4096 \
-                           ELSE coalesce((SELECT pg_catalog.max(straddle_floor) FROM @extschema@.outbox_subscriptions), 1 - 4096) \
-                      END AS floor) w \
-         ON CONFLICT (name) DO NOTHING RETURNING id"
-    ),
-    args: &[TEXT, TEXT, JSONB, BOOL],
-};
-
-pub static SUBSCRIBE_BEFORE_0_4: Sql = Sql {
-    text: concat!(
-        "INSERT INTO @extschema@.outbox_subscriptions \
-           (name, sink, options, done_snapshot, done_seq, window_snapshot, window_seq) \
-         SELECT $1, $2, $3, w.snap, w.seq, w.snap, w.seq \
-         FROM (SELECT CASE WHEN $4 THEN '1:1:'::pg_catalog.pg_snapshot ELSE pg_catalog.pg_current_snapshot() END AS snap, \
-                      CASE WHEN $4 THEN 1 - 4096 ELSE ",
-        last_base!(),
-        " END AS seq) w \
-         ON CONFLICT (name) DO NOTHING RETURNING id"
-    ),
-    args: &[TEXT, TEXT, JSONB, BOOL],
+pub static SUBSCRIBE: ForRelease = ForRelease {
+    current: Sql {
+        text: subscribe!(
+            ", straddle_floor",
+            ", CASE WHEN $4 THEN 1 - 4096 \
+                    ELSE coalesce((SELECT pg_catalog.max(straddle_floor) FROM @extschema@.outbox_subscriptions), 1 - 4096) END"
+        ),
+        args: &[TEXT, TEXT, JSONB, BOOL],
+    },
+    before_0_4: Sql { text: subscribe!("", ""), args: &[TEXT, TEXT, JSONB, BOOL] },
 };
 
 pub static UNSUBSCRIBE: Sql = Sql {
@@ -181,23 +199,21 @@ pub static FIND_SUBSCRIPTION: Sql = Sql {
 // ---------------------------------------------------------------------------------------
 // claim
 
+macro_rules! lock_subscription {
+    ($floor_columns:literal) => {
+        concat!(
+            "SELECT id, options, done_seq, window_seq, window_cursor, ",
+            $floor_columns,
+            ", pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
+             FROM @extschema@.outbox_subscriptions WHERE name = $1 FOR NO KEY UPDATE"
+        )
+    };
+}
+
 /// Serializes claims of one subscription; acks and fails do not take this lock.
-pub static LOCK_SUBSCRIPTION: Sql = Sql {
-    text: "SELECT id, options, done_seq, window_seq, window_cursor, straddle_floor, floor_mark_bases, floor_mark_xids, \
-                  pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
-           FROM @extschema@.outbox_subscriptions WHERE name = $1 FOR NO KEY UPDATE",
-    args: &[TEXT],
-};
-
-// The `_BEFORE_0_4` twins serve databases whose SQL is still 0.3.0 or older
-// (`Extension::has_straddle_floor`): no floor columns, so the floor stays at the bottom, which
-// holds for any history. Remove them when updates from 0.3.0 are no longer supported.
-
-pub static LOCK_SUBSCRIPTION_BEFORE_0_4: Sql = Sql {
-    text: "SELECT id, options, done_seq, window_seq, window_cursor, -4095::bigint, '{}'::bigint[], '{}'::bigint[], \
-                  pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
-           FROM @extschema@.outbox_subscriptions WHERE name = $1 FOR NO KEY UPDATE",
-    args: &[TEXT],
+pub static LOCK_SUBSCRIPTION: ForRelease = ForRelease {
+    current: Sql { text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids"), args: &[TEXT] },
+    before_0_4: Sql { text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]"), args: &[TEXT] },
 };
 
 /// Open claims of a subscription with the events they handed out. LATERAL keeps the plan
@@ -311,29 +327,28 @@ pub static WINDOW_ROWS: Sql = Sql {
 /// The last base handed out: the first half of a straddle-floor mark.
 pub static LAST_BASE: Sql = Sql { text: concat!("SELECT ", last_base!()), args: &[] };
 
+macro_rules! advance_window {
+    ($set_floor:literal) => {
+        concat!(
+            "UPDATE @extschema@.outbox_subscriptions \
+             SET done_snapshot = window_snapshot, done_seq = window_seq, \
+                 window_snapshot = pg_catalog.pg_current_snapshot(), window_seq = ",
+            last_base!(),
+            ", window_cursor = 0",
+            $set_floor,
+            " WHERE id = $1 RETURNING done_seq, window_seq"
+        )
+    };
+}
+
 /// Closes the exhausted window and opens the next one at the current snapshot, with the
 /// straddle floor and marks as `StraddleFloor::close_window` left them.
-pub static ADVANCE_WINDOW: Sql = Sql {
-    text: concat!(
-        "UPDATE @extschema@.outbox_subscriptions \
-         SET done_snapshot = window_snapshot, done_seq = window_seq, \
-             window_snapshot = pg_catalog.pg_current_snapshot(), window_seq = ",
-        last_base!(),
-        ", window_cursor = 0, straddle_floor = $2, floor_mark_bases = $3, floor_mark_xids = $4 \
-         WHERE id = $1 RETURNING done_seq, window_seq"
-    ),
-    args: &[INT4, INT8, INT8S, INT8S],
-};
-
-pub static ADVANCE_WINDOW_BEFORE_0_4: Sql = Sql {
-    text: concat!(
-        "UPDATE @extschema@.outbox_subscriptions \
-         SET done_snapshot = window_snapshot, done_seq = window_seq, \
-             window_snapshot = pg_catalog.pg_current_snapshot(), window_seq = ",
-        last_base!(),
-        ", window_cursor = 0 WHERE id = $1 RETURNING done_seq, window_seq"
-    ),
-    args: &[INT4, INT8, INT8S, INT8S],
+pub static ADVANCE_WINDOW: ForRelease = ForRelease {
+    current: Sql {
+        text: advance_window!(", straddle_floor = $2, floor_mark_bases = $3, floor_mark_xids = $4"),
+        args: &[INT4, INT8, INT8S, INT8S],
+    },
+    before_0_4: Sql { text: advance_window!(""), args: &[INT4, INT8, INT8S, INT8S] },
 };
 
 pub static SAVE_CURSOR: Sql = Sql {

@@ -261,6 +261,8 @@ fn a_transaction_committing_after_a_later_one_is_not_skipped() {
     let floor = "SELECT straddle_floor FROM outbox_subscriptions WHERE name = 'default'";
 
     early.batch_execute("COMMIT").unwrap();
+    let pending = "SELECT pending FROM outbox_backlog WHERE subscription = 'default'";
+    assert_eq!(scalar_i64(&mut c, pending), 1, "the backlog counts it below the handed-out ids");
     let third = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!(third.iter().map(|e| e.2).collect::<Vec<_>>(), [1], "the early transaction's event");
     assert!(third[0].0 < first[0].0, "it has the lower id");
@@ -277,6 +279,23 @@ fn a_transaction_committing_after_a_later_one_is_not_skipped() {
         assert!(started.elapsed() < Duration::from_secs(60), "the floor never passed the early transaction's event");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A subscription created while a transaction that already wrote is still open gets that
+/// transaction's event once it commits: its straddle floor comes from the other subscriptions,
+/// not from the ids drawn so far.
+#[test]
+fn a_subscription_gets_the_event_of_a_transaction_open_when_it_was_created() {
+    let (db, mut c) = setup("open_at_subscribe", "");
+    let mut early = shared().connect(&db);
+    early.batch_execute("BEGIN; INSERT INTO chunks VALUES (1, 1, 'early', '{1}')").unwrap();
+    insert(&mut c, 2..=3);
+    assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(10)").len(), 2, "default moves its windows meanwhile");
+    c.batch_execute("SELECT outbox_subscribe('late')").unwrap();
+    insert(&mut c, 4..=4);
+    early.batch_execute("COMMIT").unwrap();
+    let late = claim(&mut c, "SELECT * FROM outbox_claim(10, 'late')");
+    assert_eq!(late.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 4], "committed after the subscription was created");
 }
 
 /// A subscription opened in the transaction that writes the first events ever gets them, also
