@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use pgrx::PgRelation;
 
 use crate::error::{OrRaise, OutboxError};
+use crate::consume::{Claimed, Payloads};
 use crate::{admin, attach, consume};
 
 fn given<T>(value: Option<T>, name: &'static str) -> T {
@@ -53,19 +54,47 @@ fn outbox_unsubscribe(name: Option<&str>) {
     admin::unsubscribe(given(name, "name")).or_raise()
 }
 
-/// The claim decision, as one row of two arrays; `outbox_claim` (SQL) turns it into rows with
-/// type, payload and created_at.
+/// Claims and renders the events: `outbox_claim` (SQL) casts the payloads to jsonb.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_claim_events(
+    batch_size: Option<i32>,
+    subscription: Option<&str>,
+    lease: Option<Interval>,
+) -> TableIterator<
+    'static,
+    (
+        name!(id, i64),
+        name!(event_type, Option<String>),
+        name!(payload, Option<String>),
+        name!(created_at, Option<TimestampWithTimeZone>),
+        name!(attempts, i32),
+    ),
+> {
+    let claimed = claim(batch_size, subscription, lease, Payloads::Render);
+    TableIterator::new(claimed.into_iter().map(|c| match c.event {
+        Some(e) => (c.id, Some(e.event_type), Some(e.payload), Some(e.created_at), c.attempts),
+        None => (c.id, None, None, None, c.attempts),
+    }))
+}
+
+/// The claim decision as one row of two arrays, which the `outbox_claim` of databases still at
+/// 0.4.0 or older renders itself. Not in the 0.5.0 SQL; the update drops it.
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_claim_ids(
     batch_size: Option<i32>,
     subscription: Option<&str>,
     lease: Option<Interval>,
 ) -> TableIterator<'static, (name!(ids, Vec<i64>), name!(attempts, Vec<i32>))> {
-    let claimed = consume::claim(given(batch_size, "batch_size"), given(subscription, "subscription"), &given(lease, "lease"))
-        .or_raise();
+    let claimed = claim(batch_size, subscription, lease, Payloads::Skip);
     let (ids, attempts) = claimed.into_iter().map(|c| (c.id, c.attempts)).unzip();
     TableIterator::once((ids, attempts))
+}
+
+fn claim(batch_size: Option<i32>, subscription: Option<&str>, lease: Option<Interval>, payloads: Payloads) -> Vec<Claimed> {
+    consume::claim(given(batch_size, "batch_size"), given(subscription, "subscription"), &given(lease, "lease"), payloads)
+        .or_raise()
 }
 
 #[pg_extern(volatile, parallel_unsafe, security_definer)]

@@ -8,7 +8,7 @@
 //! delivery (failed, expired, deferred behind their row, replayed) get a row of their own in
 //! `outbox_retries`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -23,11 +23,29 @@ use crate::metrics::{bucket_of, LATENCY_BUCKETS};
 use crate::ordering::{Blocked, OrderKey, StraddleFloor};
 use crate::policy::{check_batch_size, RetryPolicy};
 use crate::queries::{self as q, run};
-use crate::shape::EVENTS_PER_ROW;
+use crate::shape::{event_payload, json_array_elements, push_json_string, EVENTS_PER_ROW};
 
 pub struct Claimed {
     pub id: i64,
     pub attempts: i32,
+    /// None when payloads were not asked for, or the event is gone from the log.
+    pub event: Option<Event>,
+}
+
+/// What a claim returns of an event besides its id and attempts.
+pub struct Event {
+    pub event_type: String,
+    /// JSON text; `outbox_claim` (SQL) casts it to jsonb.
+    pub payload: String,
+    pub created_at: TimestampWithTimeZone,
+}
+
+/// Whether a claim renders the events it hands out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Payloads {
+    Render,
+    /// For `outbox_claim_ids`, whose SQL (0.4.0 and older) renders them itself.
+    Skip,
 }
 
 /// Microseconds since the Postgres epoch.
@@ -348,25 +366,68 @@ fn rescue_expired(
     Ok(())
 }
 
-/// A log row as a claim reads it.
-struct LogRow {
+/// A log row as a claim reads it. Its arrays, a thousand elements and TOASTed for a bulk
+/// statement, are decoded only when the claim reaches the row's events: a claim asks for as
+/// many rows as it wants events, and would otherwise decode each bulk row it leaves to the
+/// next claims once per claim.
+struct WindowRow<'conn> {
     base: i64,
     n: i32,
-    key_hashes: Vec<i64>,
     table_hash: i64,
     created_at: TimestampWithTimeZone,
+    tuple: SpiHeapTupleData<'conn>,
 }
 
-fn read_log_rows(table: SpiTupleTable<'_>) -> Result<Vec<LogRow>, OutboxError> {
+impl WindowRow<'_> {
+    fn key_hashes(&self) -> Result<Vec<i64>, OutboxError> {
+        let hashes: Vec<i64> = required(&self.tuple, 3)?;
+        if hashes.len() < self.n as usize {
+            return Err(self.broken("key_hashes"));
+        }
+        Ok(hashes)
+    }
+
+    fn broken(&self, column: &str) -> OutboxError {
+        OutboxError::Capture("outbox".into(), format!("log row {} has a malformed {column} array", self.base))
+    }
+
+    /// Appends the events at these ordinals, with their payloads, to `out`.
+    fn render(&self, ords: &[usize], out: &mut Vec<Event>) -> Result<(), OutboxError> {
+        let event_type: String = required(&self.tuple, 6)?;
+        let source_name: String = required(&self.tuple, 7)?;
+        let keys: String = required(&self.tuple, 8)?;
+        let data: Option<String> = self.tuple.get(9)?;
+        let broken = |column| self.broken(column);
+        let keys = json_array_elements(&keys).ok_or_else(|| broken("keys"))?;
+        let data = data.as_deref().map(|d| json_array_elements(d).ok_or_else(|| broken("data"))).transpose()?;
+        let mut table = String::with_capacity(source_name.len() + 2);
+        push_json_string(&mut table, &source_name);
+        for &ord in ords {
+            let key = keys.get(ord - 1).ok_or_else(|| broken("keys"))?;
+            let data = match &data {
+                Some(data) => Some(*data.get(ord - 1).ok_or_else(|| broken("data"))?),
+                None => None,
+            };
+            out.push(Event {
+                event_type: event_type.clone(),
+                payload: event_payload(&table, key, data),
+                created_at: self.created_at,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn read_window_rows(table: SpiTupleTable<'_>) -> Result<Vec<WindowRow<'_>>, OutboxError> {
     table
         .into_iter()
-        .map(|row| {
-            Ok(LogRow {
-                base: required(&row, 1)?,
-                n: required(&row, 2)?,
-                key_hashes: required(&row, 3)?,
-                table_hash: required(&row, 4)?,
-                created_at: required(&row, 5)?,
+        .map(|tuple| {
+            Ok(WindowRow {
+                base: required(&tuple, 1)?,
+                n: required(&tuple, 2)?,
+                table_hash: required(&tuple, 4)?,
+                created_at: required(&tuple, 5)?,
+                tuple,
             })
         })
         .collect()
@@ -387,7 +448,7 @@ pub fn add_pending(
     batch.insert(client, extension, subscription, 0, None, None)
 }
 
-pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Vec<Claimed>, OutboxError> {
+pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Payloads) -> Result<Vec<Claimed>, OutboxError> {
     check_batch_size(batch_size)?;
     let lease_micros = interval_micros(lease);
     if lease_micros <= 0 {
@@ -447,13 +508,14 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
             if !lease_ids.is_empty() {
                 let leased = run(client, &extension, &q::LEASE_RETRIES, &[sub.into(), lease_ids.into(), timestamp(expires).into()])?;
                 for row in leased {
-                    claimed.push(Claimed { id: required(&row, 1)?, attempts: required(&row, 2)? });
+                    claimed.push(Claimed { id: required(&row, 1)?, attempts: required(&row, 2)?, event: None });
                 }
             }
         }
 
         // Then the window, in id order, deferring events whose row is busy.
         let mut taken = EventBatch::default();
+        let mut rendered = Vec::new();
         let mut deferred = RetryBatch::default();
         let mut advanced = false;
         let last_straddler = |done_seq: i64| done_seq + EVENTS_PER_ROW - 1;
@@ -471,28 +533,43 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
                 let lower = done_seq.max(cursor - EVENTS_PER_ROW);
                 run(client, &extension, &q::WINDOW_ROWS, &[sub.into(), lower.into(), window_seq.into(), (wanted + 1).into()])?
             };
-            let rows = read_log_rows(rows)?;
+            let rows = read_window_rows(rows)?;
             let fetched = rows.len() as i64;
             if has_retries && !rows.is_empty() {
                 add_retry_blockers(client, &extension, sub, &rows, &mut blocked)?;
             }
             for row in &rows {
+                let mut key_hashes = None;
+                let mut row_taken = Vec::new();
+                let mut full = false;
                 for ord in 1..=i64::from(row.n) {
                     let id = row.base + ord - 1;
                     if id <= cursor {
                         continue;
                     }
                     if claimed.len() + taken.ids.len() == batch {
-                        break 'window;
+                        full = true;
+                        break;
                     }
-                    let key = OrderKey { key_hash: row.key_hashes[(ord - 1) as usize], table_hash: row.table_hash };
+                    let hashes = match &key_hashes {
+                        Some(hashes) => hashes,
+                        None => key_hashes.insert(row.key_hashes()?),
+                    };
+                    let key = OrderKey { key_hash: hashes[(ord - 1) as usize], table_hash: row.table_hash };
                     if blocked.blocks(key) {
                         deferred.push(id, key, row.created_at, now);
                     } else {
                         taken.push(id, key, row.created_at);
+                        row_taken.push(ord as usize);
                     }
                     blocked.add(key);
                     cursor = id;
+                }
+                if payloads == Payloads::Render && !row_taken.is_empty() {
+                    row.render(&row_taken, &mut rendered)?;
+                }
+                if full {
+                    break 'window;
                 }
             }
             if fetched > wanted {
@@ -524,7 +601,8 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
 
         deferred.insert(client, &extension, sub, 0, None, None)?;
         if !taken.ids.is_empty() {
-            claimed.extend(taken.ids.iter().map(|&id| Claimed { id, attempts: 1 }));
+            let mut rendered = rendered.into_iter();
+            claimed.extend(taken.ids.iter().map(|&id| Claimed { id, attempts: 1, event: rendered.next() }));
             run(
                 client,
                 &extension,
@@ -541,9 +619,37 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval) -> Result<Ve
             )?;
         }
         run(client, &extension, &q::SAVE_CURSOR, &[sub.into(), cursor.into()])?;
+        if payloads == Payloads::Render {
+            render_retries(client, &extension, sub, &mut claimed)?;
+        }
         claimed.sort_unstable_by_key(|c| c.id);
         Ok(claimed)
     })
+}
+
+/// Renders the events that came from the retry table (the claim has not read their log rows);
+/// those requeued from the dead letters carry their own copy.
+fn render_retries(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    claimed: &mut [Claimed],
+) -> Result<(), OutboxError> {
+    let ids: Vec<i64> = claimed.iter().filter(|c| c.event.is_none()).map(|c| c.id).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut events = HashMap::with_capacity(ids.len());
+    for row in run(client, extension, &q::RENDER_EVENTS, &[subscription.into(), ids.into()])? {
+        let (Some(event_type), Some(payload), Some(created_at)) = (row.get(2)?, row.get(3)?, row.get(4)?) else {
+            continue;
+        };
+        events.insert(required::<i64>(&row, 1)?, Event { event_type, payload, created_at });
+    }
+    for c in claimed.iter_mut().filter(|c| c.event.is_none()) {
+        c.event = events.remove(&c.id);
+    }
+    Ok(())
 }
 
 fn has_retries(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32) -> Result<bool, OutboxError> {
@@ -555,10 +661,13 @@ fn add_retry_blockers(
     client: &mut SpiClient<'_>,
     extension: &Extension,
     subscription: i32,
-    rows: &[LogRow],
+    rows: &[WindowRow<'_>],
     blocked: &mut Blocked,
 ) -> Result<(), OutboxError> {
-    let mut keys: Vec<i64> = rows.iter().flat_map(|r| r.key_hashes.iter().copied()).collect();
+    let mut keys = Vec::new();
+    for row in rows {
+        keys.extend(row.key_hashes()?);
+    }
     let tables: Vec<i64> = rows.iter().map(|r| r.table_hash).collect();
     keys.extend(&tables);
     let found = run(client, extension, &q::RETRY_BLOCKERS, &[subscription.into(), keys.into(), tables.into()])?;

@@ -303,7 +303,7 @@ pub static ADD_RETRIES: Sql = Sql {
 /// taken and have committed since: between the straddle floor (the caller's `$3` is never
 /// below it) and done_seq.
 pub static STRADDLERS: Sql = Sql {
-    text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at \
+    text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at, l.type, l.source_name, l.keys, l.data \
            FROM @extschema@.outbox_log l, \
                 (SELECT done_snapshot AS done, window_snapshot AS win \
                  FROM @extschema@.outbox_subscriptions WHERE id = $1) s \
@@ -315,13 +315,24 @@ pub static STRADDLERS: Sql = Sql {
 };
 
 pub static WINDOW_ROWS: Sql = Sql {
-    text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at \
+    text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at, l.type, l.source_name, l.keys, l.data \
            FROM @extschema@.outbox_log l \
            WHERE l.base > $2 AND l.base <= $3 \
              AND pg_catalog.pg_visible_in_snapshot(l.txid, \
                    (SELECT window_snapshot FROM @extschema@.outbox_subscriptions WHERE id = $1)) \
            ORDER BY l.base LIMIT $4",
     args: &[INT4, INT8, INT8, INT8],
+};
+
+/// Events a claim took from the retry table, rendered as `outbox_events_for` renders them, or
+/// from the copy kept of an event requeued from the dead letters.
+pub static RENDER_EVENTS: Sql = Sql {
+    text: "SELECT i.id, coalesce(k.type, e.type), coalesce(k.payload, e.payload)::text, coalesce(k.created_at, e.created_at) \
+           FROM pg_catalog.unnest($2) AS i(id) \
+           LEFT JOIN @extschema@.outbox_retries k \
+                  ON k.subscription_id = $1 AND k.event_id = i.id AND k.payload IS NOT NULL \
+           LEFT JOIN @extschema@.outbox_events_for($2) e ON e.id = i.id",
+    args: &[INT4, INT8S],
 };
 
 /// The last base handed out: the first half of a straddle-floor mark.

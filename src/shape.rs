@@ -133,6 +133,63 @@ pub fn json_array<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
     out
 }
 
+/// The elements of a JSON array as the text they were written with, or None if `text` is not
+/// an array. The log's `keys` and `data` arrays are written by the capture trigger (older
+/// releases wrote them through jsonb, with spaces), so this only finds the top-level commas.
+pub fn json_array_elements(text: &str) -> Option<Vec<&str>> {
+    let inner = text.trim().strip_prefix('[')?.strip_suffix(']')?;
+    let mut elements = Vec::new();
+    let (mut depth, mut in_string, mut escaped, mut start) = (0usize, false, false, 0);
+    for (at, byte) in inner.bytes().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth = depth.checked_sub(1)?,
+            b',' if depth == 0 => {
+                elements.push(inner[start..at].trim());
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    if in_string || depth != 0 {
+        return None;
+    }
+    let last = inner[start..].trim();
+    if !(last.is_empty() && elements.is_empty()) {
+        elements.push(last);
+    }
+    Some(elements)
+}
+
+/// An event's payload as JSON text: `{"table": ..., "key": ..., "data": ...}`, with only the
+/// table for a TRUNCATE (its key is null) and no data unless payload columns were captured.
+/// `table` is already a JSON string.
+pub fn event_payload(table: &str, key: &str, data: Option<&str>) -> String {
+    let mut out = String::with_capacity(24 + table.len() + key.len() + data.map_or(0, str::len));
+    out.push_str("{\"table\":");
+    out.push_str(table);
+    if key != "null" {
+        out.push_str(",\"key\":");
+        out.push_str(key);
+        if let Some(data) = data {
+            out.push_str(",\"data\":");
+            out.push_str(data);
+        }
+    }
+    out.push('}');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +250,34 @@ mod tests {
     fn arrays_join_encoded_values() {
         assert_eq!(json_array(["1", "{\"a\":2}", "null"]), r#"[1,{"a":2},null]"#);
         assert_eq!(json_array(Vec::<&str>::new()), "[]");
+    }
+
+    #[test]
+    fn array_elements_are_split_at_top_level_commas_only() {
+        assert_eq!(json_array_elements(r#"[1,{"a":[2,3]},null]"#).unwrap(), vec!["1", r#"{"a":[2,3]}"#, "null"]);
+        assert_eq!(
+            json_array_elements(r#"[{"k": "a,b]}"}, {"k": "c\"d"}]"#).unwrap(),
+            vec![r#"{"k": "a,b]}"}"#, r#"{"k": "c\"d"}"#],
+            "commas and brackets inside strings, escaped quotes, jsonb's spacing"
+        );
+        assert_eq!(json_array_elements(r#"["\\", 2]"#).unwrap(), vec![r#""\\""#, "2"], "an escaped backslash ends no string");
+        assert_eq!(json_array_elements("[]").unwrap(), Vec::<&str>::new());
+        assert_eq!(json_array_elements(" [ 7 ] ").unwrap(), vec!["7"]);
+        for broken in ["", "{}", "[1", r#"["a]"#, "[1]]", "[{]"] {
+            assert_eq!(json_array_elements(broken), None, "{broken}");
+        }
+    }
+
+    #[test]
+    fn payloads_carry_table_key_and_data_only_when_present() {
+        assert_eq!(event_payload(r#""public.t""#, r#"{"id":1}"#, None), r#"{"table":"public.t","key":{"id":1}}"#);
+        assert_eq!(
+            event_payload(r#""public.t""#, r#"{"id":1}"#, Some(r#"{"doc":"x"}"#)),
+            r#"{"table":"public.t","key":{"id":1},"data":{"doc":"x"}}"#
+        );
+        assert_eq!(event_payload(r#""public.t""#, r#"{"id":1}"#, Some("null")), r#"{"table":"public.t","key":{"id":1},"data":null}"#);
+        assert_eq!(event_payload(r#""public.t""#, "null", Some("null")), r#"{"table":"public.t"}"#, "a TRUNCATE");
+        let parsed: serde_json::Value = serde_json::from_str(&event_payload(r#""s.t""#, r#"{"a": [1, 2]}"#, Some("{}"))).unwrap();
+        assert_eq!(parsed, serde_json::json!({"table": "s.t", "key": {"a": [1, 2]}, "data": {}}));
     }
 }

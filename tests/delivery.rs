@@ -40,6 +40,69 @@ fn claim_hands_out_oldest_first_with_all_columns() {
     assert!(c.query("SELECT * FROM outbox_claim(10)", &[]).unwrap().is_empty(), "claimed events are leased");
 }
 
+/// A claim renders payloads from the log rows it reads (src/consume.rs); the `outbox_events`
+/// view renders them in SQL. Every kind of event, claimed in batches that cut through log rows,
+/// and again after failing (the retry path), comes out as the view shows it.
+#[test]
+fn claimed_events_are_the_events_the_view_shows() {
+    let cluster = shared();
+    let db = cluster.database("claim_rendering");
+    let mut c = cluster.connect(&db);
+    c.batch_execute(
+        r#"CREATE SCHEMA "Mixed Schema";
+           CREATE TABLE "Mixed Schema"."Chunks ""v2""" (tenant text, id bigint, content text, note text,
+                                                       PRIMARY KEY (tenant, id));
+           SELECT outbox_attach('"Mixed Schema"."Chunks ""v2"""', payload_columns => ARRAY['content', 'note']);
+           INSERT INTO "Mixed Schema"."Chunks ""v2""" SELECT 't,1', g, 'bulk ' || g, NULL FROM generate_series(1, 700) g;
+           INSERT INTO "Mixed Schema"."Chunks ""v2""" SELECT 't]2', g, E'q"uo\te\\ \n é [,]', 'n' FROM generate_series(1, 300) g;
+           INSERT INTO "Mixed Schema"."Chunks ""v2""" VALUES ('t3', 1, NULL, NULL);
+           UPDATE "Mixed Schema"."Chunks ""v2""" SET content = 'changed' WHERE tenant = 't,1' AND id <= 5;
+           UPDATE "Mixed Schema"."Chunks ""v2""" SET id = id + 1000 WHERE tenant = 't]2' AND id <= 3;
+           DELETE FROM "Mixed Schema"."Chunks ""v2""" WHERE tenant = 't3';
+           TRUNCATE "Mixed Schema"."Chunks ""v2""";"#,
+    )
+    .unwrap();
+    let expected: HashMap<i64, (String, serde_json::Value, String)> = c
+        .query("SELECT id, type, payload, created_at::text FROM outbox_events", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    assert_eq!(expected.len(), 700 + 300 + 1 + 5 + 6 + 1 + 1);
+    // batches of 333 cut through log rows; the first time it is handed out every seventh event
+    // fails and comes back through the retry table, the rest are acked
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    let mut failed = 0;
+    loop {
+        let rows = c.query("SELECT id, type, payload, created_at::text FROM outbox_claim(333)", &[]).unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        let (mut ack, mut fail) = (Vec::new(), Vec::new());
+        for r in &rows {
+            let id: i64 = r.get(0);
+            assert_eq!((r.get(1), r.get(2), r.get(3)), expected[&id], "event {id}");
+            let times = seen.entry(id).or_default();
+            *times += 1;
+            if *times == 1 && id % 7 == 0 {
+                fail.push(id);
+            } else {
+                ack.push(id);
+            }
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first");
+        c.execute("SELECT outbox_fail($1, 'again', retry_after => '0 seconds')", &[&fail]).unwrap();
+        c.execute("SELECT outbox_ack($1)", &[&ack]).unwrap();
+        failed += fail.len();
+    }
+    assert_eq!(seen.len(), expected.len(), "every event");
+    assert!(failed > 100, "{failed}");
+    for (id, times) in seen {
+        assert_eq!(times, if id % 7 == 0 { 2 } else { 1 }, "event {id}");
+    }
+}
+
 #[test]
 fn lease_expiry_hands_events_out_again_and_counts_attempts() {
     let (_, mut c) = setup("lease_expiry", "");
