@@ -9,11 +9,11 @@ CREATE FUNCTION @extschema@.outbox_claim_events(
     "subscription" TEXT,
     "lease" interval
 ) RETURNS TABLE (
-    "id" bigint,
-    "event_type" TEXT,
-    "payload" TEXT,
-    "created_at" timestamp with time zone,
-    "attempts" INT
+    "ids" bigint[],
+    "event_types" TEXT[],
+    "payloads" TEXT[],
+    "created_ats" timestamp with time zone[],
+    "attempts" INT[]
 )
 VOLATILE PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
@@ -32,8 +32,10 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET max_parallel_workers_per_gather = 0 AS $$
 BEGIN
     RETURN QUERY
-    SELECT c.id, c.event_type, c.payload::jsonb, c.created_at, c.attempts
-    FROM @extschema@.outbox_claim_events(outbox_claim.batch_size, outbox_claim.subscription, outbox_claim.lease) c;
+    SELECT e.id, e.event_type, e.payload::jsonb, e.created_at, e.attempts
+    FROM @extschema@.outbox_claim_events(outbox_claim.batch_size, outbox_claim.subscription, outbox_claim.lease) c
+    CROSS JOIN LATERAL unnest(c.ids, c.event_types, c.payloads, c.created_ats, c.attempts)
+        AS e(id, event_type, payload, created_at, attempts);
 END
 $$;
 

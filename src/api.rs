@@ -54,7 +54,9 @@ fn outbox_unsubscribe(name: Option<&str>) {
     admin::unsubscribe(given(name, "name")).or_raise()
 }
 
-/// Claims and renders the events: `outbox_claim` (SQL) casts the payloads to jsonb.
+/// Claims and renders the events, as one row of arrays: a set-returning function is called
+/// once per row, and each call would apply and undo the pinned search_path again.
+/// `outbox_claim` (SQL) unnests them and casts the payloads to jsonb.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_claim_events(
@@ -64,18 +66,27 @@ fn outbox_claim_events(
 ) -> TableIterator<
     'static,
     (
-        name!(id, i64),
-        name!(event_type, Option<String>),
-        name!(payload, Option<String>),
-        name!(created_at, Option<TimestampWithTimeZone>),
-        name!(attempts, i32),
+        name!(ids, Vec<i64>),
+        name!(event_types, Vec<Option<String>>),
+        name!(payloads, Vec<Option<String>>),
+        name!(created_ats, Vec<Option<TimestampWithTimeZone>>),
+        name!(attempts, Vec<i32>),
     ),
 > {
     let claimed = claim(batch_size, subscription, lease, Payloads::Render);
-    TableIterator::new(claimed.into_iter().map(|c| match c.event {
-        Some(e) => (c.id, Some(e.event_type), Some(e.payload), Some(e.created_at), c.attempts),
-        None => (c.id, None, None, None, c.attempts),
-    }))
+    let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for c in claimed {
+        columns.0.push(c.id);
+        columns.4.push(c.attempts);
+        let (event_type, payload, created_at) = match c.event {
+            Some(e) => (Some(e.event_type), Some(e.payload), Some(e.created_at)),
+            None => (None, None, None),
+        };
+        columns.1.push(event_type);
+        columns.2.push(payload);
+        columns.3.push(created_at);
+    }
+    TableIterator::once(columns)
 }
 
 /// The claim decision as one row of two arrays, which the `outbox_claim` of databases still at

@@ -369,7 +369,8 @@ fn rescue_expired(
 /// A log row as a claim reads it. Its arrays, a thousand elements and TOASTed for a bulk
 /// statement, are decoded only when the claim reaches the row's events: a claim asks for as
 /// many rows as it wants events, and would otherwise decode each bulk row it leaves to the
-/// next claims once per claim.
+/// next claims once per claim. The queries put the fixed-width columns first: SPI reads each
+/// column on its own, and finds one that follows a variable-width column by walking the tuple.
 struct WindowRow<'conn> {
     base: i64,
     n: i32,
@@ -380,7 +381,7 @@ struct WindowRow<'conn> {
 
 impl WindowRow<'_> {
     fn key_hashes(&self) -> Result<Vec<i64>, OutboxError> {
-        let hashes: Vec<i64> = required(&self.tuple, 3)?;
+        let hashes: Vec<i64> = required(&self.tuple, 5)?;
         if hashes.len() < self.n as usize {
             return Err(self.broken("key_hashes"));
         }
@@ -425,8 +426,8 @@ fn read_window_rows(table: SpiTupleTable<'_>) -> Result<Vec<WindowRow<'_>>, Outb
             Ok(WindowRow {
                 base: required(&tuple, 1)?,
                 n: required(&tuple, 2)?,
-                table_hash: required(&tuple, 4)?,
-                created_at: required(&tuple, 5)?,
+                table_hash: required(&tuple, 3)?,
+                created_at: required(&tuple, 4)?,
                 tuple,
             })
         })

@@ -303,7 +303,7 @@ pub static ADD_RETRIES: Sql = Sql {
 /// taken and have committed since: between the straddle floor (the caller's `$3` is never
 /// below it) and done_seq.
 pub static STRADDLERS: Sql = Sql {
-    text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at, l.type, l.source_name, l.keys, l.data \
+    text: "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
            FROM @extschema@.outbox_log l, \
                 (SELECT done_snapshot AS done, window_snapshot AS win \
                  FROM @extschema@.outbox_subscriptions WHERE id = $1) s \
@@ -315,7 +315,7 @@ pub static STRADDLERS: Sql = Sql {
 };
 
 pub static WINDOW_ROWS: Sql = Sql {
-    text: "SELECT l.base, l.n, l.key_hashes, l.table_hash, l.created_at, l.type, l.source_name, l.keys, l.data \
+    text: "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
            FROM @extschema@.outbox_log l \
            WHERE l.base > $2 AND l.base <= $3 \
              AND pg_catalog.pg_visible_in_snapshot(l.txid, \
