@@ -90,6 +90,7 @@ fn capture_and_drain(run: &dyn Fn(&str) -> bool) {
     }
     if run("drain") {
         drain_path(&mut c);
+        drain_past_waiting_retries(&mut c);
     }
 }
 
@@ -269,6 +270,26 @@ fn decoded_ids(rows: &[postgres::Row]) -> Vec<i64> {
         .collect()
 }
 
+/// Each drain starts with the loading's dead tuples vacuumed and its dirty pages written, so
+/// that neither autovacuum nor a checkpoint lands in one contender's run and not another's.
+fn settle(c: &mut Client) {
+    c.batch_execute("VACUUM ANALYZE").unwrap();
+    c.batch_execute("CHECKPOINT").unwrap();
+}
+
+/// Claims of 1,000 with their acks, through a prepared pair, until `subscription` is drained.
+fn drain_subscription(c: &mut Client, subscription: &str, events: i64) -> f64 {
+    let claim = c.prepare("SELECT id, type, payload FROM outbox_claim(1000, $1)").unwrap();
+    let ack = c.prepare("SELECT outbox_ack($1, $2)").unwrap();
+    drain(events, || {
+        let ids = decoded_ids(&c.query(&claim, &[&subscription]).unwrap());
+        if !ids.is_empty() {
+            c.query_one(&ack, &[&ids, &subscription]).unwrap();
+        }
+        ids.len()
+    })
+}
+
 fn drain_path(c: &mut Client) {
     c.batch_execute(
         "CREATE TABLE skip_queue (id bigserial PRIMARY KEY, type text, payload jsonb,
@@ -288,12 +309,6 @@ fn drain_path(c: &mut Client) {
     )
     .unwrap();
 
-    // Each drain starts with the loading's dead tuples vacuumed and its dirty pages written, so
-    // that neither autovacuum nor a checkpoint lands in one contender's run and not another's.
-    let settle = |c: &mut Client| {
-        c.batch_execute("VACUUM ANALYZE").unwrap();
-        c.batch_execute("CHECKPOINT").unwrap();
-    };
     let mut results = Vec::new();
     for (label, bulk) in [("bulk-captured (1,000-row statements)", true), ("single-row transactions", false)] {
         // the log after the table: the TRUNCATE of t_outbox is an event too
@@ -312,15 +327,7 @@ fn drain_path(c: &mut Client) {
             let name = format!("drain_{round}");
             c.execute("SELECT outbox_subscribe($1, from_start => true)", &[&name]).unwrap();
             settle(c);
-            let claim = c.prepare("SELECT id, type, payload FROM outbox_claim(1000, $1)").unwrap();
-            let ack = c.prepare("SELECT outbox_ack($1, $2)").unwrap();
-            rates.push(drain(ROWS, || {
-                let ids = decoded_ids(&c.query(&claim, &[&name]).unwrap());
-                if !ids.is_empty() {
-                    c.query_one(&ack, &[&ids, &name]).unwrap();
-                }
-                ids.len()
-            }));
+            rates.push(drain_subscription(c, &name, ROWS));
             c.execute("SELECT outbox_unsubscribe($1)", &[&name]).unwrap();
         }
         results.push((format!("outbox, {label}"), rates));
@@ -407,6 +414,39 @@ fn drain_path(c: &mut Client) {
         println!("| {name} | {rate:.0} | {low:.0}–{high:.0} | {:.2} | {:.2} |", rate / skip, rate / pgq);
     }
     println!();
+}
+
+/// A sink failed the first 20,000 of the single-row events (their retry is an hour away) while
+/// the rest keep coming: the drain of the rest, against the same drain after the 20,000 were
+/// acked instead. Claims check each window event against the waiting retries of its row.
+fn drain_past_waiting_retries(c: &mut Client) {
+    const WAITING: i64 = 20_000;
+    let (mut waiting, mut acked, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..DRAIN_ROUNDS {
+        let mut rates = [0.0; 2];
+        for (i, fail) in [true, false].into_iter().enumerate() {
+            let name = format!("retries_{round}_{i}");
+            c.execute("SELECT outbox_subscribe($1, from_start => true)", &[&name]).unwrap();
+            for _ in 0..WAITING / 1000 {
+                let ids = decoded_ids(&c.query("SELECT id, type, payload FROM outbox_claim(1000, $1)", &[&name]).unwrap());
+                let resolve = if fail { "SELECT outbox_fail($1, 'sink down', $2, retry_after => '1 hour')" } else { "SELECT outbox_ack($1, $2)" };
+                c.query_one(resolve, &[&ids, &name]).unwrap();
+            }
+            settle(c);
+            rates[i] = drain_subscription(c, &name, ROWS - WAITING);
+            c.execute("SELECT outbox_unsubscribe($1)", &[&name]).unwrap();
+        }
+        waiting.push(rates[0]);
+        acked.push(rates[1]);
+        ratios.push(rates[0] / rates[1]);
+    }
+    println!("## Drain past retries: the last {} single-row events, with the first {WAITING} failed and waiting
+", ROWS - WAITING);
+    println!("| first {WAITING} events | events/s (median of {DRAIN_ROUNDS}) |
+|---|---|");
+    println!("| acked | {:.0} |", median(acked));
+    println!("| failed, retry in an hour | {:.0} |", median(waiting));
+    println!("\nWith waiting retries ÷ without, median of rounds: **{:.3}**\n", median(ratios));
 }
 
 /// Commit-to-arrival latency of the delivery worker to a loopback HTTP sink, at a steady

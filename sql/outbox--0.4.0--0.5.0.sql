@@ -3,7 +3,9 @@
 -- A claim renders the payloads of the events it hands out from the log rows it reads for its
 -- window, instead of outbox_claim looking every event up again by id in each log segment
 -- (outbox_events_for, which stays for the rest). outbox_claim now returns what
--- outbox_claim_events returns; outbox_claim_ids, which returned only ids, goes.
+-- outbox_claim_events returns; outbox_claim_ids, which returned only ids, goes. Claims find
+-- whether a retry is due through a new index instead of reading every retry waiting out its
+-- backoff.
 CREATE FUNCTION @extschema@.outbox_claim_events(
     "batch_size" INT,
     "subscription" TEXT,
@@ -40,3 +42,6 @@ END
 $$;
 
 DROP FUNCTION @extschema@.outbox_claim_ids(integer, text, interval);
+
+CREATE INDEX outbox_retries_due ON @extschema@.outbox_retries
+    (subscription_id, (GREATEST(visible_at, coalesce(leased_until, visible_at))));

@@ -161,6 +161,9 @@ CREATE TABLE @extschema@.outbox_retries (
 );
 CREATE INDEX outbox_retries_key ON @extschema@.outbox_retries (subscription_id, key_hash, event_id);
 CREATE INDEX outbox_retries_table ON @extschema@.outbox_retries (subscription_id, table_hash, event_id);
+-- when each retry is due: claims look here before reading the retries in id order
+CREATE INDEX outbox_retries_due ON @extschema@.outbox_retries
+    (subscription_id, (GREATEST(visible_at, coalesce(leased_until, visible_at))));
 
 CREATE TABLE @extschema@.outbox_dead_letters (
     subscription text NOT NULL,

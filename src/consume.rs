@@ -486,7 +486,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Pa
         // The retry table first: it holds the oldest undelivered events.
         let mut claimed = Vec::with_capacity(batch);
         let has_retries = has_retries(client, &extension, sub)?;
-        if has_retries {
+        if has_retries && has_due_retries(client, &extension, sub, now)? {
             let candidates =
                 run(client, &extension, &q::RETRY_CANDIDATES, &[sub.into(), timestamp(now).into(), batch_size.into()])?;
             let mut lease_ids = Vec::new();
@@ -653,11 +653,16 @@ fn render_retries(
     Ok(())
 }
 
+fn has_due_retries(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32, now: Micros) -> Result<bool, OutboxError> {
+    let due = run(client, extension, &q::HAS_DUE_RETRIES, &[subscription.into(), timestamp(now).into()])?;
+    Ok(due.first().get::<bool>(1)?.unwrap_or(false))
+}
+
 fn has_retries(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32) -> Result<bool, OutboxError> {
     Ok(run(client, extension, &q::HAS_RETRIES, &[subscription.into()])?.first().get::<bool>(1)?.unwrap_or(false))
 }
 
-/// Adds the pending retries that share a row or table with these log rows' events.
+/// Adds the pending retries that hold back these log rows' events.
 fn add_retry_blockers(
     client: &mut SpiClient<'_>,
     extension: &Extension,
@@ -665,13 +670,18 @@ fn add_retry_blockers(
     rows: &[WindowRow<'_>],
     blocked: &mut Blocked,
 ) -> Result<(), OutboxError> {
-    let mut keys = Vec::new();
+    // a row event waits for its row and for a TRUNCATE of its table; a TRUNCATE (whose key is
+    // its table) for anything of its table, which only then needs reading
+    let (mut keys, mut truncated) = (Vec::new(), Vec::new());
     for row in rows {
-        keys.extend(row.key_hashes()?);
+        let hashes = row.key_hashes()?;
+        if hashes.contains(&row.table_hash) {
+            truncated.push(row.table_hash);
+        }
+        keys.extend(hashes);
+        keys.push(row.table_hash);
     }
-    let tables: Vec<i64> = rows.iter().map(|r| r.table_hash).collect();
-    keys.extend(&tables);
-    let found = run(client, extension, &q::RETRY_BLOCKERS, &[subscription.into(), keys.into(), tables.into()])?;
+    let found = run(client, extension, &q::RETRY_BLOCKERS, &[subscription.into(), keys.into(), truncated.into()])?;
     for row in found {
         blocked.add(OrderKey { key_hash: required(&row, 1)?, table_hash: required(&row, 2)? });
     }

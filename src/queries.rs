@@ -275,7 +275,18 @@ pub static HAS_RETRIES: Sql = Sql {
     args: &[INT4],
 };
 
-/// Pending events that hold back window events with these keys or tables.
+/// Whether a retry is due: visible, and not leased or its lease expired (the condition of
+/// RETRY_CANDIDATES, as outbox_retries_due indexes it). The candidates query walks every retry
+/// of the subscription in id order, which for thousands waiting out a backoff is most of a claim.
+pub static HAS_DUE_RETRIES: Sql = Sql {
+    text: "SELECT EXISTS (SELECT 1 FROM @extschema@.outbox_retries \
+                         WHERE subscription_id = $1 AND GREATEST(visible_at, coalesce(leased_until, visible_at)) <= $2)",
+    args: &[INT4, TIME],
+};
+
+/// Pending events that hold back window events: those of these rows (and TRUNCATEs, whose key
+/// is their table's), and every event of the tables of the window's TRUNCATEs (`$3`). Asking
+/// for every event of each window table would read all the retries a dead consumer left.
 pub static RETRY_BLOCKERS: Sql = Sql {
     text: "SELECT key_hash, table_hash FROM @extschema@.outbox_retries \
            WHERE subscription_id = $1 AND (key_hash = ANY ($2) OR table_hash = ANY ($3))",

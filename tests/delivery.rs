@@ -231,6 +231,56 @@ fn poison_event_holds_back_only_later_events_of_its_row() {
     assert_ne!(after[0].0, poison);
 }
 
+/// A TRUNCATE waits for the events of its table that are waiting for a retry, and the rows
+/// written after a TRUNCATE wait for it while it waits for its own retry.
+#[test]
+fn a_truncate_and_its_table_wait_for_each_other_across_retries() {
+    let (_, mut c) = setup("truncate_order", "");
+    c.batch_execute("CREATE TABLE other (id bigint PRIMARY KEY); SELECT outbox_attach('other')").unwrap();
+    let order = |c: &mut Client| -> Vec<(String, i64)> {
+        let mut seen = Vec::new();
+        for _ in 0..50 {
+            let batch = claim(c, "SELECT * FROM outbox_claim(10)");
+            seen.extend(batch.iter().map(|e| (e.1.clone(), e.2)));
+            c.execute("SELECT outbox_ack($1)", &[&ids(&batch)]).unwrap();
+            if batch.is_empty() && scalar_i64(c, "SELECT pending + retrying FROM outbox_backlog WHERE subscription = 'default'") == 0 {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the backlog did not drain: {seen:?}");
+    };
+
+    insert(&mut c, 1..=1);
+    let row = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    c.execute("SELECT outbox_fail($1, retry_after => '1 second')", &[&ids(&row)]).unwrap();
+    // row 2 moves the window on: the claim below reads no log row of row 1's
+    insert(&mut c, 2..=2);
+    let row = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(row.iter().map(|e| e.2).collect::<Vec<_>>(), [2]);
+    c.execute("SELECT outbox_ack($1)", &[&ids(&row)]).unwrap();
+    c.batch_execute("TRUNCATE chunks").unwrap();
+    insert(&mut c, 3..=3);
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty(), "the TRUNCATE waits for row 1's retry, row 3 for the TRUNCATE");
+    assert_eq!(
+        order(&mut c),
+        [("EMBED_UPSERT".into(), 1), ("EMBED_TRUNCATE".into(), -1), ("EMBED_UPSERT".into(), 3)],
+    );
+
+    c.batch_execute("TRUNCATE chunks").unwrap();
+    let truncate = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(truncate.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["EMBED_TRUNCATE"]);
+    c.execute("SELECT outbox_fail($1, retry_after => '1 second')", &[&ids(&truncate)]).unwrap();
+    // an event of another table moves the window on, past the TRUNCATE's log row
+    c.batch_execute("INSERT INTO other VALUES (1)").unwrap();
+    let other = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(other.iter().map(|e| e.2).collect::<Vec<_>>(), [1]);
+    c.execute("SELECT outbox_ack($1)", &[&ids(&other)]).unwrap();
+    insert(&mut c, 4..=4);
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty(), "row 4 waits for the retried TRUNCATE");
+    assert_eq!(order(&mut c), [("EMBED_TRUNCATE".into(), -1), ("EMBED_UPSERT".into(), 4)]);
+}
+
 #[test]
 fn one_row_is_never_in_flight_twice_and_comes_out_in_commit_order() {
     let (_, mut c) = setup("per_key", ", payload_columns => ARRAY['content']");
