@@ -56,6 +56,7 @@ $$;
 
 -- PL/pgSQL rather than SQL: it keeps the plan of its query between calls. The claim renders
 -- the payloads from the log rows it reads anyway; the cast to jsonb is the only work left.
+-- unnest reads the arrays in storage order, which the claim sorted by id.
 CREATE FUNCTION @extschema@.outbox_claim(
     batch_size integer DEFAULT 100,
     subscription text DEFAULT 'default',

@@ -3,7 +3,7 @@
 -- A claim renders the payloads of the events it hands out from the log rows it reads for its
 -- window, instead of outbox_claim looking every event up again by id in each log segment
 -- (outbox_events_for, which stays for the rest). outbox_claim now returns what
--- outbox_claim_events returns; outbox_claim_ids, which returned only ids, goes. Claims find
+-- outbox_claim_events returns; outbox_claim_ids, which returned ids and attempts, goes. Claims find
 -- whether a retry is due through a new index instead of reading every retry waiting out its
 -- backoff.
 CREATE FUNCTION @extschema@.outbox_claim_events(

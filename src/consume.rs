@@ -8,6 +8,7 @@
 //! delivery (failed, expired, deferred behind their row, replayed) get a row of their own in
 //! `outbox_retries`.
 
+use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
@@ -367,9 +368,10 @@ fn rescue_expired(
 }
 
 /// A log row as a claim reads it. Its arrays, a thousand elements and TOASTed for a bulk
-/// statement, are decoded only when the claim reaches the row's events: a claim asks for as
-/// many rows as it wants events, and would otherwise decode each bulk row it leaves to the
-/// next claims once per claim. The queries put the fixed-width columns first: SPI reads each
+/// statement, are decoded only when the claim reaches the row's events, or looks up the
+/// retries waiting on them (only a subscription with retries does): a claim asks for as many
+/// rows as it wants events, and would otherwise decode each bulk row it leaves to the next
+/// claims once per claim. The queries put the fixed-width columns first: SPI reads each
 /// column on its own, and finds one that follows a variable-width column by walking the tuple.
 struct WindowRow<'conn> {
     base: i64,
@@ -377,19 +379,23 @@ struct WindowRow<'conn> {
     table_hash: i64,
     created_at: TimestampWithTimeZone,
     tuple: SpiHeapTupleData<'conn>,
+    key_hashes: OnceCell<Vec<i64>>,
 }
 
 impl WindowRow<'_> {
-    fn key_hashes(&self) -> Result<Vec<i64>, OutboxError> {
+    fn key_hashes(&self) -> Result<&[i64], OutboxError> {
+        if let Some(hashes) = self.key_hashes.get() {
+            return Ok(hashes);
+        }
         let hashes: Vec<i64> = required(&self.tuple, 5)?;
         if hashes.len() < self.n as usize {
             return Err(self.broken("key_hashes"));
         }
-        Ok(hashes)
+        Ok(self.key_hashes.get_or_init(|| hashes))
     }
 
-    fn broken(&self, column: &str) -> OutboxError {
-        OutboxError::Capture("outbox".into(), format!("log row {} has a malformed {column} array", self.base))
+    fn broken(&self, column: &'static str) -> OutboxError {
+        OutboxError::MalformedLogRow { base: self.base, column }
     }
 
     /// Appends the events at these ordinals, with their payloads, to `out`.
@@ -429,6 +435,7 @@ fn read_window_rows(table: SpiTupleTable<'_>) -> Result<Vec<WindowRow<'_>>, Outb
                 table_hash: required(&tuple, 3)?,
                 created_at: required(&tuple, 4)?,
                 tuple,
+                key_hashes: OnceCell::new(),
             })
         })
         .collect()
@@ -540,7 +547,6 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Pa
                 add_retry_blockers(client, &extension, sub, &rows, &mut blocked)?;
             }
             for row in &rows {
-                let mut key_hashes = None;
                 let mut row_taken = Vec::new();
                 let mut full = false;
                 for ord in 1..=i64::from(row.n) {
@@ -552,11 +558,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Pa
                         full = true;
                         break;
                     }
-                    let hashes = match &key_hashes {
-                        Some(hashes) => hashes,
-                        None => key_hashes.insert(row.key_hashes()?),
-                    };
-                    let key = OrderKey { key_hash: hashes[(ord - 1) as usize], table_hash: row.table_hash };
+                    let key = OrderKey { key_hash: row.key_hashes()?[(ord - 1) as usize], table_hash: row.table_hash };
                     if blocked.blocks(key) {
                         deferred.push(id, key, row.created_at, now);
                     } else {
@@ -602,6 +604,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Pa
 
         deferred.insert(client, &extension, sub, 0, None, None)?;
         if !taken.ids.is_empty() {
+            debug_assert!(payloads == Payloads::Skip || rendered.len() == taken.ids.len(), "an event per id");
             let mut rendered = rendered.into_iter();
             claimed.extend(taken.ids.iter().map(|&id| Claimed { id, attempts: 1, event: rendered.next() }));
             run(
@@ -678,7 +681,7 @@ fn add_retry_blockers(
         if hashes.contains(&row.table_hash) {
             truncated.push(row.table_hash);
         }
-        keys.extend(hashes);
+        keys.extend_from_slice(hashes);
         keys.push(row.table_hash);
     }
     let found = run(client, extension, &q::RETRY_BLOCKERS, &[subscription.into(), keys.into(), truncated.into()])?;

@@ -48,6 +48,8 @@ pub enum OutboxError {
     NotInstalled,
     #[error("captured changes of table {0} could not be encoded: {1}")]
     Capture(String, String),
+    #[error("log row {base} has a malformed {column} array; its events cannot be handed out")]
+    MalformedLogRow { base: i64, column: &'static str },
     #[error(transparent)]
     Spi(#[from] spi::Error),
 }
@@ -66,6 +68,7 @@ impl OutboxError {
             NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             NeedsReadCommitted(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
             Capture(..) | Spi(_) => ERRCODE_INTERNAL_ERROR,
+            MalformedLogRow { .. } => ERRCODE_DATA_CORRUPTED,
             InvalidSubscriptionName(..)
             | BatchSize { .. }
             | Lease(_)

@@ -182,3 +182,20 @@ fn identifiers_that_need_quoting_work_everywhere() {
     c.batch_execute(r#"SELECT outbox_detach('"Vector Store"."Doc ""Chunks"""'); SELECT outbox_unsubscribe('search "eu" / west''s');"#).unwrap();
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_attachments WHERE source::text LIKE '%Vector%'"), 0);
 }
+
+/// A log row whose arrays do not match its events (only a capture bug could write one) stops
+/// the claims that reach it with an error naming the row, hands out nothing, and once the row
+/// is mended its events come out as captured.
+#[test]
+fn a_malformed_log_row_is_named_and_loses_nothing() {
+    let mut c = setup("malformed_log_row");
+    let keys: String = c.query_one("SELECT keys FROM outbox_log WHERE base = 1", &[]).unwrap().get(0);
+    c.batch_execute("UPDATE outbox_log SET keys = '[' WHERE base = 1").unwrap();
+    let before = state(&mut c);
+    let error = error_of(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert!(error.contains("log row 1 has a malformed keys array"), "{error}");
+    assert_eq!(state(&mut c), before, "the failed claim changed nothing");
+    c.execute("UPDATE outbox_log SET keys = $1 WHERE base = 1", &[&keys]).unwrap();
+    let claimed = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(claimed.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2]);
+}
