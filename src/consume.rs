@@ -684,6 +684,10 @@ fn add_retry_blockers(
         keys.extend_from_slice(hashes);
         keys.push(row.table_hash);
     }
+    for hashes in [&mut keys, &mut truncated] {
+        hashes.sort_unstable();
+        hashes.dedup();
+    }
     let found = run(client, extension, &q::RETRY_BLOCKERS, &[subscription.into(), keys.into(), truncated.into()])?;
     for row in found {
         blocked.add(OrderKey { key_hash: required(&row, 1)?, table_hash: required(&row, 2)? });
@@ -735,7 +739,7 @@ pub fn ack_in(
     ids: impl IntoIterator<Item = i64>,
     subscription: &str,
 ) -> Result<i32, OutboxError> {
-    let wanted: HashSet<i64> = ids.into_iter().collect();
+    let mut wanted: HashSet<i64> = ids.into_iter().collect();
     let (sub, _) = subscription_by_name(client, extension, subscription)?;
     if wanted.is_empty() {
         return Ok(0);
@@ -749,10 +753,12 @@ pub fn ack_in(
         settle(client, extension, sub, &claim, hits.len())?;
         for &i in &hits {
             stats.acked_after(age(claim.created_ats[i]));
+            // an event handed out by a window claim has no leased retry
+            wanted.remove(&claim.event_ids[i]);
         }
     }
     let mut retried = Vec::new();
-    if has_retries(client, extension, sub)? {
+    if !wanted.is_empty() && has_retries(client, extension, sub)? {
         let list: Vec<i64> = wanted.into_iter().collect();
         for row in run(client, extension, &q::ACK_RETRIES, &[sub.into(), list.into()])? {
             retried.push(required::<i64>(&row, 1)?);

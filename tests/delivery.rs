@@ -93,7 +93,8 @@ fn claimed_events_are_the_events_the_view_shows() {
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first");
         c.execute("SELECT outbox_fail($1, 'again', retry_after => '0 seconds')", &[&fail]).unwrap();
-        c.execute("SELECT outbox_ack($1)", &[&ack]).unwrap();
+        let acked: i32 = c.query_one("SELECT outbox_ack($1)", &[&ack]).unwrap().get(0);
+        assert_eq!(acked as usize, ack.len(), "window and retried events ack alike");
         failed += fail.len();
     }
     assert_eq!(seen.len(), expected.len(), "every event");
