@@ -74,19 +74,20 @@ fn outbox_claim_events(
     ),
 > {
     let claimed = claim(batch_size, subscription, lease, Payloads::Render);
-    let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ids, mut event_types, mut payloads, mut created_ats, mut attempts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for c in claimed {
-        columns.0.push(c.id);
-        columns.4.push(c.attempts);
+        ids.push(c.id);
+        attempts.push(c.attempts);
         let (event_type, payload, created_at) = match c.event {
             Some(e) => (Some(e.event_type), Some(e.payload), Some(e.created_at)),
             None => (None, None, None),
         };
-        columns.1.push(event_type);
-        columns.2.push(payload);
-        columns.3.push(created_at);
+        event_types.push(event_type);
+        payloads.push(payload);
+        created_ats.push(created_at);
     }
-    TableIterator::once(columns)
+    TableIterator::once((ids, event_types, payloads, created_ats, attempts))
 }
 
 /// The claim decision as one row of two arrays, which the `outbox_claim` of databases still at

@@ -492,8 +492,9 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Pa
 
         // The retry table first: it holds the oldest undelivered events.
         let mut claimed = Vec::with_capacity(batch);
-        let has_retries = has_retries(client, &extension, sub)?;
-        if has_retries && has_due_retries(client, &extension, sub, now)? {
+        let state = single(run(client, &extension, &q::RETRY_STATE, &[sub.into(), timestamp(now).into()])?)?;
+        let (has_retries, has_due_retries): (bool, bool) = (required(&state, 1)?, required(&state, 2)?);
+        if has_due_retries {
             let candidates =
                 run(client, &extension, &q::RETRY_CANDIDATES, &[sub.into(), timestamp(now).into(), batch_size.into()])?;
             let mut lease_ids = Vec::new();
@@ -654,11 +655,6 @@ fn render_retries(
         c.event = events.remove(&c.id);
     }
     Ok(())
-}
-
-fn has_due_retries(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32, now: Micros) -> Result<bool, OutboxError> {
-    let due = run(client, extension, &q::HAS_DUE_RETRIES, &[subscription.into(), timestamp(now).into()])?;
-    Ok(due.first().get::<bool>(1)?.unwrap_or(false))
 }
 
 fn has_retries(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32) -> Result<bool, OutboxError> {

@@ -275,12 +275,14 @@ pub static HAS_RETRIES: Sql = Sql {
     args: &[INT4],
 };
 
-/// Whether a retry is due: visible, and not leased or its lease expired (the condition of
-/// RETRY_CANDIDATES, as outbox_retries_due indexes it). The candidates query walks every retry
-/// of the subscription in id order, which for thousands waiting out a backoff is most of a claim.
-pub static HAS_DUE_RETRIES: Sql = Sql {
-    text: "SELECT EXISTS (SELECT 1 FROM @extschema@.outbox_retries \
-                         WHERE subscription_id = $1 AND GREATEST(visible_at, coalesce(leased_until, visible_at)) <= $2)",
+/// Whether a subscription has retries, and whether one is due: visible, and not leased or its
+/// lease expired (the condition of RETRY_CANDIDATES, as outbox_retries_due indexes it). The
+/// candidates query walks every retry of the subscription in id order, which for thousands
+/// waiting out a backoff is most of a claim.
+pub static RETRY_STATE: Sql = Sql {
+    text: "SELECT EXISTS (SELECT 1 FROM @extschema@.outbox_retries WHERE subscription_id = $1), \
+                  EXISTS (SELECT 1 FROM @extschema@.outbox_retries \
+                          WHERE subscription_id = $1 AND GREATEST(visible_at, coalesce(leased_until, visible_at)) <= $2)",
     args: &[INT4, TIME],
 };
 
