@@ -116,21 +116,32 @@ impl OpenClaim {
     }
 }
 
+/// An open claim as OPEN_CLAIMS and EXPIRED_CLAIMS return it.
+fn read_claim(row: &SpiHeapTupleData) -> Result<OpenClaim, OutboxError> {
+    Ok(OpenClaim {
+        claim_id: required(row, 1)?,
+        open_count: required(row, 2)?,
+        event_count: required(row, 3)?,
+        event_ids: required(row, 4)?,
+        key_hashes: required(row, 5)?,
+        table_hashes: required(row, 6)?,
+        created_ats: required(row, 7)?,
+    })
+}
+
 fn read_claims(table: SpiTupleTable<'_>) -> Result<Vec<OpenClaim>, OutboxError> {
-    table
-        .into_iter()
-        .map(|row| {
-            Ok(OpenClaim {
-                claim_id: required(&row, 1)?,
-                open_count: required(&row, 2)?,
-                event_count: required(&row, 3)?,
-                event_ids: required(&row, 4)?,
-                key_hashes: required(&row, 5)?,
-                table_hashes: required(&row, 6)?,
-                created_ats: required(&row, 7)?,
-            })
-        })
-        .collect()
+    table.into_iter().map(|row| read_claim(&row)).collect()
+}
+
+/// The events of a claim that were acked, failed or expired.
+fn resolved_events(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    claim_id: i64,
+) -> Result<HashSet<i64>, OutboxError> {
+    let table = run(client, extension, &q::RESOLVED_EVENTS, &[subscription.into(), claim_id.into()])?;
+    Ok(table.first().get::<Vec<i64>>(1)?.unwrap_or_default().into_iter().collect())
 }
 
 /// Indexes of the claim's events that were not yet acked, failed or expired.
@@ -144,9 +155,71 @@ fn unresolved(
     if claim.open_count == claim.event_count {
         return Ok(all.collect());
     }
-    let table = run(client, extension, &q::RESOLVED_EVENTS, &[subscription.into(), claim.claim_id.into()])?;
-    let resolved: HashSet<i64> = table.first().get::<Vec<i64>>(1)?.unwrap_or_default().into_iter().collect();
+    let resolved = resolved_events(client, extension, subscription, claim.claim_id)?;
     Ok(all.filter(|&i| !resolved.contains(&claim.event_ids[i])).collect())
+}
+
+/// An int8 array of an open claim's ledger row, read in place: a claim or ack reads those of
+/// every open claim, so they are not copied element by element.
+struct LedgerArray<'a>(pgrx::Array<'a, i64>);
+
+impl LedgerArray<'_> {
+    /// `column` of `row`, None when NULL.
+    fn read<'a>(row: &'a SpiHeapTupleData, ordinal: usize, claim: i64, column: &'static str) -> Result<Option<LedgerArray<'a>>, OutboxError> {
+        match row.get::<pgrx::Array<'a, i64>>(ordinal)? {
+            Some(array) if array.as_slice().is_err() => Err(OutboxError::MalformedClaim { claim, column }),
+            array => Ok(array.map(LedgerArray)),
+        }
+    }
+
+    fn required<'a>(row: &'a SpiHeapTupleData, ordinal: usize, claim: i64, column: &'static str) -> Result<LedgerArray<'a>, OutboxError> {
+        LedgerArray::read(row, ordinal, claim, column)?.ok_or(OutboxError::MalformedClaim { claim, column })
+    }
+
+    fn elements(&self) -> &[i64] {
+        self.0.as_slice().expect("read() refuses arrays with NULLs")
+    }
+}
+
+/// The rows that events of open claims hold: later events of those rows must wait. Leaves
+/// room for `more` events.
+fn rows_in_flight(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    more: usize,
+) -> Result<Blocked, OutboxError> {
+    let rows: Vec<SpiHeapTupleData> = run(client, extension, &q::OPEN_CLAIM_KEYS, &[subscription.into()])?.collect();
+    let mut claims = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let claim: i64 = required(row, 1)?;
+        let keys = LedgerArray::required(row, 2, claim, "key_hashes")?;
+        let tables = LedgerArray::required(row, 3, claim, "table_hashes")?;
+        let ids = LedgerArray::read(row, 4, claim, "event_ids")?;
+        if tables.elements().len() != keys.elements().len() {
+            return Err(OutboxError::MalformedClaim { claim, column: "table_hashes" });
+        }
+        if ids.as_ref().is_some_and(|ids| ids.elements().len() != keys.elements().len()) {
+            return Err(OutboxError::MalformedClaim { claim, column: "event_ids" });
+        }
+        claims.push((claim, keys, tables, ids));
+    }
+    let mut blocked = Blocked::with_capacity(claims.iter().map(|(_, keys, ..)| keys.elements().len()).sum::<usize>() + more);
+    for (claim, keys, tables, ids) in &claims {
+        let (keys, tables) = (keys.elements(), tables.elements());
+        let Some(ids) = ids else {
+            blocked.add_all(keys, tables);
+            continue;
+        };
+        // partly resolved: its resolved events hold nothing any more
+        let resolved = resolved_events(client, extension, subscription, *claim)?;
+        for (i, id) in ids.elements().iter().enumerate() {
+            if !resolved.contains(id) {
+                blocked.add(OrderKey { key_hash: keys[i], table_hash: tables[i] });
+            }
+        }
+    }
+    Ok(blocked)
 }
 
 /// Events handed out together by a window claim, with what the ledger keeps of each.
@@ -483,12 +556,7 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Pa
         let policy = guc::retry_policy().with_overrides(&options.0)?;
 
         rescue_expired(client, &extension, sub, &policy, now)?;
-        let mut blocked = Blocked::default();
-        for claim in read_claims(run(client, &extension, &q::OPEN_CLAIMS, &[sub.into()])?)? {
-            for i in unresolved(client, &extension, sub, &claim)? {
-                blocked.add(claim.order_key(i));
-            }
-        }
+        let mut blocked = rows_in_flight(client, &extension, sub, batch)?;
 
         // The retry table first: it holds the oldest undelivered events.
         let mut claimed = Vec::with_capacity(batch);
@@ -703,14 +771,25 @@ fn claims_holding(
     subscription: i32,
     wanted: &HashSet<i64>,
 ) -> Result<Vec<(OpenClaim, Vec<usize>)>, OutboxError> {
-    let mut holding = Vec::new();
-    for claim in read_claims(run(client, extension, &q::OPEN_CLAIMS, &[subscription.into()])?)? {
-        if !claim.event_ids.iter().any(|id| wanted.contains(id)) {
-            continue;
+    // Claims hand out ids in runs, so another consumer's claim rarely has an id in this range.
+    let (lowest, highest) = (wanted.iter().min().copied(), wanted.iter().max().copied());
+    let (Some(lowest), Some(highest)) = (lowest, highest) else { return Ok(Vec::new()) };
+    // Only the ids of each claim are read to find the holders; the rest stays undecoded.
+    let mut candidates = Vec::new();
+    for row in run(client, extension, &q::OPEN_CLAIMS, &[subscription.into()])? {
+        let claim: i64 = required(&row, 1)?;
+        let ids = LedgerArray::required(&row, 4, claim, "event_ids")?;
+        if ids.elements().iter().any(|id| (lowest..=highest).contains(id) && wanted.contains(id)) {
+            candidates.push(row);
         }
+    }
+    let mut holding = Vec::new();
+    for row in candidates {
+        let claim = read_claim(&row)?;
+        // an ack or fail of the rest of it may have closed it meanwhile
         let locked = run(client, extension, &q::LOCK_CLAIM, &[subscription.into(), claim.claim_id.into()])?;
-        let Some(row) = locked.into_iter().next() else { continue };
-        let claim = OpenClaim { open_count: required(&row, 1)?, ..claim };
+        let Some(locked) = locked.into_iter().next() else { continue };
+        let claim = OpenClaim { open_count: required(&locked, 1)?, ..claim };
         let hits: Vec<usize> = unresolved(client, extension, subscription, &claim)?
             .into_iter()
             .filter(|&i| wanted.contains(&claim.event_ids[i]))

@@ -50,6 +50,8 @@ pub enum OutboxError {
     Capture(String, String),
     #[error("log row {base} has a malformed {column} array; its events cannot be handed out")]
     MalformedLogRow { base: i64, column: &'static str },
+    #[error("the ledger row of claim {claim} has a malformed {column} array")]
+    MalformedClaim { claim: i64, column: &'static str },
     #[error(transparent)]
     Spi(#[from] spi::Error),
 }
@@ -68,7 +70,7 @@ impl OutboxError {
             NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             NeedsReadCommitted(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
             Capture(..) | Spi(_) => ERRCODE_INTERNAL_ERROR,
-            MalformedLogRow { .. } => ERRCODE_DATA_CORRUPTED,
+            MalformedLogRow { .. } | MalformedClaim { .. } => ERRCODE_DATA_CORRUPTED,
             InvalidSubscriptionName(..)
             | BatchSize { .. }
             | Lease(_)

@@ -114,6 +114,12 @@ pub struct Blocked {
 }
 
 impl Blocked {
+    /// Room for the rows of `events` events, so that filling it does not rehash it again and
+    /// again: a claim fills it with the events of every open claim.
+    pub fn with_capacity(events: usize) -> Blocked {
+        Blocked { keys: HashSet64::with_capacity_and_hasher(events, Default::default()), tables: HashSet64::default() }
+    }
+
     pub fn blocks(&self, event: OrderKey) -> bool {
         if event.is_truncate() {
             self.tables.contains(&event.table_hash)
@@ -126,6 +132,19 @@ impl Blocked {
     pub fn add(&mut self, event: OrderKey) {
         self.keys.insert(event.key_hash);
         self.tables.insert(event.table_hash);
+    }
+
+    /// Records events given as their key and table hashes. A claim's events come in runs of
+    /// one table, so a table is recorded once per run rather than once per event.
+    pub fn add_all(&mut self, key_hashes: &[i64], table_hashes: &[i64]) {
+        self.keys.extend(key_hashes);
+        let mut previous = None;
+        for &table in table_hashes {
+            if previous != Some(table) {
+                self.tables.insert(table);
+                previous = Some(table);
+            }
+        }
     }
 }
 
@@ -259,6 +278,21 @@ mod tests {
         assert!(blocked.blocks(row(7, 100)));
         assert!(blocked.blocks(truncate(100)));
         assert!(!blocked.blocks(row(7, 200)));
+    }
+
+    #[test]
+    fn events_added_in_bulk_block_what_they_block_one_by_one() {
+        // a claim of two tables, with a TRUNCATE of the second among its row events
+        let events = [row(1, 100), row(2, 100), row(3, 200), truncate(200), row(4, 200), row(5, 100)];
+        let (keys, tables): (Vec<i64>, Vec<i64>) = events.iter().map(|e| (e.key_hash, e.table_hash)).unzip();
+        let mut one_by_one = Blocked::default();
+        events.iter().for_each(|&e| one_by_one.add(e));
+        let mut bulk = Blocked::with_capacity(events.len());
+        bulk.add_all(&keys, &tables);
+        for probe in [row(1, 100), row(6, 100), row(7, 200), row(8, 300), truncate(100), truncate(200), truncate(300)] {
+            assert_eq!(bulk.blocks(probe), one_by_one.blocks(probe), "{probe:?}");
+        }
+        assert!(bulk.blocks(truncate(100)) && bulk.blocks(row(7, 200)) && !bulk.blocks(row(8, 300)));
     }
 
     #[test]

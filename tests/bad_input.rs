@@ -199,3 +199,21 @@ fn a_malformed_log_row_is_named_and_loses_nothing() {
     let claimed = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!(claimed.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2]);
 }
+
+#[test]
+fn a_malformed_claim_is_named_and_loses_nothing() {
+    let mut c = setup("malformed_claim");
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(1)");
+    let claim_id = scalar_i64(&mut c, "SELECT claim_id FROM outbox_claims");
+    // the open claim's row hashes gain a NULL: the next claim cannot tell which rows it holds
+    c.batch_execute("UPDATE outbox_ledger SET key_hashes = key_hashes || NULL::bigint WHERE kind = 'c'").unwrap();
+    let before = state(&mut c);
+    let error = error_of(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert!(error.contains(&format!("the ledger row of claim {claim_id} has a malformed key_hashes array")), "{error}");
+    assert_eq!(state(&mut c), before, "the failed claim changed nothing");
+    c.batch_execute("UPDATE outbox_ledger SET key_hashes = key_hashes[1:1] WHERE kind = 'c'").unwrap();
+    let second = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(first.iter().chain(&second).map(|e| e.2).collect::<Vec<_>>(), [1, 2]);
+    let all: Vec<i64> = first.iter().chain(&second).map(|e| e.0).collect();
+    assert_eq!(c.query_one("SELECT outbox_ack($1)", &[&all]).unwrap().get::<_, i32>(0), 2);
+}

@@ -314,6 +314,35 @@ fn one_row_is_never_in_flight_twice_and_comes_out_in_commit_order() {
 }
 
 #[test]
+fn a_partly_acked_claim_holds_back_only_the_rows_it_still_holds() {
+    let (db, mut c) = setup("partly_acked", ", payload_columns => ARRAY['content']");
+    insert(&mut c, 1..=2);
+    let mut other = shared().connect(&db);
+    let claim = |c: &mut Client| -> Vec<(i64, i64)> {
+        c.query("SELECT id, (payload->'key'->>'id')::bigint FROM outbox_claim(10)", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let first = claim(&mut c);
+    assert_eq!(first.iter().map(|e| e.1).collect::<Vec<_>>(), [1, 2]);
+    c.execute("SELECT outbox_ack($1)", &[&vec![first[0].0]]).unwrap();
+    c.batch_execute("UPDATE chunks SET content = 'v2' WHERE id IN (1, 2)").unwrap();
+
+    // row 1's event was acked, row 2's is still in flight in the first claim
+    let second = claim(&mut other);
+    assert_eq!(second.iter().map(|e| e.1).collect::<Vec<_>>(), [1], "{second:?}");
+    assert!(claim(&mut other).is_empty(), "row 2 must wait for its event in flight");
+
+    c.execute("SELECT outbox_ack($1)", &[&vec![first[1].0]]).unwrap();
+    let third = claim(&mut other);
+    assert_eq!(third.iter().map(|e| e.1).collect::<Vec<_>>(), [2]);
+    let rest: Vec<i64> = second.iter().chain(&third).map(|e| e.0).collect();
+    assert_eq!(scalar_i64(&mut c, &format!("SELECT outbox_ack(ARRAY{rest:?})::bigint")), 2);
+}
+
+#[test]
 fn concurrent_claimers_never_receive_the_same_event() {
     let (db, mut c) = setup("concurrent", "");
     c.batch_execute("INSERT INTO chunks SELECT g, 1, 'x', '{1}' FROM generate_series(1, 3000) g").unwrap();
