@@ -164,41 +164,76 @@ fn unresolved(
 struct LedgerArray<'a>(pgrx::Array<'a, i64>);
 
 impl LedgerArray<'_> {
-    /// `column` of `row`, None when NULL.
-    fn read<'a>(row: &'a SpiHeapTupleData, ordinal: usize, claim: i64, column: &'static str) -> Result<Option<LedgerArray<'a>>, OutboxError> {
+    /// `column` of `row`, which must hold no NULLs.
+    fn required<'a>(row: &'a SpiHeapTupleData, ordinal: usize, claim: i64, column: &'static str) -> Result<LedgerArray<'a>, OutboxError> {
         match row.get::<pgrx::Array<'a, i64>>(ordinal)? {
-            Some(array) if array.as_slice().is_err() => Err(OutboxError::MalformedClaim { claim, column }),
-            array => Ok(array.map(LedgerArray)),
+            Some(array) if array.as_slice().is_ok() => Ok(LedgerArray(array)),
+            _ => Err(OutboxError::MalformedClaim { claim, column }),
         }
     }
 
-    fn required<'a>(row: &'a SpiHeapTupleData, ordinal: usize, claim: i64, column: &'static str) -> Result<LedgerArray<'a>, OutboxError> {
-        LedgerArray::read(row, ordinal, claim, column)?.ok_or(OutboxError::MalformedClaim { claim, column })
-    }
-
     fn elements(&self) -> &[i64] {
-        self.0.as_slice().expect("read() refuses arrays with NULLs")
+        self.0.as_slice().expect("required() refuses arrays with NULLs")
     }
 }
 
-/// The rows that events of open claims hold: later events of those rows must wait. Leaves
-/// room for `more` events.
+/// An open claim as the claims table lists it.
+struct ClaimSegment {
+    claim_id: i64,
+    slot: i16,
+    expired: bool,
+}
+
+fn open_claim_segments(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    now: Micros,
+) -> Result<Vec<ClaimSegment>, OutboxError> {
+    run(client, extension, &q::OPEN_CLAIM_SEGMENTS, &[subscription.into(), timestamp(now).into()])?
+        .into_iter()
+        .map(|row| Ok(ClaimSegment { claim_id: required(&row, 1)?, slot: required(&row, 2)?, expired: required(&row, 3)? }))
+        .collect()
+}
+
+/// The ledger rows of `claims` in OPEN_CLAIMS' columns, read one segment at a time. Their
+/// arrays stay undecoded until asked for.
+fn claim_rows<'conn>(
+    client: &mut SpiClient<'conn>,
+    extension: &Extension,
+    subscription: i32,
+    claims: &[ClaimSegment],
+) -> Result<Vec<SpiHeapTupleData<'conn>>, OutboxError> {
+    let mut slots: Vec<i16> = claims.iter().map(|c| c.slot).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let mut rows = Vec::with_capacity(claims.len());
+    for slot in slots {
+        let ids: Vec<i64> = claims.iter().filter(|c| c.slot == slot).map(|c| c.claim_id).collect();
+        rows.extend(run(client, extension, &q::SEGMENT_CLAIMS, &[subscription.into(), slot.into(), ids.into()])?);
+    }
+    Ok(rows)
+}
+
+/// The rows that events of the open claims `rows` hold: later events of those rows must
+/// wait. Leaves room for `more` events.
 fn rows_in_flight(
     client: &mut SpiClient<'_>,
     extension: &Extension,
     subscription: i32,
+    rows: &[SpiHeapTupleData],
     more: usize,
 ) -> Result<Blocked, OutboxError> {
-    let rows: Vec<SpiHeapTupleData> = run(client, extension, &q::OPEN_CLAIM_KEYS, &[subscription.into()])?.collect();
     let mut claims = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for row in rows {
         let claim: i64 = required(row, 1)?;
-        let keys = LedgerArray::required(row, 2, claim, "key_hashes")?;
-        let tables = LedgerArray::required(row, 3, claim, "table_hashes")?;
-        let ids = LedgerArray::read(row, 4, claim, "event_ids")?;
+        let partly_resolved = required::<i32>(row, 2)? < required::<i32>(row, 3)?;
+        let keys = LedgerArray::required(row, 5, claim, "key_hashes")?;
+        let tables = LedgerArray::required(row, 6, claim, "table_hashes")?;
         if tables.elements().len() != keys.elements().len() {
             return Err(OutboxError::MalformedClaim { claim, column: "table_hashes" });
         }
+        let ids = if partly_resolved { Some(LedgerArray::required(row, 4, claim, "event_ids")?) } else { None };
         if ids.as_ref().is_some_and(|ids| ids.elements().len() != keys.elements().len()) {
             return Err(OutboxError::MalformedClaim { claim, column: "event_ids" });
         }
@@ -555,8 +590,13 @@ pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Pa
         let window_xmin: i64 = required(&row, 9)?;
         let policy = guc::retry_policy().with_overrides(&options.0)?;
 
-        rescue_expired(client, &extension, sub, &policy, now)?;
-        let mut blocked = rows_in_flight(client, &extension, sub, batch)?;
+        let mut open = open_claim_segments(client, &extension, sub, now)?;
+        if open.iter().any(|c| c.expired) {
+            rescue_expired(client, &extension, sub, &policy, now)?;
+            open = open_claim_segments(client, &extension, sub, now)?;
+        }
+        let open = claim_rows(client, &extension, sub, &open)?;
+        let mut blocked = rows_in_flight(client, &extension, sub, &open, batch)?;
 
         // The retry table first: it holds the oldest undelivered events.
         let mut claimed = Vec::with_capacity(batch);
@@ -775,8 +815,9 @@ fn claims_holding(
     let (lowest, highest) = (wanted.iter().min().copied(), wanted.iter().max().copied());
     let (Some(lowest), Some(highest)) = (lowest, highest) else { return Ok(Vec::new()) };
     // Only the ids of each claim are read to find the holders; the rest stays undecoded.
+    let open = open_claim_segments(client, extension, subscription, now())?;
     let mut candidates = Vec::new();
-    for row in run(client, extension, &q::OPEN_CLAIMS, &[subscription.into()])? {
+    for row in claim_rows(client, extension, subscription, &open)? {
         let claim: i64 = required(&row, 1)?;
         let ids = LedgerArray::required(&row, 4, claim, "event_ids")?;
         if ids.elements().iter().any(|id| (lowest..=highest).contains(id) && wanted.contains(id)) {

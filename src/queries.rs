@@ -216,29 +216,19 @@ pub static LOCK_SUBSCRIPTION: ForRelease = ForRelease {
     before_0_4: Sql { text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]"), args: &[TEXT] },
 };
 
-/// Columns of the open claims of a subscription, each with its ledger row. LATERAL keeps the
-/// plan claims-first: the claims table churns, and stale statistics would otherwise make the
-/// planner read every ledger row of the subscription.
-macro_rules! open_claims {
-    ($columns:literal, $tail:literal) => {
+/// Open claims of a subscription with everything the ledger keeps of the events they handed
+/// out. LATERAL keeps the plan claims-first: the claims table churns, and stale statistics
+/// would otherwise make the planner read every ledger row of the subscription.
+macro_rules! claim_events {
+    ($tail:literal) => {
         concat!(
-            "SELECT ",
-            $columns,
-            " FROM @extschema@.outbox_claims c \
+            "SELECT c.claim_id, c.open_count, c.event_count, \
+                    l.event_ids, l.key_hashes, l.table_hashes, l.created_ats \
+             FROM @extschema@.outbox_claims c \
              CROSS JOIN LATERAL (SELECT * FROM @extschema@.outbox_ledger l \
                                  WHERE l.slot = c.ledger_slot AND l.subscription_id = c.subscription_id \
                                    AND l.claim_id = c.claim_id AND l.kind = 'c' LIMIT 1) l \
              WHERE c.subscription_id = $1",
-            $tail
-        )
-    };
-}
-
-/// Open claims with everything the ledger keeps of the events they handed out.
-macro_rules! claim_events {
-    ($tail:literal) => {
-        open_claims!(
-            "c.claim_id, c.open_count, c.event_count, l.event_ids, l.key_hashes, l.table_hashes, l.created_ats",
             $tail
         )
     };
@@ -251,16 +241,23 @@ pub static EXPIRED_CLAIMS: Sql = Sql {
 
 pub static OPEN_CLAIMS: Sql = Sql { text: claim_events!(""), args: &[INT4] };
 
-/// What a claim needs of the other open claims: the rows their events hold, and the event ids
-/// only of a claim partly resolved (its resolved events hold nothing any more). Every consumer
-/// has a claim open most of the time and each claim reads all of them, so it reads no more of
-/// them than this.
-pub static OPEN_CLAIM_KEYS: Sql = Sql {
-    text: open_claims!(
-        "c.claim_id, l.key_hashes, l.table_hashes, CASE WHEN c.open_count < c.event_count THEN l.event_ids END",
-        ""
-    ),
-    args: &[INT4],
+/// The open claims of a subscription as the claims table alone lists them: which ledger
+/// segment holds each, and whether its lease has expired at $2.
+pub static OPEN_CLAIM_SEGMENTS: Sql = Sql {
+    text: "SELECT claim_id, ledger_slot, expires_at <= $2 FROM @extschema@.outbox_claims WHERE subscription_id = $1",
+    args: &[INT4, TIME],
+};
+
+/// Open claims in ledger segment $2, in OPEN_CLAIMS' columns. Every claim and ack reads the
+/// open claims of its subscription: with the segment given as a parameter, Postgres starts a
+/// scan of that segment only, where OPEN_CLAIMS' join on each claim's segment starts a scan
+/// of all eight for every query.
+pub static SEGMENT_CLAIMS: Sql = Sql {
+    text: "SELECT c.claim_id, c.open_count, c.event_count, l.event_ids, l.key_hashes, l.table_hashes, l.created_ats \
+           FROM @extschema@.outbox_ledger l \
+           JOIN @extschema@.outbox_claims c ON c.subscription_id = l.subscription_id AND c.claim_id = l.claim_id \
+           WHERE l.slot = $2 AND l.subscription_id = $1 AND l.kind = 'c' AND l.claim_id = ANY ($3)",
+    args: &[INT4, INT2, INT8S],
 };
 
 /// Locks an open claim against concurrent acks and fails.

@@ -343,6 +343,28 @@ fn a_partly_acked_claim_holds_back_only_the_rows_it_still_holds() {
 }
 
 #[test]
+fn claims_open_in_two_ledger_segments_hold_their_rows_and_are_acked() {
+    let (_, mut c) = setup("claims_across_segments", ", payload_columns => ARRAY['content']");
+    insert(&mut c, 1..=2);
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(1)");
+    c.batch_execute("SET outbox.retention = 0; SELECT outbox_purge(); RESET outbox.retention").unwrap();
+    let second = claim(&mut c, "SELECT * FROM outbox_claim(1)");
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(DISTINCT ledger_slot) FROM outbox_claims"),
+        2,
+        "the purge started a new segment between the two claims"
+    );
+    c.batch_execute("UPDATE chunks SET content = 'v2' WHERE id IN (1, 2)").unwrap();
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty(), "rows 1 and 2 are in flight");
+
+    for claimed in [&first, &second] {
+        assert_eq!(scalar_i64(&mut c, &format!("SELECT outbox_ack(ARRAY[{}])::bigint", claimed[0].0)), 1);
+    }
+    let rest = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(first.iter().chain(&second).chain(&rest).map(|e| e.2).collect::<Vec<_>>(), [1, 2, 1, 2]);
+}
+
+#[test]
 fn concurrent_claimers_never_receive_the_same_event() {
     let (db, mut c) = setup("concurrent", "");
     c.batch_execute("INSERT INTO chunks SELECT g, 1, 'x', '{1}' FROM generate_series(1, 3000) g").unwrap();
