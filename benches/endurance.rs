@@ -191,16 +191,14 @@ fn sustained(cluster: &Cluster) {
     println!("\nDrain capacity with held xmin ÷ without: **{:.2}**\n", plain.batch_ms / held.batch_ms);
 }
 
-/// A consumer process of the scaling benchmark: `dsn|subscription|batch_size`. Drains until
-/// three claims in a row come back empty, then prints how many events it acked.
 /// Microseconds since the Unix epoch: consumer processes and the benchmark share the clock.
 fn unix_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
 }
 
-/// One consumer of the scaling benchmark: connects, says it is ready, waits for the go, drains
-/// until three claims in a row find nothing, then prints how many events it acked and when it
-/// acked the last of them.
+/// One consumer of the scaling benchmark, given `dsn|subscription|batch_size`: connects, says
+/// it is ready, waits for the go, drains until three claims in a row find nothing, then prints
+/// how many events it acked and when it acked the last of them.
 fn consumer_process(spec: &str) {
     let mut parts = spec.split('|');
     let (dsn, subscription, batch): (&str, &str, i32) =

@@ -116,7 +116,7 @@ impl OpenClaim {
     }
 }
 
-/// An open claim as OPEN_CLAIMS and EXPIRED_CLAIMS return it.
+/// An open claim as SEGMENT_CLAIMS and EXPIRED_CLAIMS return it.
 fn read_claim(row: &SpiHeapTupleData) -> Result<OpenClaim, OutboxError> {
     Ok(OpenClaim {
         claim_id: required(row, 1)?,
@@ -159,8 +159,9 @@ fn unresolved(
     Ok(all.filter(|&i| !resolved.contains(&claim.event_ids[i])).collect())
 }
 
-/// An int8 array of an open claim's ledger row, read in place: a claim or ack reads those of
-/// every open claim, so they are not copied element by element.
+/// An int8 array of an open claim's ledger row, used as a slice of the array (pgrx copies the
+/// array whole): a claim or ack reads those of every open claim, and converting each element
+/// into a Vec cost more than the rest of reading them.
 struct LedgerArray<'a>(pgrx::Array<'a, i64>);
 
 impl LedgerArray<'_> {
@@ -196,8 +197,10 @@ fn open_claim_segments(
         .collect()
 }
 
-/// The ledger rows of `claims` in OPEN_CLAIMS' columns, read one segment at a time. Their
-/// arrays stay undecoded until asked for.
+/// The ledger rows of `claims` in SEGMENT_CLAIMS' columns, read one segment at a time. Their
+/// arrays stay undecoded until asked for. These queries see a later snapshot than the listing:
+/// a claim closed in between drops out of the join and held nothing any more, and no claim can
+/// be added, since only a claim adds one and claims of a subscription are serialized.
 fn claim_rows<'conn>(
     client: &mut SpiClient<'conn>,
     extension: &Extension,
@@ -810,12 +813,13 @@ fn claims_holding(
     extension: &Extension,
     subscription: i32,
     wanted: &HashSet<i64>,
+    now: Micros,
 ) -> Result<Vec<(OpenClaim, Vec<usize>)>, OutboxError> {
     // Claims hand out ids in runs, so another consumer's claim rarely has an id in this range.
     let (lowest, highest) = (wanted.iter().min().copied(), wanted.iter().max().copied());
     let (Some(lowest), Some(highest)) = (lowest, highest) else { return Ok(Vec::new()) };
     // Only the ids of each claim are read to find the holders; the rest stays undecoded.
-    let open = open_claim_segments(client, extension, subscription, now())?;
+    let open = open_claim_segments(client, extension, subscription, now)?;
     let mut candidates = Vec::new();
     for row in claim_rows(client, extension, subscription, &open)? {
         let claim: i64 = required(&row, 1)?;
@@ -824,9 +828,11 @@ fn claims_holding(
             candidates.push(row);
         }
     }
+    // locked in claim order, as a claim rescuing expired claims locks them (EXPIRED_CLAIMS)
+    let mut candidates = candidates.iter().map(read_claim).collect::<Result<Vec<_>, _>>()?;
+    candidates.sort_unstable_by_key(|claim| claim.claim_id);
     let mut holding = Vec::new();
-    for row in candidates {
-        let claim = read_claim(&row)?;
+    for claim in candidates {
         // an ack or fail of the rest of it may have closed it meanwhile
         let locked = run(client, extension, &q::LOCK_CLAIM, &[subscription.into(), claim.claim_id.into()])?;
         let Some(locked) = locked.into_iter().next() else { continue };
@@ -863,7 +869,7 @@ pub fn ack_in(
     let now = now();
     let age = |created_at: TimestampWithTimeZone| (now - micros_of(created_at)) as f64 / 1e6;
     let mut stats = Stats::default();
-    for (claim, hits) in claims_holding(client, extension, sub, &wanted)? {
+    for (claim, hits) in claims_holding(client, extension, sub, &wanted, now)? {
         let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
         record_resolution(client, extension, sub, Some(claim.claim_id), "a", ids, now)?;
         settle(client, extension, sub, &claim, hits.len())?;
@@ -936,7 +942,7 @@ pub fn fail_in(
 
     // events of window claims have been handed out once
     let mut later = RetryBatch::default();
-    for (claim, hits) in claims_holding(client, extension, sub, &wanted)? {
+    for (claim, hits) in claims_holding(client, extension, sub, &wanted, now)? {
         let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
         record_resolution(client, extension, sub, Some(claim.claim_id), "f", ids, now)?;
         settle(client, extension, sub, &claim, hits.len())?;
@@ -981,7 +987,9 @@ pub fn fail_in(
 pub fn recover_in(client: &mut SpiClient<'_>, extension: &Extension, subscription: &str) -> Result<i32, OutboxError> {
     let (sub, _) = subscription_by_name(client, extension, subscription)?;
     let mut ids = Vec::new();
-    for claim in read_claims(run(client, extension, &q::OPEN_CLAIMS, &[sub.into()])?)? {
+    let open = open_claim_segments(client, extension, sub, now())?;
+    for row in claim_rows(client, extension, sub, &open)? {
+        let claim = read_claim(&row)?;
         ids.extend(unresolved(client, extension, sub, &claim)?.into_iter().map(|i| claim.event_ids[i]));
     }
     for row in run(client, extension, &q::IN_FLIGHT_RETRIES, &[sub.into()])? {

@@ -239,8 +239,6 @@ pub static EXPIRED_CLAIMS: Sql = Sql {
     args: &[INT4, TIME],
 };
 
-pub static OPEN_CLAIMS: Sql = Sql { text: claim_events!(""), args: &[INT4] };
-
 /// The open claims of a subscription as the claims table alone lists them: which ledger
 /// segment holds each, and whether its lease has expired at $2.
 pub static OPEN_CLAIM_SEGMENTS: Sql = Sql {
@@ -248,10 +246,10 @@ pub static OPEN_CLAIM_SEGMENTS: Sql = Sql {
     args: &[INT4, TIME],
 };
 
-/// Open claims in ledger segment $2, in OPEN_CLAIMS' columns. Every claim and ack reads the
+/// Open claims in ledger segment $2, in EXPIRED_CLAIMS' columns. Every claim and ack reads the
 /// open claims of its subscription: with the segment given as a parameter, Postgres starts a
-/// scan of that segment only, where OPEN_CLAIMS' join on each claim's segment starts a scan
-/// of all eight for every query.
+/// scan of that segment only, where a join on each claim's segment (as in EXPIRED_CLAIMS,
+/// which runs only when a lease has expired) starts a scan of all eight for every query.
 pub static SEGMENT_CLAIMS: Sql = Sql {
     text: "SELECT c.claim_id, c.open_count, c.event_count, l.event_ids, l.key_hashes, l.table_hashes, l.created_ats \
            FROM @extschema@.outbox_ledger l \

@@ -212,6 +212,13 @@ fn a_malformed_claim_is_named_and_loses_nothing() {
     assert!(error.contains(&format!("the ledger row of claim {claim_id} has a malformed key_hashes array")), "{error}");
     assert_eq!(state(&mut c), before, "the failed claim changed nothing");
     c.batch_execute("UPDATE outbox_ledger SET key_hashes = key_hashes[1:1] WHERE kind = 'c'").unwrap();
+    // a table hash short of the row hashes
+    c.batch_execute("UPDATE outbox_ledger SET table_hashes = '{}' WHERE kind = 'c'").unwrap();
+    let error = error_of(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert!(error.contains(&format!("the ledger row of claim {claim_id} has a malformed table_hashes array")), "{error}");
+    assert_eq!(state(&mut c), before);
+    c.batch_execute("UPDATE outbox_ledger SET table_hashes = ARRAY[table_hash] FROM outbox_log WHERE kind = 'c' AND base = 1")
+        .unwrap();
     let second = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!(first.iter().chain(&second).map(|e| e.2).collect::<Vec<_>>(), [1, 2]);
     let all: Vec<i64> = first.iter().chain(&second).map(|e| e.0).collect();

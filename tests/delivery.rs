@@ -123,6 +123,21 @@ fn lease_expiry_hands_events_out_again_and_counts_attempts() {
 }
 
 #[test]
+fn only_the_expired_claim_of_two_open_ones_is_handed_out_again() {
+    let (_, mut c) = setup("one_lease_expired", "");
+    insert(&mut c, 1..=3);
+    let short = claim(&mut c, "SELECT * FROM outbox_claim(1, lease => '200 milliseconds')");
+    let long = claim(&mut c, "SELECT * FROM outbox_claim(1)");
+    std::thread::sleep(Duration::from_millis(300));
+    let next = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    let keys_and_attempts: Vec<(i64, i32)> = next.iter().map(|e| (e.2, e.3)).collect();
+    assert_eq!(keys_and_attempts, [(1, 2), (3, 1)], "row 1 again, row 2 still in flight, then row 3");
+    let all: Vec<i64> = ids(&long).into_iter().chain(ids(&next)).collect();
+    assert_eq!(c.query_one("SELECT outbox_ack($1)", &[&all]).unwrap().get::<_, i32>(0), 3);
+    assert_eq!(ids(&short), ids(&next)[..1]);
+}
+
+#[test]
 fn ack_counts_only_newly_processed_events_and_records_the_time() {
     let (_, mut c) = setup("ack_counts", "");
     insert(&mut c, 1..=3);
@@ -357,9 +372,8 @@ fn claims_open_in_two_ledger_segments_hold_their_rows_and_are_acked() {
     c.batch_execute("UPDATE chunks SET content = 'v2' WHERE id IN (1, 2)").unwrap();
     assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty(), "rows 1 and 2 are in flight");
 
-    for claimed in [&first, &second] {
-        assert_eq!(scalar_i64(&mut c, &format!("SELECT outbox_ack(ARRAY[{}])::bigint", claimed[0].0)), 1);
-    }
+    // one ack of events held by claims in two segments
+    assert_eq!(scalar_i64(&mut c, &format!("SELECT outbox_ack(ARRAY[{}, {}])::bigint", first[0].0, second[0].0)), 2);
     let rest = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!(first.iter().chain(&second).chain(&rest).map(|e| e.2).collect::<Vec<_>>(), [1, 2, 1, 2]);
 }
