@@ -216,26 +216,17 @@ pub static LOCK_SUBSCRIPTION: ForRelease = ForRelease {
     before_0_4: Sql { text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]"), args: &[TEXT] },
 };
 
-/// Open claims of a subscription with everything the ledger keeps of the events they handed
-/// out. LATERAL keeps the plan claims-first: the claims table churns, and stale statistics
-/// would otherwise make the planner read every ledger row of the subscription.
-macro_rules! claim_events {
-    ($tail:literal) => {
-        concat!(
-            "SELECT c.claim_id, c.open_count, c.event_count, \
-                    l.event_ids, l.key_hashes, l.table_hashes, l.created_ats \
-             FROM @extschema@.outbox_claims c \
-             CROSS JOIN LATERAL (SELECT * FROM @extschema@.outbox_ledger l \
-                                 WHERE l.slot = c.ledger_slot AND l.subscription_id = c.subscription_id \
-                                   AND l.claim_id = c.claim_id AND l.kind = 'c' LIMIT 1) l \
-             WHERE c.subscription_id = $1",
-            $tail
-        )
-    };
-}
-
+/// The expired claims of a subscription with everything the ledger keeps of the events they
+/// handed out, locked. LATERAL keeps the plan claims-first: the claims table churns, and stale
+/// statistics would otherwise make the planner read every ledger row of the subscription.
 pub static EXPIRED_CLAIMS: Sql = Sql {
-    text: claim_events!(" AND c.expires_at <= $2 ORDER BY c.claim_id FOR UPDATE OF c"),
+    text: "SELECT c.claim_id, c.open_count, c.event_count, \
+                  l.event_ids, l.key_hashes, l.table_hashes, l.created_ats \
+           FROM @extschema@.outbox_claims c \
+           CROSS JOIN LATERAL (SELECT * FROM @extschema@.outbox_ledger l \
+                               WHERE l.slot = c.ledger_slot AND l.subscription_id = c.subscription_id \
+                                 AND l.claim_id = c.claim_id AND l.kind = 'c' LIMIT 1) l \
+           WHERE c.subscription_id = $1 AND c.expires_at <= $2 ORDER BY c.claim_id FOR UPDATE OF c",
     args: &[INT4, TIME],
 };
 
