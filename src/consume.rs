@@ -159,23 +159,30 @@ fn unresolved(
     Ok(all.filter(|&i| !resolved.contains(&claim.event_ids[i])).collect())
 }
 
-/// An int8 array of an open claim's ledger row, used as a slice of the array (pgrx copies the
-/// array whole): a claim or ack reads those of every open claim, and converting each element
-/// into a Vec cost more than the rest of reading them.
-struct LedgerArray<'a>(pgrx::Array<'a, i64>);
+/// An int8 array column used as a slice of the array (pgrx copies the array whole): claims
+/// and acks read the hash and id arrays of every open claim and window row, and converting
+/// each element into a Vec cost more than the rest of reading them.
+struct Int8Array<'conn>(pgrx::Array<'conn, i64>);
 
-impl LedgerArray<'_> {
-    /// `column` of `row`, which must hold no NULLs.
-    fn required<'a>(row: &'a SpiHeapTupleData, ordinal: usize, claim: i64, column: &'static str) -> Result<LedgerArray<'a>, OutboxError> {
-        match row.get::<pgrx::Array<'a, i64>>(ordinal)? {
-            Some(array) if array.as_slice().is_ok() => Ok(LedgerArray(array)),
-            _ => Err(OutboxError::MalformedClaim { claim, column }),
-        }
+impl<'conn> Int8Array<'conn> {
+    /// `ordinal` of `row`; None when it is NULL or holds a NULL.
+    fn read(row: &SpiHeapTupleData<'conn>, ordinal: usize) -> Result<Option<Int8Array<'conn>>, OutboxError> {
+        Ok(row.get::<pgrx::Array<'conn, i64>>(ordinal)?.filter(|array| array.as_slice().is_ok()).map(Int8Array))
     }
 
     fn elements(&self) -> &[i64] {
-        self.0.as_slice().expect("required() refuses arrays with NULLs")
+        self.0.as_slice().expect("read() refuses arrays with NULLs")
     }
+}
+
+/// An int8 array of an open claim's ledger row, which must be there and hold no NULLs.
+fn ledger_array<'conn>(
+    row: &SpiHeapTupleData<'conn>,
+    ordinal: usize,
+    claim: i64,
+    column: &'static str,
+) -> Result<Int8Array<'conn>, OutboxError> {
+    Int8Array::read(row, ordinal)?.ok_or(OutboxError::MalformedClaim { claim, column })
 }
 
 /// An open claim as the claims table lists it.
@@ -231,12 +238,12 @@ fn rows_in_flight(
     for row in rows {
         let claim: i64 = required(row, 1)?;
         let partly_resolved = required::<i32>(row, 2)? < required::<i32>(row, 3)?;
-        let keys = LedgerArray::required(row, 5, claim, "key_hashes")?;
-        let tables = LedgerArray::required(row, 6, claim, "table_hashes")?;
+        let keys = ledger_array(row, 5, claim, "key_hashes")?;
+        let tables = ledger_array(row, 6, claim, "table_hashes")?;
         if tables.elements().len() != keys.elements().len() {
             return Err(OutboxError::MalformedClaim { claim, column: "table_hashes" });
         }
-        let ids = if partly_resolved { Some(LedgerArray::required(row, 4, claim, "event_ids")?) } else { None };
+        let ids = if partly_resolved { Some(ledger_array(row, 4, claim, "event_ids")?) } else { None };
         if ids.as_ref().is_some_and(|ids| ids.elements().len() != keys.elements().len()) {
             return Err(OutboxError::MalformedClaim { claim, column: "event_ids" });
         }
@@ -490,19 +497,18 @@ struct WindowRow<'conn> {
     table_hash: i64,
     created_at: TimestampWithTimeZone,
     tuple: SpiHeapTupleData<'conn>,
-    key_hashes: OnceCell<Vec<i64>>,
+    key_hashes: OnceCell<Int8Array<'conn>>,
 }
 
-impl WindowRow<'_> {
+impl<'conn> WindowRow<'conn> {
     fn key_hashes(&self) -> Result<&[i64], OutboxError> {
         if let Some(hashes) = self.key_hashes.get() {
-            return Ok(hashes);
+            return Ok(hashes.elements());
         }
-        let hashes: Vec<i64> = required(&self.tuple, 5)?;
-        if hashes.len() < self.n as usize {
-            return Err(self.broken("key_hashes"));
-        }
-        Ok(self.key_hashes.get_or_init(|| hashes))
+        let hashes = Int8Array::read(&self.tuple, 5)?
+            .filter(|hashes| hashes.elements().len() >= self.n as usize)
+            .ok_or_else(|| self.broken("key_hashes"))?;
+        Ok(self.key_hashes.get_or_init(|| hashes).elements())
     }
 
     fn broken(&self, column: &'static str) -> OutboxError {
@@ -823,7 +829,7 @@ fn claims_holding(
     let mut candidates = Vec::new();
     for row in claim_rows(client, extension, subscription, &open)? {
         let claim: i64 = required(&row, 1)?;
-        let ids = LedgerArray::required(&row, 4, claim, "event_ids")?;
+        let ids = ledger_array(&row, 4, claim, "event_ids")?;
         if ids.elements().iter().any(|id| (lowest..=highest).contains(id) && wanted.contains(id)) {
             candidates.push(row);
         }
