@@ -196,6 +196,11 @@ fn a_malformed_log_row_is_named_and_loses_nothing() {
     assert!(error.contains("log row 1 has a malformed keys array"), "{error}");
     assert_eq!(state(&mut c), before, "the failed claim changed nothing");
     c.execute("UPDATE outbox_log SET keys = $1 WHERE base = 1", &[&keys]).unwrap();
+    c.batch_execute("UPDATE outbox_log SET key_hashes = key_hashes || NULL::bigint WHERE base = 1").unwrap();
+    let error = error_of(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert!(error.contains("log row 1 has a malformed key_hashes array"), "{error}");
+    assert_eq!(state(&mut c), before);
+    c.batch_execute("UPDATE outbox_log SET key_hashes = key_hashes[1:2] WHERE base = 1").unwrap();
     let claimed = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!(claimed.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2]);
 }
