@@ -41,6 +41,9 @@ extension_sql_file!("../sql/privileges.sql", name = "outbox_privileges", finaliz
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     ext::init();
+    // Transaction callbacks run newest first: consume's decides how a commit waits for its
+    // WAL, so it must see the log rows capture's writes at pre-commit.
+    consume::init();
     capture::init();
     worker::init();
 }

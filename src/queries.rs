@@ -46,7 +46,8 @@ use pg_sys::{
 };
 
 thread_local! {
-    static PLANS: RefCell<HashMap<usize, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    /// Keyed by statement, and for a statement of one segment by the segment too.
+    static PLANS: RefCell<HashMap<(usize, Option<i16>), Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
 /// Drops cached plans; called when the extension was created anew under another oid.
@@ -61,19 +62,44 @@ pub fn run<'conn>(
     sql: &'static Sql,
     args: &[DatumWithOid<'_>],
 ) -> Result<SpiTupleTable<'conn>, OutboxError> {
-    let key = sql as *const Sql as usize;
-    let plan = PLANS.with(|p| p.borrow().get(&key).cloned());
-    let plan = match plan {
-        Some(plan) => plan,
-        None => {
-            let text = sql.text.replace("@extschema@", &extension.schema);
-            let types: Vec<PgOid> = sql.args.iter().map(|oid| PgOid::from(*oid)).collect();
-            let plan = Rc::new(client.prepare_mut(text.as_str(), &types)?.keep());
-            PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
-            plan
-        }
-    };
+    let plan = prepared(client, extension, sql, None)?;
     Ok(client.update(&*plan, None, args)?)
+}
+
+/// Runs `sql`, whose text names one segment as `@segment@` (`outbox_ledger_@segment@`), in
+/// `segment`, with a plan per segment. A generic plan of a query of the partitioned table
+/// locks and opens all eight segments and their indexes on every run, even with the segment
+/// as a parameter that prunes seven of them: for the ledger's open claims that took 0.13 ms
+/// a run against 0.02 ms for the segment's own table.
+pub fn run_in_segment<'conn>(
+    client: &mut SpiClient<'conn>,
+    extension: &Extension,
+    sql: &'static Sql,
+    segment: i16,
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'conn>, OutboxError> {
+    let plan = prepared(client, extension, sql, Some(segment))?;
+    Ok(client.update(&*plan, None, args)?)
+}
+
+fn prepared(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    sql: &'static Sql,
+    segment: Option<i16>,
+) -> Result<Rc<OwnedPreparedStatement>, OutboxError> {
+    let key = (sql as *const Sql as usize, segment);
+    if let Some(plan) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
+        return Ok(plan);
+    }
+    let mut text = sql.text.replace("@extschema@", &extension.schema);
+    if let Some(segment) = segment {
+        text = text.replace("@segment@", &segment.to_string());
+    }
+    let types: Vec<PgOid> = sql.args.iter().map(|oid| PgOid::from(*oid)).collect();
+    let plan = Rc::new(client.prepare_mut(text.as_str(), &types)?.keep());
+    PLANS.with(|p| p.borrow_mut().insert(key, plan.clone()));
+    Ok(plan)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -237,16 +263,16 @@ pub static OPEN_CLAIM_SEGMENTS: Sql = Sql {
     args: &[INT4, TIME],
 };
 
-/// Open claims in ledger segment $2, in EXPIRED_CLAIMS' columns. Every claim and ack reads the
-/// open claims of its subscription: with the segment given as a parameter, Postgres starts a
-/// scan of that segment only, where a join on each claim's segment (as in EXPIRED_CLAIMS,
-/// which runs only when a lease has expired) starts a scan of all eight for every query.
+/// Open claims in one ledger segment (see `run_in_segment`), in EXPIRED_CLAIMS' columns.
+/// Every claim and ack reads the open claims of its subscription, segment by segment: a join
+/// on each claim's segment (as in EXPIRED_CLAIMS, which runs only when a lease has expired)
+/// starts a scan of all eight segments for every query.
 pub static SEGMENT_CLAIMS: Sql = Sql {
     text: "SELECT c.claim_id, c.open_count, c.event_count, l.event_ids, l.key_hashes, l.table_hashes, l.created_ats \
-           FROM @extschema@.outbox_ledger l \
+           FROM @extschema@.outbox_ledger_@segment@ l \
            JOIN @extschema@.outbox_claims c ON c.subscription_id = l.subscription_id AND c.claim_id = l.claim_id \
-           WHERE l.slot = $2 AND l.subscription_id = $1 AND l.kind = 'c' AND l.claim_id = ANY ($3)",
-    args: &[INT4, INT2, INT8S],
+           WHERE l.subscription_id = $1 AND l.kind = 'c' AND l.claim_id = ANY ($2)",
+    args: &[INT4, INT8S],
 };
 
 /// Locks an open claim against concurrent acks and fails.

@@ -123,3 +123,36 @@ fn committed_events_survive_an_immediate_stop() {
     println!("{} events, {} delivered twice (in flight at the crash)", all.len(), duplicates.len());
     assert_eq!(scalar_i64(&mut client, "SELECT pending + in_flight + retrying FROM outbox_backlog"), 0);
 }
+
+/// A transaction that only claims commits without waiting for its WAL to reach disk (see
+/// src/consume.rs): a crash right after it hands its events out again, as for any claim in
+/// flight at a crash. An ack, and anything written in the same transaction as a claim, waits.
+#[test]
+fn a_claim_alone_commits_without_a_flush_and_a_crash_hands_its_events_out_again() {
+    // The WAL writer must not write the claim's commit before the crash, nor another
+    // transaction's flush: a long writer delay, and no autovacuum.
+    let cluster = Cluster::start(&["wal_writer_delay = '10s'", "autovacuum = off"]);
+    let db = cluster.database("claims_alone");
+    let mut c = cluster.connect(&db);
+    chunks(&mut c, "");
+    c.batch_execute("CREATE TABLE notes (note text); INSERT INTO chunks SELECT g, 1, 'x', '{1}' FROM generate_series(1, 30) g")
+        .unwrap();
+
+    let acked = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    c.execute("SELECT outbox_ack($1)", &[&acked]).unwrap();
+    c.batch_execute("BEGIN").unwrap();
+    let with_work = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '1 hour')"));
+    c.batch_execute("INSERT INTO notes VALUES ('written with a claim'); COMMIT").unwrap();
+    let alone = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '1 hour')"));
+    assert_eq!((acked.len(), with_work.len(), alone.len()), (10, 10, 10));
+    drop(c);
+    cluster.stop("immediate");
+    cluster.pg_ctl_start();
+
+    let mut c = cluster.connect(&db);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM notes"), 1, "the transaction with a claim and a write survived");
+    let again = claim(&mut c, "SELECT * FROM outbox_claim(100)");
+    assert_eq!(ids(&again), alone, "only the claim made alone was lost, and its events come back");
+    assert!(again.iter().all(|e| e.3 == 1), "the lost claim left no attempt behind: {again:?}");
+    assert_eq!(scalar_i64(&mut c, "SELECT in_flight FROM outbox_backlog"), 20, "the claim with a write is still in flight");
+}
