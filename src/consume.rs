@@ -412,6 +412,7 @@ fn count_stats(
             stats.failed.into(),
             stats.dead.into(),
             (!stats.latency_buckets.is_empty()).then_some(stats.latency_buckets).into(),
+            (unsafe { pg_sys::MyProcPid } % q::STATS_SHARDS).into(),
         ],
     )?;
     Ok(())

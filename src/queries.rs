@@ -505,18 +505,25 @@ pub static BURY: Sql = Sql {
     args: &[INT4, INT8S, pg_sys::INT4ARRAYOID, INT8S, INT8S, TEXT, TIME],
 };
 
+/// Adds to the counters of the minute of $2, in the row of shard $8 (`STATS_SHARDS`): the
+/// minute plus $8 microseconds. Every ack counts itself here and keeps the row locked until
+/// its commit has flushed; with one row a minute, the acks of all consumers waited for each
+/// other's flushes. Readers sum the rows of a range of buckets, so shards are invisible.
 pub static COUNT_STATS: Sql = Sql {
     text: "INSERT INTO @extschema@.outbox_stats AS s \
              (subscription_id, bucket, acked, latency_sum, failed, dead, latency_buckets) \
-           VALUES ($1, pg_catalog.date_trunc('minute', $2), $3, $4, $5, $6, $7) \
+           VALUES ($1, pg_catalog.date_trunc('minute', $2) + $8 * interval '1 microsecond', $3, $4, $5, $6, $7) \
            ON CONFLICT (subscription_id, bucket) DO UPDATE SET acked = s.acked + EXCLUDED.acked, \
              latency_sum = s.latency_sum + EXCLUDED.latency_sum, failed = s.failed + EXCLUDED.failed, \
              dead = s.dead + EXCLUDED.dead, \
              latency_buckets = ARRAY(SELECT coalesce(a, 0) + coalesce(b, 0) \
                                      FROM ROWS FROM (pg_catalog.unnest(s.latency_buckets), \
                                                      pg_catalog.unnest(EXCLUDED.latency_buckets)) AS t(a, b))",
-    args: &[INT4, TIME, INT8, pg_sys::FLOAT8OID, INT8, INT8, INT8S],
+    args: &[INT4, TIME, INT8, pg_sys::FLOAT8OID, INT8, INT8, INT8S, INT4],
 };
+
+/// Rows each minute's counters are spread over, by backend.
+pub const STATS_SHARDS: i32 = 8;
 
 /// Whether any subscription has a sink, and whether the delivery worker serves this database.
 pub static WORKER_STATE: Sql = Sql {

@@ -704,6 +704,43 @@ fn metrics_report_backlog_counters_and_latency_per_subscription() {
     promtool_check_metrics(&metrics);
 }
 
+/// Every ack adds to the minute's delivery counters and keeps their row locked until it
+/// commits. The counters are spread over rows by backend, so consumers' acks do not wait for
+/// each other, and every reader sums the rows.
+#[test]
+fn acks_of_two_consumers_do_not_wait_for_each_other() {
+    let (db, mut a) = setup("acks_side_by_side", "");
+    insert(&mut a, 1..=20);
+    let shard = |c: &mut Client| c.query_one("SELECT pg_backend_pid() % 8", &[]).unwrap().get::<_, i32>(0);
+    let shard_a = shard(&mut a);
+    let mut b = loop {
+        let mut c = shared().connect(&db);
+        if shard(&mut c) != shard_a {
+            break c;
+        }
+    };
+    let first = ids(&claim(&mut a, "SELECT * FROM outbox_claim(10)"));
+    let second = ids(&claim(&mut b, "SELECT * FROM outbox_claim(10)"));
+
+    a.batch_execute("BEGIN").unwrap();
+    a.execute("SELECT outbox_ack($1)", &[&first]).unwrap();
+    // with one counter row a minute, this ack would wait for the first to commit
+    b.batch_execute("SET statement_timeout = '5s'").unwrap();
+    let acked: i32 = b.query_one("SELECT outbox_ack($1)", &[&second]).unwrap().get(0);
+    assert_eq!(acked, 10);
+    a.batch_execute("COMMIT").unwrap();
+
+    let metrics: String = a.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+    assert_eq!(sample(&metrics, "outbox_delivered_total{subscription=\"default\"}").unwrap(), 20.0);
+    assert_eq!(sample(&metrics, "outbox_propagation_latency_seconds_count{subscription=\"default\"}").unwrap(), 20.0);
+    assert_eq!(scalar_i64(&mut a, "SELECT count(*) FROM outbox_stats WHERE bucket > '-infinity'"), 2, "a row per shard");
+    let latency: Option<f64> = a
+        .query_one("SELECT extract(epoch FROM avg_propagation_latency)::float8 FROM outbox_backlog WHERE subscription = 'default'", &[])
+        .unwrap()
+        .get(0);
+    assert!(latency.is_some_and(|l| l > 0.0), "the backlog view averages over both rows: {latency:?}");
+}
+
 #[test]
 fn p99_latency_interpolates_inside_its_histogram_bucket() {
     let (_, mut c) = setup("p99", "");
