@@ -167,7 +167,11 @@ struct Int8Array<'conn>(pgrx::Array<'conn, i64>);
 impl<'conn> Int8Array<'conn> {
     /// `ordinal` of `row`; None when it is NULL or holds a NULL.
     fn read(row: &SpiHeapTupleData<'conn>, ordinal: usize) -> Result<Option<Int8Array<'conn>>, OutboxError> {
-        Ok(row.get::<pgrx::Array<'conn, i64>>(ordinal)?.filter(|array| array.as_slice().is_ok()).map(Int8Array))
+        Ok(Self::without_nulls(row.get::<pgrx::Array<'conn, i64>>(ordinal)?))
+    }
+
+    fn without_nulls(array: Option<pgrx::Array<'conn, i64>>) -> Option<Int8Array<'conn>> {
+        array.filter(|array| array.as_slice().is_ok()).map(Int8Array)
     }
 
     fn elements(&self) -> &[i64] {
@@ -486,27 +490,36 @@ fn rescue_expired(
     Ok(())
 }
 
+/// The columns of WINDOW_ROWS and STRADDLERS.
+const WINDOW_COLUMNS: usize = 9;
+
 /// A log row as a claim reads it. Its arrays, a thousand elements and TOASTed for a bulk
 /// statement, are decoded only when the claim reaches the row's events, or looks up the
 /// retries waiting on them (only a subscription with retries does): a claim asks for as many
 /// rows as it wants events, and would otherwise decode each bulk row it leaves to the next
-/// claims once per claim. The queries put the fixed-width columns first: SPI reads each
-/// column on its own, and finds one that follows a variable-width column by walking the tuple.
+/// claims once per claim.
 struct WindowRow<'conn> {
     base: i64,
     n: i32,
     table_hash: i64,
     created_at: TimestampWithTimeZone,
-    tuple: SpiHeapTupleData<'conn>,
+    /// Every column, as `heap_deform_tuple` left it in SPI's copy of the row.
+    values: [pg_sys::Datum; WINDOW_COLUMNS],
+    nulls: [bool; WINDOW_COLUMNS],
     key_hashes: OnceCell<Int8Array<'conn>>,
 }
 
 impl<'conn> WindowRow<'conn> {
+    /// Column `ordinal` (1-based), None when NULL.
+    fn column<T: FromDatum>(&self, ordinal: usize) -> Option<T> {
+        deformed(&self.values, &self.nulls, ordinal)
+    }
+
     fn key_hashes(&self) -> Result<&[i64], OutboxError> {
         if let Some(hashes) = self.key_hashes.get() {
             return Ok(hashes.elements());
         }
-        let hashes = Int8Array::read(&self.tuple, 5)?
+        let hashes = Int8Array::without_nulls(self.column(5))
             .filter(|hashes| hashes.elements().len() >= self.n as usize)
             .ok_or_else(|| self.broken("key_hashes"))?;
         Ok(self.key_hashes.get_or_init(|| hashes).elements())
@@ -518,15 +531,15 @@ impl<'conn> WindowRow<'conn> {
 
     /// Appends the events at these ordinals, with their payloads, to `out`.
     fn render(&self, ords: &[usize], out: &mut Vec<Event>) -> Result<(), OutboxError> {
-        let event_type: String = required(&self.tuple, 6)?;
-        let source_name: String = required(&self.tuple, 7)?;
-        let keys: String = required(&self.tuple, 8)?;
-        let data: Option<String> = self.tuple.get(9)?;
         let broken = |column| self.broken(column);
-        let keys = json_array_elements(&keys).ok_or_else(|| broken("keys"))?;
-        let data = data.as_deref().map(|d| json_array_elements(d).ok_or_else(|| broken("data"))).transpose()?;
+        let event_type: String = self.column(6).ok_or_else(|| broken("type"))?;
+        let source_name: &str = self.column(7).ok_or_else(|| broken("source_name"))?;
+        let keys: &str = self.column(8).ok_or_else(|| broken("keys"))?;
+        let data: Option<&str> = self.column(9);
+        let keys = json_array_elements(keys).ok_or_else(|| broken("keys"))?;
+        let data = data.map(|d| json_array_elements(d).ok_or_else(|| broken("data"))).transpose()?;
         let mut table = String::with_capacity(source_name.len() + 2);
-        push_json_string(&mut table, &source_name);
+        push_json_string(&mut table, source_name);
         for &ord in ords {
             let key = keys.get(ord - 1).ok_or_else(|| broken("keys"))?;
             let data = match &data {
@@ -543,20 +556,51 @@ impl<'conn> WindowRow<'conn> {
     }
 }
 
+/// The rows WINDOW_ROWS or STRADDLERS just returned, each deformed with one call into
+/// Postgres. pgrx reads a result row column by column, two calls each, and finds a column
+/// that follows a variable-width one by walking the row from its start: eighteen calls and
+/// five walks for each row, which a claim of single-row events makes per event.
 fn read_window_rows(table: SpiTupleTable<'_>) -> Result<Vec<WindowRow<'_>>, OutboxError> {
-    table
-        .into_iter()
-        .map(|tuple| {
+    if table.is_empty() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: `table` wraps the result SPI keeps of the query just run, SPI_tuptable; the
+    // rows and their datums stay in SPI's memory for as long as `table` could be used
+    let (tupdesc, tuples) = unsafe {
+        let result = pg_sys::SPI_tuptable;
+        ((*result).tupdesc, std::slice::from_raw_parts((*result).vals, table.len()))
+    };
+    if unsafe { (*tupdesc).natts } as usize != WINDOW_COLUMNS {
+        return Err(OutboxError::Capture("outbox_log".into(), "a window query returned unexpected columns".into()));
+    }
+    tuples
+        .iter()
+        .map(|&tuple| {
+            let mut values = [pg_sys::Datum::from(0); WINDOW_COLUMNS];
+            let mut nulls = [true; WINDOW_COLUMNS];
+            unsafe { pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr()) };
+            fn fixed<T: FromDatum>(values: &[pg_sys::Datum; WINDOW_COLUMNS], nulls: &[bool; WINDOW_COLUMNS], ordinal: usize) -> Result<T, OutboxError> {
+                deformed(values, nulls, ordinal)
+                    .ok_or_else(|| OutboxError::Capture("outbox".into(), format!("unexpected NULL in column {ordinal}")))
+            }
             Ok(WindowRow {
-                base: required(&tuple, 1)?,
-                n: required(&tuple, 2)?,
-                table_hash: required(&tuple, 3)?,
-                created_at: required(&tuple, 4)?,
-                tuple,
+                base: fixed(&values, &nulls, 1)?,
+                n: fixed(&values, &nulls, 2)?,
+                table_hash: fixed(&values, &nulls, 3)?,
+                created_at: fixed(&values, &nulls, 4)?,
+                values,
+                nulls,
                 key_hashes: OnceCell::new(),
             })
         })
         .collect()
+}
+
+/// Column `ordinal` (1-based) of a deformed window row, None when NULL.
+fn deformed<T: FromDatum>(values: &[pg_sys::Datum; WINDOW_COLUMNS], nulls: &[bool; WINDOW_COLUMNS], ordinal: usize) -> Option<T> {
+    // SAFETY: the datum is of the column's type (the window queries fix it) and lives in
+    // SPI's result, which outlives the row
+    unsafe { T::from_datum(values[ordinal - 1], nulls[ordinal - 1]) }
 }
 
 /// Makes events of `subscription` pending again, as new (attempts 0).
