@@ -54,25 +54,17 @@ LANGUAGE sql STABLE SET jit = off AS $$
               FROM pg_catalog.unnest(ids) AS i))
 $$;
 
--- PL/pgSQL rather than SQL: it keeps the plan of its query between calls. The claim renders
--- the payloads from the log rows it reads anyway; the cast to jsonb is the only work left.
--- unnest reads the arrays in storage order, which the claim sorted by id.
+-- In C (src/api.rs): it hands its rows over in one go, oldest first, with the payloads
+-- rendered from the log rows the claim reads and parsed into jsonb.
 CREATE FUNCTION @extschema@.outbox_claim(
     batch_size integer DEFAULT 100,
     subscription text DEFAULT 'default',
     lease interval DEFAULT '30 seconds')
 RETURNS TABLE(id bigint, type text, payload jsonb, created_at timestamptz, attempts integer)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE c VOLATILE SECURITY DEFINER
 -- a claim is a few milliseconds of work: starting parallel workers for it costs more
-SET search_path = pg_catalog, pg_temp SET max_parallel_workers_per_gather = 0 AS $$
-BEGIN
-    RETURN QUERY
-    SELECT e.id, e.event_type, e.payload::jsonb, e.created_at, e.attempts
-    FROM @extschema@.outbox_claim_events(outbox_claim.batch_size, outbox_claim.subscription, outbox_claim.lease) c
-    CROSS JOIN LATERAL unnest(c.ids, c.event_types, c.payloads, c.created_ats, c.attempts)
-        AS e(id, event_type, payload, created_at, attempts);
-END
-$$;
+SET search_path = pg_catalog, pg_temp SET max_parallel_workers_per_gather = 0
+AS 'MODULE_PATHNAME', 'outbox_claim';
 
 -- One row per subscription. pending: not yet handed out (or waiting behind its row);
 -- in_flight: leased; retrying: failed or expired, waiting for their next attempt. For sink

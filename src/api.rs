@@ -6,6 +6,7 @@
 //! caller, who must own the table, and act as the extension owner only after that check.
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::fcinfo::pg_getarg;
 use pgrx::prelude::*;
 use pgrx::PgRelation;
 
@@ -54,10 +55,90 @@ fn outbox_unsubscribe(name: Option<&str>) {
     admin::unsubscribe(given(name, "name")).or_raise()
 }
 
-/// Claims and renders the events, as one row of arrays: a set-returning function is called
-/// once per row, and each call would apply and undo the pinned search_path again.
-/// `outbox_claim` (SQL) unnests them and casts the payloads to jsonb.
-#[pg_extern(volatile, parallel_unsafe)]
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_outbox_claim() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `outbox_claim(batch_size, subscription, lease)`, a C function of the SQL API (sql/api.sql).
+/// It hands its rows over in one tuplestore (materialize mode) with the payloads as jsonb,
+/// where pgrx's set-returning functions return a row per call, and each call would apply and
+/// undo the pinned search_path again. Before 0.6.0 a PL/pgSQL function unnested arrays from
+/// `outbox_claim_events` and cast each payload: that cost as much as the claim itself.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_claim(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe { claim_into_tuplestore(fcinfo) }.or_raise();
+    pg_sys::Datum::from(0)
+}
+
+unsafe fn claim_into_tuplestore(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
+    let result = unsafe { (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo };
+    let accepts_a_set = !result.is_null()
+        && unsafe { (*result).type_ == pg_sys::NodeTag::T_ReturnSetInfo }
+        && unsafe { (*result).allowedModes } & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32 != 0;
+    if !accepts_a_set {
+        return Err(OutboxError::NotInSetContext("outbox_claim"));
+    }
+    // the rows outlive this call: they go into the query's memory
+    let query_memory = unsafe { (*(*result).econtext).ecxt_per_query_memory };
+    let mut desc: pg_sys::TupleDesc = std::ptr::null_mut();
+    let kind = unsafe {
+        let previous = pg_sys::MemoryContextSwitchTo(query_memory);
+        let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc);
+        pg_sys::MemoryContextSwitchTo(previous);
+        kind
+    };
+    if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE {
+        return Err(OutboxError::NotInSetContext("outbox_claim"));
+    }
+
+    let (batch_size, subscription, lease) = unsafe {
+        (pg_getarg::<i32>(fcinfo, 0), pg_getarg::<&str>(fcinfo, 1), pg_getarg::<Interval>(fcinfo, 2))
+    };
+    let claimed = claim(batch_size, subscription, lease, Payloads::Render);
+
+    let store = unsafe {
+        let previous = pg_sys::MemoryContextSwitchTo(query_memory);
+        let random_access = (*result).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize_Random as i32 != 0;
+        let store = pg_sys::tuplestore_begin_heap(random_access, false, pg_sys::work_mem);
+        pg_sys::MemoryContextSwitchTo(previous);
+        store
+    };
+    for c in claimed {
+        let mut values = [pg_sys::Datum::from(0); 5];
+        let mut nulls = [false; 5];
+        values[0] = c.id.into_datum().expect("an int8 datum");
+        values[4] = c.attempts.into_datum().expect("an int4 datum");
+        match c.event {
+            Some(event) => {
+                values[1] = event.event_type.into_datum().expect("a text datum");
+                values[2] = jsonb(event.payload);
+                values[3] = event.created_at.into_datum().expect("a timestamptz datum");
+            }
+            None => nulls[1..4].fill(true),
+        }
+        unsafe { pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr()) };
+    }
+    unsafe {
+        (*result).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+        (*result).setResult = store;
+        (*result).setDesc = desc;
+    }
+    Ok(())
+}
+
+/// A payload, which the claim wrote as JSON text, as jsonb.
+fn jsonb(payload: String) -> pg_sys::Datum {
+    let text = std::ffi::CString::new(payload).expect("JSON text has no NUL byte");
+    unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) }.expect("jsonb_in returns a value")
+}
+
+/// Claims and renders the events, as one row of arrays, for the `outbox_claim` of databases
+/// still at 0.5.0 (PL/pgSQL, which unnests them). Not in the 0.6.0 SQL; the update drops it.
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_claim_events(
     batch_size: Option<i32>,

@@ -44,6 +44,8 @@ pub enum OutboxError {
     ReplayWithoutSelection,
     #[error("{0} must run in a READ COMMITTED transaction")]
     NeedsReadCommitted(&'static str),
+    #[error("{0} returns a set of rows; call it in FROM, as in SELECT * FROM {0}()")]
+    NotInSetContext(&'static str),
     #[error("extension \"outbox\" is not installed in this database")]
     NotInstalled,
     #[error("captured changes of table {0} could not be encoded: {1}")]
@@ -69,6 +71,7 @@ impl OutboxError {
             NotATable(_) => ERRCODE_WRONG_OBJECT_TYPE,
             NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             NeedsReadCommitted(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
+            NotInSetContext(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             Capture(..) | Spi(_) => ERRCODE_INTERNAL_ERROR,
             MalformedLogRow { .. } | MalformedClaim { .. } => ERRCODE_DATA_CORRUPTED,
             InvalidSubscriptionName(..)

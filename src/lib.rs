@@ -32,7 +32,7 @@ extension_sql_file!("../sql/schema.sql", name = "outbox_schema", bootstrap);
 extension_sql_file!(
     "../sql/api.sql",
     name = "outbox_api",
-    requires = ["outbox_capture", outbox_claim_events, outbox_ack, outbox_fail]
+    requires = ["outbox_capture", outbox_ack, outbox_fail]
 );
 extension_sql_file!("../sql/ddl.sql", name = "outbox_ddl", requires = ["outbox_schema"]);
 extension_sql_file!("../sql/privileges.sql", name = "outbox_privileges", finalize);

@@ -58,7 +58,6 @@ fn public_can_do_nothing() {
         "SELECT outbox_purge()",
         "SELECT outbox_attach('chunks')",
         "SELECT * FROM outbox_events_for(ARRAY[1])",
-        "SELECT * FROM outbox_claim_events(1, 'default', '1 minute')",
         "SELECT outbox_metrics()",
         "SELECT outbox_replayable('default', ids => ARRAY[1])",
         "SELECT outbox_purge_dead_letters(interval '1 day')",
