@@ -130,10 +130,30 @@ unsafe fn claim_into_tuplestore(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), 
     Ok(())
 }
 
-/// A payload, which the claim wrote as JSON text, as jsonb.
-fn jsonb(payload: String) -> pg_sys::Datum {
+/// A payload, which the claim wrote as JSON text, as jsonb: written directly where
+/// `crate::jsonb` can, else parsed by `jsonb_in`.
+pub fn jsonb(payload: String) -> pg_sys::Datum {
+    if let Some(bytes) = crate::jsonb::encode(&payload, &mut numeric_bytes) {
+        unsafe {
+            let datum = pg_sys::palloc(bytes.len()).cast::<u8>();
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), datum, bytes.len());
+            pgrx::varlena::set_varsize_4b(datum.cast(), bytes.len() as i32);
+            return pg_sys::Datum::from(datum);
+        }
+    }
     let text = std::ffi::CString::new(payload).expect("JSON text has no NUL byte");
     unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) }.expect("jsonb_in returns a value")
+}
+
+/// Appends the bytes of Postgres' numeric for `value`, as jsonb stores it.
+pub fn numeric_bytes(value: i64, out: &mut Vec<u8>) {
+    #[cfg(feature = "pg13")]
+    let numeric = unsafe { pgrx::direct_function_call_as_datum(pg_sys::int8_numeric, &[value.into_datum()]) }
+        .expect("a numeric")
+        .cast_mut_ptr::<pg_sys::varlena>();
+    #[cfg(not(feature = "pg13"))]
+    let numeric = unsafe { pg_sys::int64_to_numeric(value) }.cast::<pg_sys::varlena>();
+    out.extend_from_slice(unsafe { std::slice::from_raw_parts(numeric.cast::<u8>(), pgrx::varlena::varsize_any(numeric)) });
 }
 
 /// Claims and renders the events, as one row of arrays, for the `outbox_claim` of databases

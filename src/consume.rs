@@ -36,7 +36,7 @@ pub struct Claimed {
 /// What a claim returns of an event besides its id and attempts.
 pub struct Event {
     pub event_type: String,
-    /// JSON text; `outbox_claim` (SQL) casts it to jsonb.
+    /// JSON text; `outbox_claim` parses it into jsonb.
     pub payload: String,
     pub created_at: TimestampWithTimeZone,
 }

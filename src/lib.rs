@@ -14,6 +14,7 @@ mod consume;
 mod error;
 mod ext;
 mod guc;
+mod jsonb;
 mod metrics;
 mod ordering;
 mod policy;

@@ -550,4 +550,54 @@ mod tests {
         );
         assert!(count("SELECT count(*) FROM pg_proc WHERE prosecdef AND proname LIKE 'outbox%'") >= 8);
     }
+    /// The datum `jsonb_in` makes of `json`, as bytes.
+    fn jsonb_in_bytes(json: &str) -> Vec<u8> {
+        let text = std::ffi::CString::new(json).unwrap();
+        unsafe {
+            let datum = pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]).unwrap();
+            let ptr = datum.cast_mut_ptr::<pg_sys::varlena>();
+            std::slice::from_raw_parts(ptr.cast::<u8>(), pgrx::varlena::varsize_any(ptr)).to_vec()
+        }
+    }
+
+    #[pg_test]
+    fn payloads_written_as_jsonb_match_jsonb_in_byte_for_byte() {
+        let many = |n: usize, value: &dyn Fn(usize) -> String| {
+            format!("{{{}}}", (0..n).map(|i| format!("\"k{i}\":{}", value(i))).collect::<Vec<_>>().join(","))
+        };
+        let mut corpus: Vec<String> = [
+            r#"{"table":"public.chunks","key":{"id":1}}"#,
+            r#"{"table":"public.chunks","key":{"id":-9223372036854775808}}"#,
+            r#"{"table":"s.t","key":{"id":9223372036854775807,"doc":"é"},"data":{"content":"","flag":true,"n":null,"f":false}}"#,
+            r#"{"table":"public.chunks"}"#,
+            r#"{}"#,
+            r#"{"a":{"b":{"c":{"d":1}}},"e":{}}"#,
+            r#"{"b":1,"a":2,"ab":3,"aa":4,"":5}"#,
+            r#"{"a":"x","b":1,"cc":"yyy","d":{"e":2},"f":"zz","g":-0,"h":0,"i":12345678901234}"#,
+            r#"{"ключ":"значение","k":"日本語"}"#,
+            r#" { "a" : 1 , "b" : { } } "#,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        corpus.push(many(40, &|i| i.to_string()));
+        corpus.push(many(70, &|i| format!("\"{}\"", "v".repeat(i % 7))));
+        corpus.push(many(33, &|i| format!("{{\"n\":{i},\"s\":\"{}\"}}", "w".repeat(i))));
+        for json in &corpus {
+            let written = crate::jsonb::encode(json, &mut crate::api::numeric_bytes)
+                .unwrap_or_else(|| panic!("written directly: {json}"));
+            let mut written = written;
+            unsafe { pgrx::varlena::set_varsize_4b(written.as_mut_ptr().cast(), written.len() as i32) };
+            assert_eq!(written, jsonb_in_bytes(json), "{json}");
+        }
+        // what is left to jsonb_in comes out as jsonb_in makes it
+        for json in [r#"{"a":[1,2]}"#, r#"{"a":1.5}"#, r#"{"a":"q\"uote"}"#, r#"{"a":1,"a":2}"#] {
+            assert!(crate::jsonb::encode(json, &mut crate::api::numeric_bytes).is_none(), "{json}");
+            let datum = crate::api::jsonb(json.to_string());
+            let ptr = datum.cast_mut_ptr::<pg_sys::varlena>();
+            let bytes = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), pgrx::varlena::varsize_any(ptr)) };
+            assert_eq!(bytes, jsonb_in_bytes(json).as_slice(), "{json}");
+        }
+    }
 }
+
