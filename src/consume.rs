@@ -416,10 +416,20 @@ fn count_stats(
             stats.failed.into(),
             stats.dead.into(),
             (!stats.latency_buckets.is_empty()).then_some(stats.latency_buckets).into(),
-            (unsafe { pg_sys::MyProcPid } % q::STATS_SHARDS).into(),
+            (backend_number() % q::STATS_SHARDS).into(),
         ],
     )?;
     Ok(())
+}
+
+/// This backend's slot among the server's processes: small and dense among the backends
+/// running at once, so consumers' acks land in different counter shards.
+fn backend_number() -> i32 {
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    let number = unsafe { pg_sys::MyProcNumber };
+    #[cfg(not(any(feature = "pg17", feature = "pg18")))]
+    let number = unsafe { pg_sys::MyBackendId };
+    number.max(0)
 }
 
 /// Closes the claim when its last event is resolved.
@@ -490,8 +500,19 @@ fn rescue_expired(
     Ok(())
 }
 
-/// The columns of WINDOW_ROWS and STRADDLERS.
+/// The columns of WINDOW_ROWS and STRADDLERS, by type.
 const WINDOW_COLUMNS: usize = 9;
+const WINDOW_TYPES: [pg_sys::Oid; WINDOW_COLUMNS] = [
+    pg_sys::INT8OID,
+    pg_sys::INT4OID,
+    pg_sys::INT8OID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::INT8ARRAYOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+];
 
 /// A log row as a claim reads it. Its arrays, a thousand elements and TOASTed for a bulk
 /// statement, are decoded only when the claim reaches the row's events, or looks up the
@@ -570,7 +591,9 @@ fn read_window_rows(table: SpiTupleTable<'_>) -> Result<Vec<WindowRow<'_>>, Outb
         let result = pg_sys::SPI_tuptable;
         ((*result).tupdesc, std::slice::from_raw_parts((*result).vals, table.len()))
     };
-    if unsafe { (*tupdesc).natts } as usize != WINDOW_COLUMNS {
+    // the datums are converted without pgrx's type checks: check the types once
+    let types = unsafe { (*tupdesc).attrs.as_slice((*tupdesc).natts as usize) }.iter().map(|a| a.atttypid);
+    if !types.eq(WINDOW_TYPES) {
         return Err(OutboxError::Capture("outbox_log".into(), "a window query returned unexpected columns".into()));
     }
     tuples
@@ -628,12 +651,15 @@ pub fn init() {
     unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
 }
 
-/// A transaction that did nothing but claim commits without waiting for its WAL to reach
-/// disk (`synchronous_commit = off` for that commit alone). Claims of a subscription take
-/// turns, and a turn lasts until commit: the flush was a third of each turn with eight
-/// consumers. A crash can lose such a claim, which hands its events out again, as for any
-/// claim in flight at a crash; the acks that follow it commit with a flush, which writes the
-/// claim's commit first. A transaction that writes anything else keeps its setting.
+/// A claim made in a statement of its own (no transaction block), in a transaction that wrote
+/// nothing else, commits without waiting for its WAL to reach disk (`synchronous_commit =
+/// off` for that commit alone; `outbox.fast_claim_commits` turns this off). Claims of a
+/// subscription take turns, and a turn lasts until commit: the flush was a third of each turn
+/// with eight consumers. A crash can lose such a claim, which hands its events out again, as
+/// for any claim in flight at a crash; the acks that follow it commit with a flush, which
+/// writes the claim's commit first. A transaction that wrote anything else, as far as this
+/// backend's WAL shows when this callback runs, keeps its setting: other libraries' callbacks
+/// registered before this one run after it, so writes they make at pre-commit are not seen.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     let claims_only_until = CLAIMS_ONLY_UNTIL.with(|c| c.take());
@@ -653,10 +679,13 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
-/// Whether claims wrote everything this transaction has written so far, if anything.
+/// Whether this claim may commit without a flush: a statement of its own, and claims wrote
+/// all the WAL this transaction has written so far, if any.
 fn claims_only_so_far() -> bool {
-    let nothing_written = unsafe { pg_sys::GetTopTransactionIdIfAny() } == pg_sys::InvalidTransactionId;
-    nothing_written || CLAIMS_ONLY_UNTIL.with(Cell::get) == Some(unsafe { pg_sys::XactLastRecEnd })
+    let written = unsafe { pg_sys::XactLastRecEnd };
+    guc::fast_claim_commits()
+        && !unsafe { pg_sys::IsTransactionBlock() }
+        && (written == 0 || CLAIMS_ONLY_UNTIL.with(Cell::get) == Some(written))
 }
 
 pub fn claim(batch_size: i32, subscription: &str, lease: &Interval, payloads: Payloads) -> Result<Vec<Claimed>, OutboxError> {

@@ -26,6 +26,9 @@ static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
 // Commits wake the worker through its latch; this only bounds how late it notices anything
 // else (a lost wakeup, a subscription changed by hand), so it can be long.
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+// A claim lost in a crash hands its events out again, which at-least-once delivery allows,
+// and claims of a subscription wait for each other's commits (see src/consume.rs).
+static FAST_CLAIM_COMMITS: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {
     init_worker_settings();
@@ -81,6 +84,14 @@ fn init_worker_settings() {
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
+        c"outbox.fast_claim_commits",
+        c"Whether a claim made in a statement of its own commits without waiting for its WAL flush.",
+        c"Off: such claims commit as synchronous_commit says, like any transaction.",
+        &FAST_CLAIM_COMMITS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
         c"outbox.worker_enabled",
         c"Whether the outbox delivery worker delivers to sinks.",
         c"When off, the worker idles and sink subscriptions are not delivered.",
@@ -112,6 +123,10 @@ fn init_worker_settings() {
 
 pub fn worker_database() -> String {
     DATABASE.get().map(|d| d.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
+}
+
+pub fn fast_claim_commits() -> bool {
+    FAST_CLAIM_COMMITS.get()
 }
 
 pub fn worker_enabled() -> bool {

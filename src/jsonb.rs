@@ -48,7 +48,8 @@ pub fn encode(json: &str, numeric: Numeric) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(json.len() + 64);
     out.extend_from_slice(&[0; 4]);
     write_object(&mut out, pairs, numeric)?;
-    Some(out)
+    // as jsonb_in, which refuses a document this large
+    (out.len() - 4 <= JENTRY_OFFLENMASK as usize).then_some(out)
 }
 
 struct Parser<'a> {
