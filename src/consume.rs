@@ -602,15 +602,12 @@ fn read_window_rows(table: SpiTupleTable<'_>) -> Result<Vec<WindowRow<'_>>, Outb
             let mut values = [pg_sys::Datum::from(0); WINDOW_COLUMNS];
             let mut nulls = [true; WINDOW_COLUMNS];
             unsafe { pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr()) };
-            fn fixed<T: FromDatum>(values: &[pg_sys::Datum; WINDOW_COLUMNS], nulls: &[bool; WINDOW_COLUMNS], ordinal: usize) -> Result<T, OutboxError> {
-                deformed(values, nulls, ordinal)
-                    .ok_or_else(|| OutboxError::Capture("outbox".into(), format!("unexpected NULL in column {ordinal}")))
-            }
+            let null_at = |ordinal| OutboxError::Capture("outbox".into(), format!("unexpected NULL in column {ordinal}"));
             Ok(WindowRow {
-                base: fixed(&values, &nulls, 1)?,
-                n: fixed(&values, &nulls, 2)?,
-                table_hash: fixed(&values, &nulls, 3)?,
-                created_at: fixed(&values, &nulls, 4)?,
+                base: deformed(&values, &nulls, 1).ok_or_else(|| null_at(1))?,
+                n: deformed(&values, &nulls, 2).ok_or_else(|| null_at(2))?,
+                table_hash: deformed(&values, &nulls, 3).ok_or_else(|| null_at(3))?,
+                created_at: deformed(&values, &nulls, 4).ok_or_else(|| null_at(4))?,
                 values,
                 nulls,
                 key_hashes: OnceCell::new(),
