@@ -34,7 +34,29 @@ use crate::shape::{json_array, key_hash, member_prefix, push_int, push_json_stri
 /// What a log row records about its source, fixed at capture time.
 struct Shape {
     source_name: String,
-    prefix: String,
+    /// The event type of each operation, spelled once rather than for every log row.
+    upsert: String,
+    delete: String,
+    truncate: String,
+}
+
+impl Shape {
+    fn new(source_name: String, prefix: &str) -> Shape {
+        Shape {
+            source_name,
+            upsert: Op::Upsert.event_type(prefix),
+            delete: Op::Delete.event_type(prefix),
+            truncate: Op::Truncate.event_type(prefix),
+        }
+    }
+
+    fn event_type(&self, op: Op) -> &str {
+        match op {
+            Op::Upsert => &self.upsert,
+            Op::Delete => &self.delete,
+            Op::Truncate => &self.truncate,
+        }
+    }
 }
 
 /// How one column's value becomes JSON.
@@ -167,6 +189,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    crate::append::forget_layout(relid);
     ATTACHMENTS.with(|a| {
         let mut attachments = a.borrow_mut();
         if relid == pg_sys::InvalidOid {
@@ -412,14 +435,13 @@ fn write_log_rows(extension: &Extension, pending: &Pending) -> Result<(), Outbox
         let keys = json_array(events.iter().map(|e| pending.text(&e.key)));
         let data = first.data.is_some().then(|| json_array(events.iter().map(|e| e.data.as_ref().map_or("null", |d| pending.text(d)))));
         let hashes: Vec<i64> = events.iter().map(|e| e.key_hash).collect();
-        let event_type = first.op.event_type(&shape.prefix);
         let row = LogRow {
             slot,
             n: events.len() as i32,
             source: pg_sys::Oid::from(first.source),
             source_name: &shape.source_name,
             op: first.op,
-            event_type: &event_type,
+            event_type: shape.event_type(first.op),
             keys: &keys,
             data: data.as_deref(),
             key_hashes: &hashes,
@@ -488,7 +510,7 @@ unsafe fn load_attachment(relation: pg_sys::Relation) -> Result<Attachment, Outb
     let mut attachment = Attachment {
         source,
         generation: generation.to_string(),
-        shape: Rc::new(Shape { source_name: source_name.clone(), prefix }),
+        shape: Rc::new(Shape::new(source_name.clone(), &prefix)),
         key: Vec::new(),
         data: None,
         memory,

@@ -121,9 +121,16 @@ pub fn push_int(out: &mut String, value: i64) {
 }
 
 /// Joins already-encoded JSON values into one JSON array.
-pub fn json_array<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
-    let mut out = String::from("[");
-    for (i, item) in items.into_iter().enumerate() {
+pub fn json_array<'a, I>(items: I) -> String
+where
+    I: IntoIterator<Item = &'a str>,
+    I::IntoIter: Clone,
+{
+    let items = items.into_iter();
+    // sized up front: one allocation per array (this runs for every log row)
+    let mut out = String::with_capacity(items.clone().map(|item| item.len() + 1).sum::<usize>() + 2);
+    out.push('[');
+    for (i, item) in items.enumerate() {
         if i > 0 {
             out.push(',');
         }

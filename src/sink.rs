@@ -178,7 +178,11 @@ pub fn idempotency_key(ids: &[i64]) -> String {
 }
 
 /// Joins events already rendered as JSON objects into the request body.
-pub fn batch_body<'a>(events: impl IntoIterator<Item = &'a str>) -> String {
+pub fn batch_body<'a, I>(events: I) -> String
+where
+    I: IntoIterator<Item = &'a str>,
+    I::IntoIter: Clone,
+{
     crate::shape::json_array(events)
 }
 

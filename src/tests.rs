@@ -335,6 +335,39 @@ mod tests {
         run("ALTER TABLE chunks RENAME COLUMN content TO body");
     }
 
+    /// Capture reads a log segment's columns once per backend; a change to them (as an update
+    /// script might make) is seen by the next capture rather than written past.
+    #[pg_test(error = "outbox: captured changes of table outbox_log could not be encoded: unexpected column extra")]
+    fn a_change_to_the_log_is_seen_by_the_next_capture() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("INSERT INTO chunks VALUES (1, 10, 'a', '{1}', 's')");
+        run("ALTER TABLE outbox_log ADD COLUMN extra int");
+        run("INSERT INTO chunks VALUES (2, 10, 'b', '{2}', 's')");
+    }
+
+    /// The log row is written by Postgres calls under one guard (src/append.rs); an ERROR among
+    /// them is the statement's own, with its SQLSTATE, and the transaction goes on after it.
+    #[pg_test]
+    fn an_error_while_writing_the_log_is_the_statements_own() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("CREATE FUNCTION insert_chunk(id bigint) RETURNS text LANGUAGE plpgsql AS $$ \
+             BEGIN INSERT INTO chunks VALUES (id, 10, 'a', '{1}', 's'); RETURN 'inserted'; \
+             EXCEPTION WHEN sequence_generator_limit_exceeded THEN RETURN SQLERRM; END $$");
+        let insert = |id: i64| Spi::get_one::<String>(&format!("SELECT insert_chunk({id})")).unwrap().unwrap();
+        assert_eq!(insert(1), "inserted");
+        // room for exactly one more log row
+        run("DO $$ BEGIN EXECUTE pg_catalog.format('ALTER SEQUENCE outbox_event_id_seq MAXVALUE %s', \
+             (SELECT last_value + 4096 FROM outbox_event_id_seq)); END $$");
+        assert_eq!(insert(2), "inserted");
+        assert!(insert(3).starts_with("nextval: reached maximum value of sequence \"outbox_event_id_seq\""));
+        run("ALTER SEQUENCE outbox_event_id_seq NO MAXVALUE");
+        assert_eq!(insert(4), "inserted");
+        assert_eq!(count("SELECT count(*) FROM chunks"), 3);
+        assert_eq!(value("SELECT jsonb_agg(payload->'key'->'id' ORDER BY id) FROM outbox_events"), json!([1, 2, 4]));
+    }
+
     #[pg_test]
     fn captured_columns_change_through_the_attachment() {
         chunks();
