@@ -9,7 +9,6 @@
 //! `outbox_retries`.
 
 use std::cell::{Cell, OnceCell};
-use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -17,11 +16,12 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiHeapTupleData, SpiTupleTable};
 
+use crate::arrays::{int8_elements, int8s, timestamps, Int8ArrayDatum};
 use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
 use crate::metrics::{bucket_of, LATENCY_BUCKETS};
-use crate::ordering::{Blocked, OrderKey, StraddleFloor};
+use crate::ordering::{Blocked, IdMap, IdSet, OrderKey, StraddleFloor};
 use crate::policy::{check_batch_size, RetryPolicy};
 use crate::queries::{self as q, run, run_in_segment};
 use crate::shape::{event_payload, json_array_elements, push_json_string, EVENTS_PER_ROW};
@@ -139,7 +139,7 @@ fn resolved_events(
     extension: &Extension,
     subscription: i32,
     claim_id: i64,
-) -> Result<HashSet<i64>, OutboxError> {
+) -> Result<IdSet, OutboxError> {
     let table = run(client, extension, &q::RESOLVED_EVENTS, &[subscription.into(), claim_id.into()])?;
     Ok(table.first().get::<Vec<i64>>(1)?.unwrap_or_default().into_iter().collect())
 }
@@ -159,23 +159,24 @@ fn unresolved(
     Ok(all.filter(|&i| !resolved.contains(&claim.event_ids[i])).collect())
 }
 
-/// An int8 array column used as a slice of the array (pgrx copies the array whole): claims
-/// and acks read the hash and id arrays of every open claim and window row, and converting
-/// each element into a Vec cost more than the rest of reading them.
-struct Int8Array<'conn>(pgrx::Array<'conn, i64>);
+/// An int8 array column used as a slice of the array (src/arrays.rs): claims and acks read
+/// the hash and id arrays of every open claim and window row, and converting each element
+/// into a Vec cost more than the rest of reading them.
+struct Int8Array<'conn>(&'conn [i64]);
 
 impl<'conn> Int8Array<'conn> {
     /// `ordinal` of `row`; None when it is NULL or holds a NULL.
     fn read(row: &SpiHeapTupleData<'conn>, ordinal: usize) -> Result<Option<Int8Array<'conn>>, OutboxError> {
-        Ok(Self::without_nulls(row.get::<pgrx::Array<'conn, i64>>(ordinal)?))
+        Ok(Self::from_datum(row.get::<Int8ArrayDatum>(ordinal)?))
     }
 
-    fn without_nulls(array: Option<pgrx::Array<'conn, i64>>) -> Option<Int8Array<'conn>> {
-        array.filter(|array| array.as_slice().is_ok()).map(Int8Array)
+    fn from_datum(datum: Option<Int8ArrayDatum>) -> Option<Int8Array<'conn>> {
+        // SAFETY: both callers pass an int8[] column of a row SPI keeps until 'conn ends
+        datum.and_then(|datum| unsafe { int8_elements(datum) }).map(Int8Array)
     }
 
-    fn elements(&self) -> &[i64] {
-        self.0.as_slice().expect("read() refuses arrays with NULLs")
+    fn elements(&self) -> &'conn [i64] {
+        self.0
     }
 }
 
@@ -321,14 +322,14 @@ impl RetryBatch {
             &q::ADD_RETRIES,
             &[
                 subscription.into(),
-                events.ids.into(),
-                events.key_hashes.into(),
-                events.table_hashes.into(),
-                events.created_ats.into(),
+                int8s(&events.ids),
+                int8s(&events.key_hashes),
+                int8s(&events.table_hashes),
+                timestamps(&events.created_ats),
                 attempts.into(),
                 leased_until.map(timestamp).into(),
                 error.into(),
-                self.visible_ats.into(),
+                timestamps(&self.visible_ats),
             ],
         )?;
         Ok(())
@@ -462,7 +463,7 @@ fn record_resolution(
         client,
         extension,
         &q::RECORD_RESOLUTION,
-        &[subscription.into(), claim_id.into(), kind.into(), timestamp(now).into(), ids.into()],
+        &[subscription.into(), claim_id.into(), kind.into(), timestamp(now).into(), int8s(&ids)],
     )?;
     Ok(())
 }
@@ -540,7 +541,7 @@ impl<'conn> WindowRow<'conn> {
         if let Some(hashes) = self.key_hashes.get() {
             return Ok(hashes.elements());
         }
-        let hashes = Int8Array::without_nulls(self.column(5))
+        let hashes = Int8Array::from_datum(self.column(5))
             .filter(|hashes| hashes.elements().len() >= self.n as usize)
             .ok_or_else(|| self.broken("key_hashes"))?;
         Ok(self.key_hashes.get_or_init(|| hashes).elements())
@@ -853,10 +854,10 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                     sub.into(),
                     timestamp(now).into(),
                     timestamp(expires).into(),
-                    taken.ids.into(),
-                    taken.key_hashes.into(),
-                    taken.table_hashes.into(),
-                    taken.created_ats.into(),
+                    int8s(&taken.ids),
+                    int8s(&taken.key_hashes),
+                    int8s(&taken.table_hashes),
+                    timestamps(&taken.created_ats),
                 ],
             )?;
         }
@@ -881,7 +882,7 @@ fn render_retries(
     if ids.is_empty() {
         return Ok(());
     }
-    let mut events = HashMap::with_capacity(ids.len());
+    let mut events = IdMap::with_capacity_and_hasher(ids.len(), Default::default());
     for row in run(client, extension, &q::RENDER_EVENTS, &[subscription.into(), ids.into()])? {
         let (Some(event_type), Some(payload), Some(created_at)) = (row.get(2)?, row.get(3)?, row.get(4)?) else {
             continue;
@@ -928,7 +929,7 @@ fn add_retry_blockers(
     Ok(())
 }
 
-fn wanted_ids(ids: Option<Vec<Option<i64>>>) -> Result<HashSet<i64>, OutboxError> {
+fn wanted_ids(ids: Option<Vec<Option<i64>>>) -> Result<IdSet, OutboxError> {
     Ok(ids.ok_or(OutboxError::NullArgument("ids"))?.into_iter().flatten().collect())
 }
 
@@ -938,7 +939,7 @@ fn claims_holding(
     client: &mut SpiClient<'_>,
     extension: &Extension,
     subscription: i32,
-    wanted: &HashSet<i64>,
+    wanted: &IdSet,
     now: Micros,
 ) -> Result<Vec<(OpenClaim, Vec<usize>)>, OutboxError> {
     // Claims hand out ids in runs, so another consumer's claim rarely has an id in this range.
@@ -987,7 +988,7 @@ pub fn ack_in(
     ids: impl IntoIterator<Item = i64>,
     subscription: &str,
 ) -> Result<i32, OutboxError> {
-    let mut wanted: HashSet<i64> = ids.into_iter().collect();
+    let mut wanted: IdSet = ids.into_iter().collect();
     let (sub, _) = subscription_by_name(client, extension, subscription)?;
     if wanted.is_empty() {
         return Ok(0);
@@ -1051,7 +1052,7 @@ pub fn fail_in(
     retry_after: Option<i64>,
     counted: bool,
 ) -> Result<i32, OutboxError> {
-    let wanted: HashSet<i64> = ids.into_iter().collect();
+    let wanted: IdSet = ids.into_iter().collect();
     let (sub, options) = subscription_by_name(client, extension, subscription)?;
     if wanted.is_empty() {
         return Ok(0);

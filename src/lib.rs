@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 mod admin;
 mod api;
 mod append;
+mod arrays;
 mod attach;
 mod capture;
 mod consume;

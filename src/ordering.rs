@@ -104,6 +104,33 @@ impl Hasher for PassThrough {
 
 type HashSet64 = HashSet<i64, BuildHasherDefault<PassThrough>>;
 
+/// Event ids need no SipHash (acks and claims put thousands into sets). They run in strides
+/// (a log row's base steps by 4096), and hashbrown picks a bucket by a hash's low bits and
+/// tags it with its top bits: a multiplication by the golden ratio spreads an id into the high
+/// bits, and folding those down spreads it into the low ones.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_i64(((self.0 << 8) | u64::from(*byte)) as i64);
+        }
+    }
+
+    fn write_i64(&mut self, value: i64) {
+        let spread = (value as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = spread ^ (spread >> 32);
+    }
+}
+
+pub type IdSet = HashSet<i64, BuildHasherDefault<IdHasher>>;
+pub type IdMap<V> = std::collections::HashMap<i64, V, BuildHasherDefault<IdHasher>>;
+
 /// The rows and tables that already have an event in flight or waiting ahead in a
 /// subscription. An event must wait while its row is blocked; a TRUNCATE must wait while
 /// anything of its table is; any row event must wait behind a pending TRUNCATE of its table.
@@ -190,6 +217,21 @@ impl StraddleFloor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn ids_spread_over_buckets_and_tags() {
+        let hasher = BuildHasherDefault::<IdHasher>::default();
+        // hashbrown picks a bucket by the low bits and keeps the top 7 bits as a tag
+        for ids in [(1_000_000i64..1_001_024).collect::<Vec<_>>(), (0..1024).map(|k| k * 4096 + 1).collect()] {
+            let buckets: HashSet<u64> = ids.iter().map(|&id| hasher.hash_one(id) & 1023).collect();
+            let tags: HashSet<u64> = ids.iter().map(|&id| hasher.hash_one(id) >> 57).collect();
+            assert!(buckets.len() > 600, "only {} of 1024 buckets", buckets.len());
+            assert!(tags.len() > 100, "only {} of 128 tags", tags.len());
+        }
+        let ids: IdSet = (1..=10_000).collect();
+        assert!((1..=10_000).all(|id| ids.contains(&id)) && !ids.contains(&0) && !ids.contains(&10_001));
+    }
 
     /// Events whose key text is the single byte at `key` of their buffer.
     fn event(command: u32, op: Op, from_update: bool, key: usize) -> CapturedEvent {
