@@ -107,6 +107,8 @@ unsafe fn claim_into_tuplestore(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), 
         pg_sys::MemoryContextSwitchTo(previous);
         store
     };
+    // the text datum of the last event type: events of a type share one (tuplestore copies it)
+    let mut type_datum: Option<(std::rc::Rc<str>, pg_sys::Datum)> = None;
     for c in claimed {
         let mut values = [pg_sys::Datum::from(0); 5];
         let mut nulls = [false; 5];
@@ -114,7 +116,14 @@ unsafe fn claim_into_tuplestore(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), 
         values[4] = c.attempts.into_datum().expect("an int4 datum");
         match c.event {
             Some(event) => {
-                values[1] = event.event_type.into_datum().expect("a text datum");
+                values[1] = match &type_datum {
+                    Some((event_type, datum)) if std::rc::Rc::ptr_eq(event_type, &event.event_type) => *datum,
+                    _ => {
+                        let datum = (*event.event_type).into_datum().expect("a text datum");
+                        type_datum = Some((event.event_type.clone(), datum));
+                        datum
+                    }
+                };
                 values[2] = jsonb(event.payload);
                 values[3] = event.created_at.into_datum().expect("a timestamptz datum");
             }
@@ -181,7 +190,7 @@ fn outbox_claim_events(
         ids.push(c.id);
         attempts.push(c.attempts);
         let (event_type, payload, created_at) = match c.event {
-            Some(e) => (Some(e.event_type), Some(e.payload), Some(e.created_at)),
+            Some(e) => (Some(e.event_type.to_string()), Some(e.payload), Some(e.created_at)),
             None => (None, None, None),
         };
         event_types.push(event_type);

@@ -59,7 +59,14 @@ fn claimed_events_are_the_events_the_view_shows() {
            UPDATE "Mixed Schema"."Chunks ""v2""" SET content = 'changed' WHERE tenant = 't,1' AND id <= 5;
            UPDATE "Mixed Schema"."Chunks ""v2""" SET id = id + 1000 WHERE tenant = 't]2' AND id <= 3;
            DELETE FROM "Mixed Schema"."Chunks ""v2""" WHERE tenant = 't3';
-           TRUNCATE "Mixed Schema"."Chunks ""v2""";"#,
+           TRUNCATE "Mixed Schema"."Chunks ""v2""";
+           -- log rows of two tables and types, alternating
+           CREATE TABLE "Mixed Schema".other (id bigint PRIMARY KEY);
+           SELECT outbox_attach('"Mixed Schema".other', event_prefix => 'OTHER');
+           DO $$ BEGIN FOR i IN 1..20 LOOP
+               INSERT INTO "Mixed Schema".other VALUES (i);
+               INSERT INTO "Mixed Schema"."Chunks ""v2""" VALUES ('t4', i, 'c', NULL);
+           END LOOP; END $$;"#,
     )
     .unwrap();
     let expected: HashMap<i64, (String, serde_json::Value, String)> = c
@@ -68,7 +75,7 @@ fn claimed_events_are_the_events_the_view_shows() {
         .iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
         .collect();
-    assert_eq!(expected.len(), 700 + 300 + 1 + 5 + 6 + 1 + 1);
+    assert_eq!(expected.len(), 700 + 300 + 1 + 5 + 6 + 1 + 1 + 40);
     // batches of 333 cut through log rows; the first time it is handed out every seventh event
     // fails and comes back through the retry table, the rest are acked
     let mut seen: HashMap<i64, usize> = HashMap::new();
