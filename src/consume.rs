@@ -617,7 +617,6 @@ fn read_window_rows(table: SpiTupleTable<'_>) -> Result<Vec<WindowRow<'_>>, Outb
         .collect()
 }
 
-/// Column `ordinal` (1-based) of a deformed window row, None when NULL.
 /// The type and table of the last log row a claim rendered: the rows of a window mostly share
 /// them, and spelling them again for every row cost a sixth of rendering a single-row event.
 #[derive(Default)]
@@ -647,6 +646,7 @@ impl Spelled {
     }
 }
 
+/// Column `ordinal` (1-based) of a deformed window row, None when NULL.
 fn deformed<T: FromDatum>(values: &[pg_sys::Datum; WINDOW_COLUMNS], nulls: &[bool; WINDOW_COLUMNS], ordinal: usize) -> Option<T> {
     // SAFETY: the datum is of the column's type (the window queries fix it) and lives in
     // SPI's result, which outlives the row
