@@ -29,7 +29,6 @@ pub struct LogRow<'a> {
     pub table_hash: i64,
 }
 
-#[allow(clashing_extern_declarations)] // pgrx's bindings of the same functions differ only in pointer constness on some versions
 mod unguarded {
     use pgrx::pg_sys::*;
 
@@ -140,6 +139,9 @@ pub fn forget_layout(relid: pg_sys::Oid) {
 
 /// Writes `row` into the log partition `partition`, drawing its base from `sequence`.
 pub unsafe fn append(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow) -> Result<(), OutboxError> {
+    // Locked before the layout is looked up: taking the lock processes the invalidations of a
+    // change to the segment's columns committed since, which forget its layout.
+    unsafe { pg_sys::LockRelationOid(partition, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
     let layout = match LAYOUTS.with(|l| l.borrow().iter().find(|(r, _)| *r == partition).map(|(_, layout)| *layout)) {
         Some(layout) => layout,
         None => {
@@ -149,27 +151,27 @@ pub unsafe fn append(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow
         }
     };
     let outcome = unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| write_row(partition, sequence, row, &layout)) };
+    let refused = |what: &str| Err(OutboxError::Capture("outbox_log".into(), what.into()));
     match outcome {
         Written::Row => Ok(()),
-        Written::NotWithExpressionIndex => {
-            Err(OutboxError::Capture("outbox_log".into(), "expression indexes are not supported".into()))
-        }
+        Written::NotWithExpressionIndex => refused("expression indexes are not supported"),
+        Written::StaleLayout => refused("its columns changed while the row was written"),
     }
 }
 
 unsafe fn read_layout(partition: pg_sys::Oid) -> Result<Layout, OutboxError> {
     let unexpected = |what: String| OutboxError::Capture("outbox_log".into(), what);
     unsafe {
-        let relation = pg_sys::table_open(partition, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let desc = (*relation).rd_att;
-        let columns = (*desc).natts as usize;
+        // (append holds the segment's lock, so its columns stay as read here)
+        let relation = pg_sys::table_open(partition, pg_sys::NoLock as pg_sys::LOCKMODE);
+        let attributes = crate::tupdesc::attributes((*relation).rd_att);
+        let columns = attributes.len();
         let mut layout = Layout { fields: [Field::Dropped; MAX_COLUMNS], columns };
         let mut found = Ok(());
         if columns > MAX_COLUMNS {
             found = Err(unexpected(format!("{columns} columns, more than {MAX_COLUMNS}")));
         }
-        for i in 0..columns.min(MAX_COLUMNS) {
-            let attribute = &*(*desc).attrs.as_ptr().add(i);
+        for (i, attribute) in attributes.iter().enumerate().take(MAX_COLUMNS) {
             if attribute.attisdropped {
                 continue;
             }
@@ -179,7 +181,7 @@ unsafe fn read_layout(partition: pg_sys::Oid) -> Result<Layout, OutboxError> {
                 None => found = Err(unexpected(format!("unexpected column {}", String::from_utf8_lossy(name)))),
             }
         }
-        pg_sys::table_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
         found.map(|()| layout)
     }
 }
@@ -187,6 +189,9 @@ unsafe fn read_layout(partition: pg_sys::Oid) -> Result<Layout, OutboxError> {
 enum Written {
     Row,
     NotWithExpressionIndex,
+    /// The segment does not have the columns its cached layout says (append locks the segment
+    /// before it looks the layout up, so this is only a backstop).
+    StaleLayout,
 }
 
 /// The guarded block: unguarded calls and plain data only (see the module comment).
@@ -195,6 +200,10 @@ unsafe fn write_row(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow,
     unsafe {
         let text = |value: &str| pg_sys::Datum::from(cstring_to_text_with_len(value.as_ptr().cast(), value.len() as i32));
         let relation = table_open(partition, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if (*(*relation).rd_att).natts as usize != layout.columns {
+            table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+            return Written::StaleLayout;
+        }
         // The xid first: a claim's straddle floor relies on every base being drawn after its
         // transaction got its xid (see StraddleFloor). The owner runs this, so nextval needs no
         // permission check.
@@ -246,10 +255,10 @@ unsafe fn write_row(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow,
             let columns = ((*info).ii_NumIndexAttrs as usize).min(MAX_INDEX_COLUMNS);
             for c in 0..columns {
                 let attnum = (*info).ii_IndexAttrNumbers[c] as usize;
-                if attnum == 0 || attnum > MAX_COLUMNS {
+                if attnum == 0 || attnum > layout.columns {
                     index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
                     table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
-                    return Written::NotWithExpressionIndex;
+                    return if attnum == 0 { Written::NotWithExpressionIndex } else { Written::StaleLayout };
                 }
                 index_values[c] = values[attnum - 1];
                 index_nulls[c] = nulls[attnum - 1];

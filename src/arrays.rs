@@ -11,6 +11,8 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+/// The array is allocated in the current memory context (SPI's procedure memory at every call
+/// site), which outlives the query it is an argument of.
 fn build(elements: *const i64, count: usize, element_type: pg_sys::Oid, array_type: pg_sys::Oid) -> DatumWithOid<'static> {
     unsafe {
         // construct_array copies the elements; it only reads through the pointer
@@ -57,7 +59,11 @@ impl IntoDatum for Int8ArrayDatum {
 }
 
 /// The elements of an `int8[]` datum, or None if it holds a NULL or has more than one
-/// dimension. The slice lives as long as the memory context the datum was detoasted into.
+/// dimension.
+///
+/// # Safety
+/// The slice borrows either the datum itself (an array stored inline and uncompressed) or a
+/// detoasted copy made in the current memory context: both must outlive `'a`.
 pub unsafe fn int8_elements<'a>(datum: Int8ArrayDatum) -> Option<&'a [i64]> {
     unsafe {
         let array = NonNull::new(pg_sys::pg_detoast_datum(datum.0.cast_mut_ptr()).cast::<pg_sys::ArrayType>())?;

@@ -542,13 +542,12 @@ unsafe fn resolve_columns(
     argument: &'static str,
     memory: pg_sys::MemoryContext,
 ) -> Result<Vec<Column>, OutboxError> {
-    let natts = unsafe { (*tupdesc).natts };
+    let attributes = unsafe { crate::tupdesc::attributes(tupdesc) };
     let mut columns = Vec::with_capacity(names.len());
     for name in names {
-        let found = (0..natts).find_map(|i| {
-            let attr = unsafe { &*(*tupdesc).attrs.as_ptr().add(i as usize) };
+        let found = attributes.iter().zip(1..).find_map(|(attr, attnum)| {
             let attname = unsafe { CStr::from_ptr(attr.attname.data.as_ptr()) };
-            (!attr.attisdropped && attname.to_bytes() == name.as_bytes()).then_some((i + 1, attr.atttypid, attr.atttypmod, attr.attcollation))
+            (!attr.attisdropped && attname.to_bytes() == name.as_bytes()).then_some((attnum, attr.atttypid, attr.atttypmod, attr.attcollation))
         });
         let Some((attnum, typid, typmod, collation)) = found else {
             return Err(OutboxError::Capture(

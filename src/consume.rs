@@ -173,7 +173,8 @@ impl<'conn> Int8Array<'conn> {
     }
 
     fn from_datum(datum: Option<Int8ArrayDatum>) -> Option<Int8Array<'conn>> {
-        // SAFETY: both callers pass an int8[] column of a row SPI keeps until 'conn ends
+        // SAFETY: both callers pass an int8[] column of a row SPI keeps until 'conn ends, and
+        // detoast while connected to SPI, whose procedure memory also lasts until then
         datum.and_then(|datum| unsafe { int8_elements(datum) }).map(Int8Array)
     }
 
@@ -593,7 +594,7 @@ fn read_window_rows(table: SpiTupleTable<'_>) -> Result<Vec<WindowRow<'_>>, Outb
         ((*result).tupdesc, std::slice::from_raw_parts((*result).vals, table.len()))
     };
     // the datums are converted without pgrx's type checks: check the types once
-    let types = unsafe { (*tupdesc).attrs.as_slice((*tupdesc).natts as usize) }.iter().map(|a| a.atttypid);
+    let types = unsafe { crate::tupdesc::attributes(tupdesc) }.iter().map(|a| a.atttypid);
     if !types.eq(WINDOW_TYPES) {
         return Err(OutboxError::Capture("outbox_log".into(), "a window query returned unexpected columns".into()));
     }

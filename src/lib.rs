@@ -23,6 +23,7 @@ mod queries;
 mod shape;
 mod sink;
 mod triggers;
+mod tupdesc;
 mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]

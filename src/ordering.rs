@@ -3,7 +3,8 @@
 //! far back a claim must look for transactions that committed after a window closed.
 
 use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::sync::OnceLock;
 use std::ops::Range;
 
 use crate::shape::{Op, EVENTS_PER_ROW};
@@ -107,29 +108,54 @@ type HashSet64 = HashSet<i64, BuildHasherDefault<PassThrough>>;
 /// Event ids need no SipHash (acks and claims put thousands into sets). They run in strides
 /// (a log row's base steps by 4096), and hashbrown picks a bucket by a hash's low bits and
 /// tags it with its top bits: a multiplication by the golden ratio spreads an id into the high
-/// bits, and folding those down spreads it into the low ones.
-#[derive(Default)]
-pub struct IdHasher(u64);
+/// bits, and folding those down spreads it into the low ones. The id is first xored with a
+/// seed drawn once per backend: the multiplication can be inverted, and without the seed a
+/// caller of `outbox_ack` could pick ids that all land in one bucket.
+#[derive(Clone, Copy)]
+pub struct IdState {
+    seed: u64,
+}
+
+static ID_SEED: OnceLock<u64> = OnceLock::new();
+
+impl Default for IdState {
+    fn default() -> Self {
+        IdState { seed: *ID_SEED.get_or_init(|| RandomState::new().hash_one(0u64)) }
+    }
+}
+
+impl BuildHasher for IdState {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher { hash: 0, seed: self.seed }
+    }
+}
+
+pub struct IdHasher {
+    hash: u64,
+    seed: u64,
+}
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
-        self.0
+        self.hash
     }
 
     fn write(&mut self, bytes: &[u8]) {
         for byte in bytes {
-            self.write_i64(((self.0 << 8) | u64::from(*byte)) as i64);
+            self.write_i64(((self.hash << 8) | u64::from(*byte)) as i64);
         }
     }
 
     fn write_i64(&mut self, value: i64) {
-        let spread = (value as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = spread ^ (spread >> 32);
+        let spread = ((value as u64) ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.hash = spread ^ (spread >> 32);
     }
 }
 
-pub type IdSet = HashSet<i64, BuildHasherDefault<IdHasher>>;
-pub type IdMap<V> = std::collections::HashMap<i64, V, BuildHasherDefault<IdHasher>>;
+pub type IdSet = HashSet<i64, IdState>;
+pub type IdMap<V> = std::collections::HashMap<i64, V, IdState>;
 
 /// The rows and tables that already have an event in flight or waiting ahead in a
 /// subscription. An event must wait while its row is blocked; a TRUNCATE must wait while
@@ -217,11 +243,10 @@ impl StraddleFloor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::hash::BuildHasher;
 
     #[test]
     fn ids_spread_over_buckets_and_tags() {
-        let hasher = BuildHasherDefault::<IdHasher>::default();
+        let hasher = IdState::default();
         // hashbrown picks a bucket by the low bits and keeps the top 7 bits as a tag
         for ids in [(1_000_000i64..1_001_024).collect::<Vec<_>>(), (0..1024).map(|k| k * 4096 + 1).collect()] {
             let buckets: HashSet<u64> = ids.iter().map(|&id| hasher.hash_one(id) & 1023).collect();

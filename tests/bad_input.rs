@@ -205,6 +205,55 @@ fn a_malformed_log_row_is_named_and_loses_nothing() {
     assert_eq!(claimed.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2]);
 }
 
+/// Capture reads each log segment's columns once per backend. A change to them committed by
+/// another session (as an update script makes one) is seen by the next capture of a backend
+/// that read them before, even inside a transaction that already holds the source table's
+/// locks: capture refuses to write a row the segment no longer fits, and writes again once the
+/// segment is back to columns it knows (a dropped column among them).
+#[test]
+fn a_change_to_the_log_by_another_session_is_seen_by_capture() {
+    let cluster = shared();
+    let db = cluster.database("log_changed_elsewhere");
+    let mut c = cluster.connect(&db);
+    chunks(&mut c, "");
+    // A prepared statement is not parsed again, and this transaction already holds every lock
+    // its plan and executor take (the table and its index): only capture itself can notice
+    // the change, when it locks the log segment.
+    let insert = c.prepare("INSERT INTO chunks VALUES ($1, 1, 'c', '{0.5}')").unwrap();
+    c.execute(&insert, &[&1i64]).unwrap();
+    let mut other = cluster.connect(&db);
+    c.batch_execute("BEGIN; UPDATE chunks SET content = content WHERE false").unwrap();
+    other.batch_execute("ALTER TABLE outbox_log ADD COLUMN extra int").unwrap();
+    let error = c.execute(&insert, &[&2i64]).expect_err("capture wrote a row the segment no longer fits");
+    let message = error.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(message.contains("unexpected column extra"), "{error}");
+    c.batch_execute("ROLLBACK").unwrap();
+    other.batch_execute("ALTER TABLE outbox_log DROP COLUMN extra").unwrap();
+    c.execute(&insert, &[&3i64]).unwrap();
+    let keys: Vec<i64> = c
+        .query("SELECT (payload->'key'->>'id')::bigint FROM outbox_events ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, [1, 3]);
+}
+
+/// An index on the log that the writer cannot fill (an expression index) stops capture with an
+/// error after the log row's heap insert; the statement's rollback leaves neither the source
+/// row nor the log row.
+#[test]
+fn an_index_the_log_writer_cannot_fill_leaves_nothing() {
+    let mut c = setup("log_expression_index");
+    let before = state(&mut c);
+    c.batch_execute("CREATE INDEX outbox_log_odd ON outbox_log ((base + 1))").unwrap();
+    let error = error_of(&mut c, "INSERT INTO chunks VALUES (3, 1, 'c', '{0.5}')");
+    assert!(error.contains("expression indexes are not supported"), "{error}");
+    c.batch_execute("DROP INDEX outbox_log_odd").unwrap();
+    assert_eq!(state(&mut c), before);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM chunks"), 2);
+}
+
 #[test]
 fn a_malformed_claim_is_named_and_loses_nothing() {
     let mut c = setup("malformed_claim");
