@@ -199,7 +199,8 @@ unsafe fn write_row(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow,
     use unguarded::*;
     unsafe {
         let text = |value: &str| pg_sys::Datum::from(cstring_to_text_with_len(value.as_ptr().cast(), value.len() as i32));
-        let relation = table_open(partition, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        // (append took the lock)
+        let relation = table_open(partition, pg_sys::NoLock as pg_sys::LOCKMODE);
         if (*(*relation).rd_att).natts as usize != layout.columns {
             table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
             return Written::StaleLayout;

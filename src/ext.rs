@@ -53,45 +53,29 @@ impl Extension {
         if oid == pg_sys::InvalidOid {
             return Err(OutboxError::NotInstalled);
         }
-        // runs under any search_path (from the capture trigger): everything is qualified
-        let (schema, owner, log_segments, event_id_seq, has_straddle_floor) = Spi::connect(|client| {
-            let row = client
-                .select(
-                    "SELECT pg_catalog.quote_ident(n.nspname), e.extowner, \
-                            ARRAY(SELECT c.oid FROM pg_catalog.pg_class c \
-                                  WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid \
-                                    AND c.relname OPERATOR(pg_catalog.~) '^outbox_log_[0-9]+$' \
-                                  ORDER BY pg_catalog.substr(c.relname, 12)::pg_catalog.int4), \
-                            (SELECT c.oid FROM pg_catalog.pg_class c \
-                             WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid \
-                               AND c.relname OPERATOR(pg_catalog.=) 'outbox_event_id_seq'), \
-                            EXISTS (SELECT FROM pg_catalog.pg_attribute a \
-                                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
-                                    WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid \
-                                      AND c.relname OPERATOR(pg_catalog.=) 'outbox_subscriptions' \
-                                      AND a.attname OPERATOR(pg_catalog.=) 'straddle_floor' AND NOT a.attisdropped) \
-                     FROM pg_catalog.pg_extension e \
-                     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
-                     WHERE e.oid OPERATOR(pg_catalog.=) $1",
-                    Some(1),
-                    &[oid.into()],
-                )?
-                .first();
-            Ok::<_, OutboxError>((
-                row.get::<String>(1)?,
-                row.get::<pg_sys::Oid>(2)?,
-                row.get::<Vec<pg_sys::Oid>>(3)?,
-                row.get::<pg_sys::Oid>(4)?,
-                row.get::<bool>(5)?,
-            ))
-        })?;
-        let extension = Rc::new(Extension {
-            schema: schema.ok_or(OutboxError::NotInstalled)?,
-            owner: owner.ok_or(OutboxError::NotInstalled)?,
-            log_segments: log_segments.unwrap_or_default(),
-            event_id_seq: event_id_seq.ok_or(OutboxError::NotInstalled)?,
-            has_straddle_floor: has_straddle_floor.unwrap_or(false),
-        });
+        // Catalog lookups rather than a query: every backend that captures or consumes does this
+        // once, and the query, the backend's first through SPI, cost 6 million instructions.
+        let (namespace, owner) = unsafe { extension_row(oid) }.ok_or(OutboxError::NotInstalled)?;
+        let relation = |name: &str| {
+            let name = std::ffi::CString::new(name).expect("relation names have no NUL byte");
+            unsafe { pg_sys::get_relname_relid(name.as_ptr(), namespace) }
+        };
+        let schema = unsafe {
+            let name = pg_sys::get_namespace_name(namespace);
+            if name.is_null() {
+                return Err(OutboxError::NotInstalled);
+            }
+            std::ffi::CStr::from_ptr(pg_sys::quote_identifier(name)).to_string_lossy().into_owned()
+        };
+        let log_segments: Vec<pg_sys::Oid> =
+            (0..).map(|slot| relation(&format!("outbox_log_{slot}"))).take_while(|&relid| relid != pg_sys::InvalidOid).collect();
+        let event_id_seq = relation("outbox_event_id_seq");
+        let subscriptions = relation("outbox_subscriptions");
+        if event_id_seq == pg_sys::InvalidOid || subscriptions == pg_sys::InvalidOid {
+            return Err(OutboxError::NotInstalled);
+        }
+        let has_straddle_floor = unsafe { pg_sys::get_attnum(subscriptions, c"straddle_floor".as_ptr()) } != 0;
+        let extension = Rc::new(Extension { schema, owner, log_segments, event_id_seq, has_straddle_floor });
         crate::queries::forget_plans();
         CURRENT.with(|c| *c.borrow_mut() = Some(extension.clone()));
         Ok(extension)
@@ -110,5 +94,29 @@ impl Extension {
         let result = f();
         unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
         result
+    }
+}
+
+/// The schema and owner of the extension `oid`, from its `pg_extension` row.
+unsafe fn extension_row(oid: pg_sys::Oid) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    unsafe {
+        let catalog = pg_sys::table_open(pg_sys::ExtensionRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let mut key = pg_sys::ScanKeyData::default();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            pg_sys::Anum_pg_extension_oid as pg_sys::AttrNumber,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::F_OIDEQ.into(),
+            oid.into(),
+        );
+        let scan = pg_sys::systable_beginscan(catalog, pg_sys::ExtensionOidIndexId.into(), true, std::ptr::null_mut(), 1, &mut key);
+        let tuple = pg_sys::systable_getnext(scan);
+        let found = (!tuple.is_null()).then(|| {
+            let row = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_extension>(tuple);
+            (row.extnamespace, row.extowner)
+        });
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(catalog, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        found
     }
 }

@@ -183,6 +183,40 @@ fn identifiers_that_need_quoting_work_everywhere() {
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_attachments WHERE source::text LIKE '%Vector%'"), 0);
 }
 
+/// The extension installed into a schema whose name needs quoting, used from a session whose
+/// search_path does not include it: everything Rust builds names that schema, quoted.
+/// (Postgres refuses quotes in the schema of an extension that uses @extschema@.)
+#[test]
+fn an_extension_schema_that_needs_quoting_works() {
+    let cluster = shared();
+    let db = cluster.database("quoted_extension_schema");
+    let mut c = cluster.connect(&db);
+    c.batch_execute(
+        r#"DROP EXTENSION outbox;
+           CREATE SCHEMA "Out Box";
+           CREATE EXTENSION outbox SCHEMA "Out Box";
+           SET search_path = public;
+           CREATE TABLE chunks (id bigint PRIMARY KEY, content text);
+           SELECT "Out Box".outbox_attach('chunks', payload_columns => ARRAY['content']);
+           INSERT INTO chunks SELECT g, 'c' || g FROM generate_series(1, 3) g;
+           DELETE FROM chunks WHERE id = 3;"#,
+    )
+    .unwrap();
+    let rows = c.query(r#"SELECT id, type, payload FROM "Out Box".outbox_claim(10)"#, &[]).unwrap();
+    let got: Vec<(String, serde_json::Value)> = rows.iter().map(|r| (r.get(1), r.get(2))).collect();
+    let upsert = |id: i64| ("EMBED_UPSERT".to_string(), serde_json::json!({"table": "public.chunks", "key": {"id": id}, "data": {"content": format!("c{id}")}}));
+    assert_eq!(got[..2], [upsert(1), upsert(2)]);
+    // the DELETE of row 3 waits behind its UPSERT, in flight in this claim
+    assert_eq!(got[2], upsert(3));
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let acked: i32 = c.query_one(r#"SELECT "Out Box".outbox_ack($1)"#, &[&ids]).unwrap().get(0);
+    assert_eq!(acked, 3);
+    let next = c.query(r#"SELECT type FROM "Out Box".outbox_claim(10)"#, &[]).unwrap();
+    assert_eq!(next.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(), ["EMBED_DELETE"]);
+    let pending = scalar_i64(&mut c, r#"SELECT in_flight FROM "Out Box".outbox_backlog WHERE subscription = 'default'"#);
+    assert_eq!(pending, 1);
+}
+
 /// A log row whose arrays do not match its events (only a capture bug could write one) stops
 /// the claims that reach it with an error naming the row, hands out nothing, and once the row
 /// is mended its events come out as captured.
