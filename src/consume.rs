@@ -8,7 +8,7 @@
 //! delivery (failed, expired, deferred behind their row, replayed) get a row of their own in
 //! `outbox_retries`.
 
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;
 use std::hash::{BuildHasher, Hasher};
 
@@ -194,6 +194,7 @@ fn ledger_array<'conn>(
 }
 
 /// An open claim as the claims table lists it.
+#[derive(Clone, Copy)]
 struct ClaimSegment {
     claim_id: i64,
     slot: i16,
@@ -673,6 +674,8 @@ thread_local! {
     /// Where this transaction's WAL ended when its last claim returned, while claims are all
     /// the transaction has written.
     static CLAIMS_ONLY_UNTIL: Cell<Option<pg_sys::XLogRecPtr>> = const { Cell::new(None) };
+    /// The window claim this backend made last in each subscription it claimed from.
+    static LAST_CLAIMS: RefCell<Vec<(i32, ClaimSegment)>> = const { RefCell::new(Vec::new()) };
 }
 
 pub fn init() {
@@ -877,7 +880,7 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
             debug_assert!(payloads == Payloads::Skip || rendered.len() == taken.ids.len(), "an event per id");
             let mut rendered = rendered.into_iter();
             claimed.extend(taken.ids.iter().map(|&id| Claimed { id, attempts: 1, event: rendered.next() }));
-            run(
+            let recorded = run(
                 client,
                 &extension,
                 &q::RECORD_CLAIM,
@@ -891,6 +894,13 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                     timestamps(&taken.created_ats),
                 ],
             )?;
+            let recorded = single(recorded)?;
+            let made = ClaimSegment { claim_id: required(&recorded, 1)?, slot: required(&recorded, 2)?, expired: false };
+            LAST_CLAIMS.with(|l| {
+                let mut last = l.borrow_mut();
+                last.retain(|(s, _)| *s != sub);
+                last.push((sub, made));
+            });
         }
         run(client, &extension, &q::SAVE_CURSOR, &[sub.into(), cursor.into()])?;
         if payloads == Payloads::Render {
@@ -976,6 +986,19 @@ fn claims_holding(
     // Claims hand out ids in runs, so another consumer's claim rarely has an id in this range.
     let (lowest, highest) = (wanted.iter().min().copied(), wanted.iter().max().copied());
     let (Some(lowest), Some(highest)) = (lowest, highest) else { return Ok(Vec::new()) };
+    // A consumer mostly acks what its own last claim handed out. A window claim hands out an
+    // id once and no other window claim ever holds it, so a claim holding every id wanted is
+    // the only holder, and the other open claims need not be read (with eight consumers they
+    // were most of what an ack read).
+    let last = LAST_CLAIMS.with(|l| l.borrow().iter().find(|(s, _)| *s == subscription).map(|(_, c)| *c));
+    if let Some(last) = last {
+        if let Some(row) = claim_rows(client, extension, subscription, &[last])?.first() {
+            let ids = ledger_array(row, 4, last.claim_id, "event_ids")?.elements();
+            if ids.is_sorted() && wanted.iter().all(|id| ids.binary_search(id).is_ok()) {
+                return lock_holding(client, extension, subscription, wanted, vec![read_claim(row)?]);
+            }
+        }
+    }
     // Only the ids of each claim are read to find the holders; the rest stays undecoded.
     let open = open_claim_segments(client, extension, subscription, now)?;
     let mut candidates = Vec::new();
@@ -986,8 +1009,20 @@ fn claims_holding(
             candidates.push(row);
         }
     }
+    let candidates = candidates.iter().map(read_claim).collect::<Result<Vec<_>, _>>()?;
+    lock_holding(client, extension, subscription, wanted, candidates)
+}
+
+/// Locks the `candidates` still open, with the indexes of their unresolved events among
+/// `wanted`.
+fn lock_holding(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    wanted: &IdSet,
+    mut candidates: Vec<OpenClaim>,
+) -> Result<Vec<(OpenClaim, Vec<usize>)>, OutboxError> {
     // locked in claim order, as a claim rescuing expired claims locks them (EXPIRED_CLAIMS)
-    let mut candidates = candidates.iter().map(read_claim).collect::<Result<Vec<_>, _>>()?;
     candidates.sort_unstable_by_key(|claim| claim.claim_id);
     let mut holding = Vec::new();
     for claim in candidates {

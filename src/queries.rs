@@ -266,12 +266,14 @@ pub static OPEN_CLAIM_SEGMENTS: Sql = Sql {
 /// Open claims in one ledger segment (see `run_in_segment`), in EXPIRED_CLAIMS' columns.
 /// Every claim and ack reads the open claims of its subscription, segment by segment: a join
 /// on each claim's segment (as in EXPIRED_CLAIMS, which runs only when a lease has expired)
-/// starts a scan of all eight segments for every query.
+/// starts a scan of all eight segments for every query. The claims are filtered by the ids on
+/// both sides: the claims table churns and its statistics say it is empty, so the plan starts
+/// from it, and an ack that reads one claim would otherwise look up the ledger row of each.
 pub static SEGMENT_CLAIMS: Sql = Sql {
     text: "SELECT c.claim_id, c.open_count, c.event_count, l.event_ids, l.key_hashes, l.table_hashes, l.created_ats \
            FROM @extschema@.outbox_ledger_@segment@ l \
            JOIN @extschema@.outbox_claims c ON c.subscription_id = l.subscription_id AND c.claim_id = l.claim_id \
-           WHERE l.subscription_id = $1 AND l.kind = 'c' AND l.claim_id = ANY ($2)",
+           WHERE l.subscription_id = $1 AND l.kind = 'c' AND l.claim_id = ANY ($2) AND c.claim_id = ANY ($2)",
     args: &[INT4, INT8S],
 };
 
@@ -430,7 +432,7 @@ pub static RECORD_CLAIM: Sql = Sql {
              (subscription_id, claim_id, ledger_slot, expires_at, event_count, open_count, oldest_created_at) \
            SELECT $1, l.claim_id, l.slot, $3, pg_catalog.cardinality($4), pg_catalog.cardinality($4), \
                   (SELECT min(t) FROM pg_catalog.unnest($7) t) \
-           FROM l",
+           FROM l RETURNING claim_id, ledger_slot",
     args: &[INT4, TIME, TIME, INT8S, INT8S, INT8S, TIMES],
 };
 

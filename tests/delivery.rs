@@ -843,3 +843,26 @@ fn drop_extension_refuses_while_tables_are_attached_and_cascade_leaves_them_work
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM chunks"), 2, "the table works without capture");
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'chunks'::regclass"), 0);
 }
+
+/// An ack first reads the claim its backend made last (src/consume.rs): ids of another
+/// consumer's claim, of an older claim, and a mix of them are acked all the same, once each,
+/// and so are fails.
+#[test]
+fn acks_and_fails_reach_every_claim_not_only_the_last() {
+    let (db, mut a) = setup("acks_across_claims", "");
+    insert(&mut a, 1..=12);
+    let mut b = shared().connect(&db);
+    let first = ids(&claim(&mut a, "SELECT * FROM outbox_claim(3)"));
+    let others = ids(&claim(&mut b, "SELECT * FROM outbox_claim(3)"));
+    let last = ids(&claim(&mut a, "SELECT * FROM outbox_claim(3)"));
+    let fourth = ids(&claim(&mut b, "SELECT * FROM outbox_claim(3)"));
+    let ack = |c: &mut Client, ids: &[i64]| -> i32 { c.query_one("SELECT outbox_ack($1)", &[&ids]).unwrap().get(0) };
+    assert_eq!(ack(&mut a, &others), 3, "another consumer's claim");
+    assert_eq!(ack(&mut a, &[first.clone(), vec![last[0]]].concat()), 4, "an older claim and the last one together");
+    assert_eq!(ack(&mut a, &last), 2, "the rest of the last claim");
+    assert_eq!(ack(&mut a, &last), 0, "acked before");
+    let failed: i32 = a.query_one("SELECT outbox_fail($1, 'x')", &[&fourth]).unwrap().get(0);
+    assert_eq!(failed, 3, "fails of another consumer's claim");
+    assert_eq!(scalar_i64(&mut a, "SELECT in_flight FROM outbox_backlog WHERE subscription = 'default'"), 0);
+    assert_eq!(scalar_i64(&mut a, "SELECT retrying FROM outbox_backlog WHERE subscription = 'default'"), 3);
+}
