@@ -67,6 +67,7 @@ impl Extension {
             }
             std::ffi::CStr::from_ptr(pg_sys::quote_identifier(name)).to_string_lossy().into_owned()
         };
+        // slots from 0 up, consecutive: capture picks a segment by its slot's place here
         let log_segments: Vec<pg_sys::Oid> =
             (0..).map(|slot| relation(&format!("outbox_log_{slot}"))).take_while(|&relid| relid != pg_sys::InvalidOid).collect();
         let event_id_seq = relation("outbox_event_id_seq");
