@@ -55,12 +55,7 @@ fn outbox_unsubscribe(name: Option<&str>) {
     admin::unsubscribe(given(name, "name")).or_raise()
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_outbox_claim() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+function_info_v1!(pg_finfo_outbox_claim);
 
 /// `outbox_claim(batch_size, subscription, lease)`, a C function of the SQL API (sql/api.sql).
 /// It hands its rows over in one tuplestore (materialize mode) with the payloads as jsonb,

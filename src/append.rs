@@ -53,7 +53,6 @@ mod unguarded {
         pub fn simple_heap_insert(relation: Relation, tuple: HeapTuple);
         pub fn RelationGetIndexList(relation: Relation) -> *mut List;
         pub fn BuildIndexInfo(index: Relation) -> *mut IndexInfo;
-        #[cfg(feature = "pg13")]
         pub fn index_insert(
             index: Relation,
             values: *mut Datum,
@@ -61,17 +60,7 @@ mod unguarded {
             heap_tid: ItemPointer,
             heap: Relation,
             check_unique: IndexUniqueCheck::Type,
-            info: *mut IndexInfo,
-        ) -> bool;
-        #[cfg(not(feature = "pg13"))]
-        pub fn index_insert(
-            index: Relation,
-            values: *mut Datum,
-            isnull: *mut bool,
-            heap_tid: ItemPointer,
-            heap: Relation,
-            check_unique: IndexUniqueCheck::Type,
-            index_unchanged: bool,
+            #[cfg(not(feature = "pg13"))] index_unchanged: bool,
             info: *mut IndexInfo,
         ) -> bool;
     }
@@ -264,7 +253,6 @@ unsafe fn write_row(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow,
                 index_values[c] = values[attnum - 1];
                 index_nulls[c] = nulls[attnum - 1];
             }
-            #[cfg(feature = "pg13")]
             index_insert(
                 index,
                 index_values.as_mut_ptr(),
@@ -272,16 +260,7 @@ unsafe fn write_row(partition: pg_sys::Oid, sequence: pg_sys::Oid, row: &LogRow,
                 &mut (*tuple).t_self,
                 relation,
                 pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO,
-                info,
-            );
-            #[cfg(not(feature = "pg13"))]
-            index_insert(
-                index,
-                index_values.as_mut_ptr(),
-                index_nulls.as_mut_ptr(),
-                &mut (*tuple).t_self,
-                relation,
-                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO,
+                #[cfg(not(feature = "pg13"))]
                 false,
                 info,
             );

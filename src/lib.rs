@@ -5,6 +5,19 @@
 
 use pgrx::prelude::*;
 
+/// `PG_FUNCTION_INFO_V1` for a C function written by hand (pgrx declares it only for the
+/// functions it wraps): `function_info_v1!(pg_finfo_<function name>)`.
+macro_rules! function_info_v1 {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static pgrx::pg_sys::Pg_finfo_record {
+            const V1: pgrx::pg_sys::Pg_finfo_record = pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+
 mod admin;
 mod api;
 mod append;
