@@ -37,6 +37,10 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
     let parsed = Sink::parse(sink, options)?;
     SubscriptionOptions::parse(options)?;
     let extension = Extension::current()?;
+    // A purge decides what no subscription needs with a snapshot that cannot see a
+    // subscription whose transaction is still open: hold purges off until this one commits
+    // (and wait for one under way), so that the events it is to see are not dropped under it.
+    unsafe { pg_sys::LockRelationOid(extension.rotation, pg_sys::RowShareLock as pg_sys::LOCKMODE) };
     Spi::connect_mut(|client| {
         if let Sink::Function { function, .. } = &parsed {
             if run(client, &extension, &q::FUNCTION_SINK, &[function.as_str().into()])?.is_empty() {
@@ -183,13 +187,20 @@ pub fn requeue_dead(subscription: Option<&str>, ids: Option<Vec<Option<i64>>>) -
 
 /// Empties every segment whose events are all processed by every subscription and older
 /// than `outbox.retention`, then starts a new segment when the current one is a quarter of
-/// the retention old. Returns the number of events removed.
+/// the retention old. Returns the number of events removed: none while another purge runs or
+/// a subscription is being created, as the worker will purge again.
 pub fn purge() -> Result<i64, OutboxError> {
     // Deciding that a segment is unused needs a fresh snapshot after its lock is taken.
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
         return Err(OutboxError::NeedsReadCommitted("outbox_purge"));
     }
     let extension = Extension::current()?;
+    // Not waiting: the worker purges between deliveries, and a subscription may be created in
+    // a long transaction (see subscribe).
+    if !unsafe { pg_sys::ConditionalLockRelationOid(extension.rotation, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) } {
+        pgrx::notice!("outbox_purge: skipped, another purge is running or a subscription is being created");
+        return Ok(0);
+    }
     let now = now();
     let retention = guc::retention().as_micros() as i64;
     let cutoff = timestamp(now - retention);

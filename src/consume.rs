@@ -9,6 +9,7 @@
 //! `outbox_retries`.
 
 use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::hash::{BuildHasher, Hasher};
 
@@ -23,7 +24,7 @@ use crate::ext::Extension;
 use crate::guc;
 use crate::metrics::{bucket_of, LATENCY_BUCKETS};
 use crate::ordering::{Blocked, IdMap, IdSet, OrderKey, StraddleFloor};
-use crate::policy::{check_batch_size, RetryPolicy};
+use crate::policy::{check_batch_size, held_by_another, RetryPolicy};
 use crate::queries::{self as q, run, run_in_segment};
 use crate::shape::{event_payload, json_array_elements, push_json_string, EVENTS_PER_ROW};
 
@@ -676,6 +677,73 @@ thread_local! {
     static CLAIMS_ONLY_UNTIL: Cell<Option<pg_sys::XLogRecPtr>> = const { Cell::new(None) };
     /// The window claim this backend made last in each subscription it claimed from.
     static LAST_CLAIMS: RefCell<Vec<(i32, ClaimSegment)>> = const { RefCell::new(Vec::new()) };
+    /// What this backend leased retried events with, by (subscription, event): (attempts, lease
+    /// end). A lease still running that is not in here is another hand-out's (see
+    /// `policy::held_by_another`); an entry of a claim that rolled back matches no row.
+    static RETRY_LEASES: RefCell<HashMap<(i32, i64), (i32, Micros)>> = RefCell::new(HashMap::new());
+}
+
+/// Beyond this many remembered leases, the ended ones are forgotten (a consumer that abandons
+/// what it claims would otherwise grow the map without end).
+const REMEMBERED_LEASES: usize = 65_536;
+
+fn remember_leases(subscription: i32, leased: &[(i64, i32)], lease_end: Micros, now: Micros) {
+    RETRY_LEASES.with(|l| {
+        let mut leases = l.borrow_mut();
+        if leases.len() + leased.len() > REMEMBERED_LEASES {
+            leases.retain(|_, &mut (_, end)| end > now);
+        }
+        leases.extend(leased.iter().map(|&(id, attempts)| ((subscription, id), (attempts, lease_end))));
+    });
+}
+
+fn forget_leases(subscription: i32, ids: &[i64]) {
+    RETRY_LEASES.with(|l| {
+        let mut leases = l.borrow_mut();
+        for &id in ids {
+            leases.remove(&(subscription, id));
+        }
+    });
+}
+
+/// A retry-table hand-out an ack or fail names (RETRY_HAND_OUTS).
+struct RetryHandOut {
+    id: i64,
+    attempts: i32,
+    key: OrderKey,
+    created_at: TimestampWithTimeZone,
+    /// A lease still running that another claim took: its holder settles it.
+    held_by_another: bool,
+    /// An ack from outside the hand-out has processed the event.
+    processed: bool,
+}
+
+fn retry_hand_outs(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    ids: Vec<i64>,
+    now: Micros,
+) -> Result<Vec<RetryHandOut>, OutboxError> {
+    let rows = run(client, extension, &q::RETRY_HAND_OUTS, &[subscription.into(), ids.into()])?;
+    RETRY_LEASES.with(|l| {
+        let leases = l.borrow();
+        rows.into_iter()
+            .map(|row| {
+                let id: i64 = required(&row, 1)?;
+                let attempts: i32 = required(&row, 2)?;
+                let lease_end = micros_of(required(&row, 5)?);
+                Ok(RetryHandOut {
+                    id,
+                    attempts,
+                    key: OrderKey { key_hash: required(&row, 3)?, table_hash: required(&row, 4)? },
+                    created_at: required(&row, 7)?,
+                    held_by_another: held_by_another(leases.get(&(subscription, id)).copied(), attempts, lease_end, now),
+                    processed: required(&row, 6)?,
+                })
+            })
+            .collect()
+    })
 }
 
 pub fn init() {
@@ -765,6 +833,9 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
         let mut claimed = Vec::with_capacity(batch);
         let state = single(run(client, &extension, &q::RETRY_STATE, &[sub.into(), timestamp(now).into()])?)?;
         let (has_retries, has_due_retries): (bool, bool) = (required(&state, 1)?, required(&state, 2)?);
+        if required(&state, 3)? {
+            run(client, &extension, &q::ENDED_PROCESSED_HAND_OUTS, &[sub.into(), timestamp(now).into()])?;
+        }
         if has_due_retries {
             let candidates =
                 run(client, &extension, &q::RETRY_CANDIDATES, &[sub.into(), timestamp(now).into(), batch_size.into()])?;
@@ -787,9 +858,12 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
             bury(client, &extension, sub, dead, Some("lease expired"), now)?;
             if !lease_ids.is_empty() {
                 let leased = run(client, &extension, &q::LEASE_RETRIES, &[sub.into(), lease_ids.into(), timestamp(expires).into()])?;
-                for row in leased {
-                    claimed.push(Claimed { id: required(&row, 1)?, attempts: required(&row, 2)?, event: None });
-                }
+                let leased = leased
+                    .into_iter()
+                    .map(|row| Ok((required::<i64>(&row, 1)?, required::<i32>(&row, 2)?)))
+                    .collect::<Result<Vec<_>, OutboxError>>()?;
+                remember_leases(sub, &leased, micros_of(timestamp(expires)), now);
+                claimed.extend(leased.into_iter().map(|(id, attempts)| Claimed { id, attempts, event: None }));
             }
         }
 
@@ -1075,10 +1149,25 @@ pub fn ack_in(
     }
     let mut retried = Vec::new();
     if !wanted.is_empty() && has_retries(client, extension, sub)? {
-        let list: Vec<i64> = wanted.into_iter().collect();
-        for row in run(client, extension, &q::ACK_RETRIES, &[sub.into(), list.into()])? {
-            retried.push(required::<i64>(&row, 1)?);
-            stats.acked_after(age(required(&row, 2)?));
+        // An event another claim has taken over is processed all the same, but that hand-out
+        // stays in flight, holding its row back, until its holder settles it or its lease ends.
+        let (mut settled, mut taken_over) = (Vec::new(), Vec::new());
+        for hand_out in retry_hand_outs(client, extension, sub, wanted.into_iter().collect(), now)? {
+            if !hand_out.processed {
+                retried.push(hand_out.id);
+                stats.acked_after(age(hand_out.created_at));
+            }
+            match (hand_out.held_by_another, hand_out.processed) {
+                (false, _) => settled.push(hand_out.id),
+                (true, false) => taken_over.push(hand_out.id),
+                (true, true) => {}
+            }
+        }
+        forget_leases(sub, &settled);
+        for (sql, ids) in [(&q::DROP_RETRIES, settled), (&q::PROCESSED_IN_FLIGHT, taken_over)] {
+            if !ids.is_empty() {
+                run(client, extension, sql, &[sub.into(), ids.into()])?;
+            }
         }
     }
     if !retried.is_empty() {
@@ -1151,12 +1240,21 @@ pub fn fail_in(
     }
     later.insert(client, extension, sub, if counted { 1 } else { 0 }, None, error)?;
 
-    let list: Vec<i64> = wanted.into_iter().collect();
     let mut again = (Vec::new(), Vec::new());
-    for row in run(client, extension, &q::LEASED_RETRIES, &[sub.into(), list.into()])? {
-        let id: i64 = required(&row, 1)?;
-        let attempts: i32 = required(&row, 2)?;
-        let key = OrderKey { key_hash: required(&row, 3)?, table_hash: required(&row, 4)? };
+    let mut ended = Vec::new();
+    for hand_out in retry_hand_outs(client, extension, sub, wanted.into_iter().collect(), now)? {
+        let RetryHandOut { id, attempts, key, .. } = hand_out;
+        // A counted failure is a consumer's, which may be one whose lease expired before the
+        // event was handed out again; an uncounted one is the delivery worker's, which owns
+        // every hand-out of its subscription.
+        if hand_out.held_by_another && counted {
+            continue;
+        }
+        forget_leases(sub, &[id]);
+        if hand_out.processed {
+            ended.push(id);
+            continue;
+        }
         failed += 1;
         if exhausted(attempts) {
             dead.push(Dead { id, attempts, key });
@@ -1164,6 +1262,9 @@ pub fn fail_in(
             again.0.push(id);
             again.1.push(timestamp(retry_at(attempts)));
         }
+    }
+    if !ended.is_empty() {
+        run(client, extension, &q::DROP_RETRIES, &[sub.into(), ended.into()])?;
     }
     if !again.0.is_empty() {
         let given_back = if counted { 0 } else { 1 };

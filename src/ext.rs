@@ -16,6 +16,8 @@ pub struct Extension {
     /// `outbox_log_0` … `outbox_log_7`, which capture writes to directly.
     pub log_segments: Vec<pg_sys::Oid>,
     pub event_id_seq: pg_sys::Oid,
+    /// `outbox_rotation`, whose table lock keeps a purge and a subscription being created apart.
+    pub rotation: pg_sys::Oid,
     /// The subscriptions have a straddle floor (0.4.0). False in a database whose SQL is still
     /// an older release's, which this library keeps claiming from until it is updated.
     pub has_straddle_floor: bool,
@@ -72,11 +74,12 @@ impl Extension {
             (0..).map(|slot| relation(&format!("outbox_log_{slot}"))).take_while(|&relid| relid != pg_sys::InvalidOid).collect();
         let event_id_seq = relation("outbox_event_id_seq");
         let subscriptions = relation("outbox_subscriptions");
-        if event_id_seq == pg_sys::InvalidOid || subscriptions == pg_sys::InvalidOid {
+        let rotation = relation("outbox_rotation");
+        if [event_id_seq, subscriptions, rotation].contains(&pg_sys::InvalidOid) {
             return Err(OutboxError::NotInstalled);
         }
         let has_straddle_floor = unsafe { pg_sys::get_attnum(subscriptions, c"straddle_floor".as_ptr()) } != 0;
-        let extension = Rc::new(Extension { schema, owner, log_segments, event_id_seq, has_straddle_floor });
+        let extension = Rc::new(Extension { schema, owner, log_segments, event_id_seq, rotation, has_straddle_floor });
         crate::queries::forget_plans();
         CURRENT.with(|c| *c.borrow_mut() = Some(extension.clone()));
         Ok(extension)

@@ -154,6 +154,15 @@ pub fn format_duration(duration: Duration) -> String {
     }
 }
 
+/// Whether an ack or fail of a retried event would cut short a hand-out that is not the
+/// caller's: the event's lease is still running, and this session did not take it with these
+/// attempts and this lease end (`ours`, what it last leased the event with). That hand-out is
+/// a newer one, made after the caller's own lease expired (or in another session), and its
+/// holder settles it. Ids alone cannot say which hand-out a call means.
+pub fn held_by_another(ours: Option<(i32, i64)>, attempts: i32, lease_end: i64, now: i64) -> bool {
+    lease_end > now && ours != Some((attempts, lease_end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +266,16 @@ mod tests {
         assert_eq!(retention_interval(Duration::ZERO), Duration::from_secs(1));
         assert_eq!(retention_interval(Duration::from_secs(60)), Duration::from_millis(7500));
         assert_eq!(retention_interval(Duration::from_secs(86_400)), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn only_a_running_lease_of_another_hand_out_is_held_by_another() {
+        let (now, later, earlier) = (1_000, 2_000, 500);
+        assert!(!held_by_another(Some((2, later)), 2, later, now), "our own running lease");
+        assert!(held_by_another(None, 2, later, now), "a running lease this session never took");
+        assert!(held_by_another(Some((1, earlier)), 2, later, now), "re-leased after ours expired");
+        assert!(held_by_another(Some((2, 1_999)), 2, later, now), "the same attempt count, another lease");
+        assert!(!held_by_another(None, 2, earlier, now), "an expired lease holds nothing");
+        assert!(!held_by_another(None, 2, now, now), "a lease ends at its end");
     }
 }

@@ -312,14 +312,18 @@ pub static HAS_RETRIES: Sql = Sql {
     args: &[INT4],
 };
 
-/// Whether a subscription has retries, and whether one is due: visible, and not leased or its
-/// lease expired (the condition of RETRY_CANDIDATES, as outbox_retries_due indexes it). The
+/// Whether a subscription has retries, whether one is due: visible, and not leased or its
+/// lease expired (the condition of RETRY_CANDIDATES, as outbox_retries_due indexes it), and
+/// whether a hand-out of a processed event has ended (ENDED_PROCESSED_HAND_OUTS). The
 /// candidates query walks every retry of the subscription in id order, which for thousands
 /// waiting out a backoff is most of a claim.
 pub static RETRY_STATE: Sql = Sql {
     text: "SELECT EXISTS (SELECT 1 FROM @extschema@.outbox_retries WHERE subscription_id = $1), \
                   EXISTS (SELECT 1 FROM @extschema@.outbox_retries \
-                          WHERE subscription_id = $1 AND GREATEST(visible_at, coalesce(leased_until, visible_at)) <= $2)",
+                          WHERE subscription_id = $1 AND GREATEST(visible_at, coalesce(leased_until, visible_at)) <= $2), \
+                  EXISTS (SELECT 1 FROM @extschema@.outbox_retries \
+                          WHERE subscription_id = $1 AND GREATEST(visible_at, coalesce(leased_until, visible_at)) = 'infinity' \
+                            AND leased_until <= $2)",
     args: &[INT4, TIME],
 };
 
@@ -457,18 +461,33 @@ pub static CLOSE_CLAIM: Sql = Sql {
     args: &[INT4, INT8],
 };
 
-pub static ACK_RETRIES: Sql = Sql {
-    text: "DELETE FROM @extschema@.outbox_retries \
-           WHERE subscription_id = $1 AND event_id = ANY ($2) AND leased_until IS NOT NULL \
-           RETURNING event_id, created_at",
-    args: &[INT4, INT8S],
-};
-
-pub static LEASED_RETRIES: Sql = Sql {
-    text: "SELECT event_id, attempts, key_hash, table_hash FROM @extschema@.outbox_retries \
+/// The retry-table hand-outs of these events, running or expired, locked. A visible_at of
+/// infinity marks one whose event an ack from outside it has processed: it is never handed out
+/// again, and it holds its row back until it is settled or its lease ends.
+pub static RETRY_HAND_OUTS: Sql = Sql {
+    text: "SELECT event_id, attempts, key_hash, table_hash, leased_until, visible_at = 'infinity', created_at \
+           FROM @extschema@.outbox_retries \
            WHERE subscription_id = $1 AND event_id = ANY ($2) AND leased_until IS NOT NULL \
            ORDER BY event_id FOR UPDATE",
     args: &[INT4, INT8S],
+};
+
+pub static DROP_RETRIES: Sql = Sql {
+    text: "DELETE FROM @extschema@.outbox_retries WHERE subscription_id = $1 AND event_id = ANY ($2)",
+    args: &[INT4, INT8S],
+};
+
+pub static PROCESSED_IN_FLIGHT: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_retries SET visible_at = 'infinity' WHERE subscription_id = $1 AND event_id = ANY ($2)",
+    args: &[INT4, INT8S],
+};
+
+/// Hand-outs of processed events (see RETRY_HAND_OUTS) whose lease has ended by $2.
+pub static ENDED_PROCESSED_HAND_OUTS: Sql = Sql {
+    text: "DELETE FROM @extschema@.outbox_retries \
+           WHERE subscription_id = $1 AND GREATEST(visible_at, coalesce(leased_until, visible_at)) = 'infinity' \
+             AND leased_until <= $2",
+    args: &[INT4, TIME],
 };
 
 /// `$5` is 1 to give the hand-out back (an uncounted failure), 0 otherwise.

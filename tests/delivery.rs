@@ -630,6 +630,94 @@ fn purge_removes_processed_events_after_retention_and_keeps_the_rest() {
     assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0, "a day of retention keeps it");
 }
 
+/// Ids alone do not say which hand-out an ack or fail means. A consumer whose lease expired
+/// after the event was handed out again used to settle the newer hand-out: a late fail handed
+/// it to a third consumer (or dead-lettered it) while the second still held it, and a late ack
+/// let the row's next event out while the second consumer still wrote the older version.
+#[test]
+fn a_late_ack_or_fail_leaves_a_newer_hand_out_in_flight() {
+    let (db, mut c) = setup("late_settle", "");
+    c.batch_execute("SELECT outbox_subscribe('s', options => '{\"max_attempts\": 2}')").unwrap();
+    let (mut late, mut holder) = (shared().connect(&db), shared().connect(&db));
+    let claim_in = |client: &mut Client, lease: &str| {
+        let claimed = claim(client, &format!("SELECT * FROM outbox_claim(10, 's', '{lease}')"));
+        claimed.iter().map(|e| (e.0, e.3)).collect::<Vec<_>>()
+    };
+    let in_flight = |c: &mut Client| scalar_i64(c, "SELECT in_flight FROM outbox_backlog WHERE subscription = 's'");
+
+    insert(&mut c, 1..=1);
+    let first = claim_in(&mut late, "1 second");
+    assert_eq!(first.len(), 1);
+    let event = first[0].0;
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(claim_in(&mut holder, "3 seconds"), [(event, 2)], "handed out again after the lease expired");
+    c.execute("UPDATE chunks SET content = 'v2' WHERE id = 1", &[]).unwrap();
+
+    // the expired consumer fails it: the holder's hand-out stands (at its last attempt, a
+    // counted failure would have dead-lettered it)
+    let failed = c.query_one("SELECT outbox_fail($1, 'late', 's', '0')", &[&vec![event]]).unwrap().get::<_, i32>(0);
+    assert_eq!(failed, 0);
+    assert!(claim_in(&mut c, "1 minute").is_empty(), "neither the event nor its row's next one");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters"), 0);
+
+    // it acks it after all: processed, but the row stays held while the holder works on it
+    assert_eq!(late.query_one("SELECT outbox_ack($1, 's')", &[&vec![event]]).unwrap().get::<_, i32>(0), 1);
+    assert!(claim_in(&mut c, "1 minute").is_empty(), "the row's next event waits for the holder");
+    assert_eq!(in_flight(&mut c), 1);
+    // and when the holder's lease ends the next event goes out, the processed one not again
+    std::thread::sleep(Duration::from_millis(3100));
+    let next = claim_in(&mut c, "1 minute");
+    assert_eq!(next.len(), 1);
+    assert!(next[0].0 > event, "{next:?} after {event}");
+    assert_eq!(holder.query_one("SELECT outbox_ack($1, 's')", &[&vec![event]]).unwrap().get::<_, i32>(0), 0, "acked before");
+    c.execute("SELECT outbox_ack($1, 's')", &[&vec![next[0].0]]).unwrap();
+
+    // the holder settling its own hand-out lets the row's next event out at once
+    insert(&mut c, 2..=2);
+    let second = claim_in(&mut late, "1 second")[0].0;
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(claim_in(&mut holder, "1 minute"), [(second, 2)]);
+    c.execute("UPDATE chunks SET content = 'v2' WHERE id = 2", &[]).unwrap();
+    assert_eq!(late.query_one("SELECT outbox_ack($1, 's')", &[&vec![second]]).unwrap().get::<_, i32>(0), 1);
+    assert_eq!(holder.query_one("SELECT outbox_ack($1, 's')", &[&vec![second]]).unwrap().get::<_, i32>(0), 0);
+    assert_eq!(claim_in(&mut c, "1 minute").len(), 1, "the row's next event");
+    assert_eq!(in_flight(&mut c), 1);
+}
+
+/// A purge cannot see a subscription whose transaction is still open: without a lock between
+/// the two it emptied the segments a `from_start` subscription was about to read.
+#[test]
+fn a_subscription_being_created_and_a_purge_keep_apart() {
+    let (db, mut c) = setup("purge_subscribe", "");
+    insert(&mut c, 1..=1);
+    let first = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    c.execute("SELECT outbox_ack($1)", &[&first]).unwrap();
+    c.batch_execute("SET outbox.retention = 0; SELECT outbox_purge()").unwrap(); // starts a new segment
+
+    let mut late = shared().connect(&db);
+    late.batch_execute("BEGIN; SELECT outbox_subscribe('late', from_start => true)").unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0, "skipped while 'late' is being created");
+    late.batch_execute("COMMIT").unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0, "'late' has not processed it");
+    let seen = ids(&claim(&mut late, "SELECT * FROM outbox_claim(10, 'late')"));
+    assert_eq!(seen, first);
+    late.execute("SELECT outbox_ack($1, 'late')", &[&seen]).unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 1);
+
+    // and a subscription being created waits for a purge under way
+    c.batch_execute("BEGIN; SELECT outbox_purge()").unwrap();
+    let dsn = shared().dsn(&db);
+    let subscriber = std::thread::spawn(move || {
+        let mut s = Client::connect(&dsn, NoTls).unwrap();
+        s.batch_execute("SELECT outbox_subscribe('later')").unwrap();
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%outbox_subscribe%'";
+    assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut late, waiting) == 1), "the subscription waits");
+    c.batch_execute("COMMIT").unwrap();
+    subscriber.join().unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_subscriptions WHERE name = 'later'"), 1);
+}
+
 #[test]
 fn backlog_reports_every_state_and_latency() {
     let (_, mut c) = setup("backlog", "");
