@@ -111,7 +111,10 @@ CROSS JOIN LATERAL (
     FROM (SELECT rr.attempts, rr.created_at,
                  coalesce(rr.leased_until OPERATOR(pg_catalog.>) pg_catalog.now(), false) AS leased
           FROM @extschema@.outbox_retries rr
-          WHERE rr.subscription_id OPERATOR(pg_catalog.=) s.id) q
+          WHERE rr.subscription_id OPERATOR(pg_catalog.=) s.id
+            -- the hand-out of an event acked from outside it counts while its lease runs
+            AND (rr.visible_at OPERATOR(pg_catalog.<>) 'infinity'::pg_catalog.timestamptz
+                 OR rr.leased_until IS NULL OR rr.leased_until OPERATOR(pg_catalog.>) pg_catalog.now())) q
 ) r
 CROSS JOIN LATERAL (
     SELECT coalesce(pg_catalog.sum(cl.open_count)

@@ -43,8 +43,14 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
     unsafe { pg_sys::LockRelationOid(extension.rotation, pg_sys::RowShareLock as pg_sys::LOCKMODE) };
     Spi::connect_mut(|client| {
         if let Sink::Function { function, .. } = &parsed {
-            if run(client, &extension, &q::FUNCTION_SINK, &[function.as_str().into()])?.is_empty() {
+            let Some(target) = run(client, &extension, &q::FUNCTION_SINK, &[function.as_str().into()])?.into_iter().next() else {
                 return Err(OutboxError::InvalidOptions(format!("function {function}(jsonb) does not exist")));
+            };
+            // The worker calls it as its owner, so only its owner may have it called: EXECUTE
+            // alone would let a caller run a function as a more privileged owner.
+            let owner: pg_sys::Oid = required(&target, 2)?;
+            if !unsafe { pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), owner) } {
+                return Err(OutboxError::NotFunctionOwner(function.clone()));
             }
         }
         let created = run(
@@ -137,7 +143,9 @@ pub fn purge_dead_letters(older_than: &pgrx::datum::Interval, subscription: Opti
         if let Some(name) = subscription {
             subscription_by_name(client, &extension, name)?;
         }
-        let cutoff = timestamp(now() - age);
+        // an age reaching before the first representable time leaves nothing older than it
+        // (read as infinity, the cutoff took every dead letter)
+        let Ok(cutoff) = TimestampWithTimeZone::try_from(now().saturating_sub(age)) else { return Ok(0) };
         Ok(run(client, &extension, &q::PURGE_DEAD_LETTERS, &[cutoff.into(), subscription.into()])?.first().get::<i64>(1)?.unwrap_or(0))
     })
 }

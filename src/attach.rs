@@ -14,7 +14,7 @@ use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::queries::{self as q, run};
 use crate::shape::check_event_prefix;
-use crate::triggers::{create_statements, drop_statement, quote_ident, update_condition, Watched, TRIGGER_NAMES};
+use crate::triggers::{create_statements, drop_statement, quote_ident, update_condition, TRIGGER_NAMES};
 
 struct TableFacts {
     display: String,
@@ -24,8 +24,8 @@ struct TableFacts {
     row_triggers: bool,
     caller_owns: bool,
     primary_key: Vec<String>,
-    /// (name, type) of every live column, in order
-    columns: Vec<(String, pg_sys::Oid)>,
+    /// every live column, in order
+    columns: Vec<String>,
 }
 
 fn table_facts(client: &mut SpiClient<'_>, extension: &Extension, source: &PgRelation) -> Result<TableFacts, OutboxError> {
@@ -36,7 +36,7 @@ fn table_facts(client: &mut SpiClient<'_>, extension: &Extension, source: &PgRel
         .tuple_desc()
         .iter()
         .filter(|a| !a.attisdropped)
-        .map(|a| (unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_string_lossy().into_owned(), a.atttypid))
+        .map(|a| unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_string_lossy().into_owned())
         .collect();
     Ok(TableFacts {
         display: format!("{}.{}", source.namespace(), source.name()),
@@ -60,7 +60,7 @@ impl TableFacts {
         let mut names = Vec::with_capacity(list.len());
         for name in list {
             let name = name.unwrap_or_else(|| "NULL".to_string());
-            if !self.columns.iter().any(|(c, _)| *c == name) {
+            if !self.columns.contains(&name) {
                 return Err(OutboxError::UnknownColumn { table: self.display.clone(), column: name, argument });
             }
             if seen.insert(name.clone()) {
@@ -71,15 +71,6 @@ impl TableFacts {
     }
 }
 
-/// Whether `IS DISTINCT FROM` on this type resolves to a pg_catalog operator.
-fn builtin_equality(client: &mut SpiClient<'_>, extension: &Extension, typid: pg_sys::Oid) -> Result<bool, OutboxError> {
-    let operator = unsafe { (*pg_sys::lookup_type_cache(typid, pg_sys::TYPECACHE_EQ_OPR as i32)).eq_opr };
-    if operator == pg_sys::InvalidOid {
-        return Ok(false);
-    }
-    Ok(run(client, extension, &q::OPERATOR_IS_BUILTIN, &[operator.into()])?.first().get::<bool>(1)?.unwrap_or(false))
-}
-
 pub fn attach(
     source: &PgRelation,
     payload_columns: Option<Vec<Option<String>>>,
@@ -87,6 +78,11 @@ pub fn attach(
     event_prefix: &str,
     key_columns: Option<Vec<Option<String>>>,
 ) -> Result<(), OutboxError> {
+    // Payloads are JSON text built in Rust strings, and handed out as jsonb: UTF-8 throughout.
+    if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
+        let name = unsafe { CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) }.to_string_lossy().into_owned();
+        return Err(OutboxError::NotUtf8(name));
+    }
     let extension = Extension::current()?;
     Spi::connect_mut(|client| {
         let facts = table_facts(client, &extension, source)?;
@@ -106,15 +102,11 @@ pub fn attach(
         let watch = facts.columns_named(watch_columns, "watch_columns")?;
 
         // A key change is always an event, so the key is always watched.
-        let watched: Vec<&(String, pg_sys::Oid)> = match &watch {
-            None => facts.columns.iter().collect(),
-            Some(watch) => facts.columns.iter().filter(|(name, _)| watch.contains(name) || key.contains(name)).collect(),
+        let watched: Vec<&str> = match &watch {
+            None => facts.columns.iter().map(String::as_str).collect(),
+            Some(watch) => facts.columns.iter().filter(|name| watch.contains(name) || key.contains(name)).map(String::as_str).collect(),
         };
-        let mut condition_columns = Vec::with_capacity(watched.len());
-        for (name, typid) in watched {
-            condition_columns.push(Watched { name, builtin_equality: builtin_equality(client, &extension, *typid)? });
-        }
-        let condition = update_condition(&condition_columns);
+        let condition = update_condition(&watched);
 
         extension.as_owner(|| {
             let saved = run(

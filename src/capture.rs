@@ -22,6 +22,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
 use crate::error::{OrRaise, OutboxError};
@@ -68,18 +69,24 @@ enum Encoding {
     Text,
     /// Postgres' own `to_json`, for every other type, so payloads match `to_json` exactly.
     ToJson(*mut pg_sys::FmgrInfo),
+    /// `to_jsonb`, for types that can hold json text as it was written (json, and arrays,
+    /// domains and composites of it): a claim hands payloads out as jsonb, which refuses some
+    /// of what json keeps (`\u0000`, numbers beyond numeric's range). Refused here, in the
+    /// writer's statement, such a value would otherwise fail every claim after it.
+    ToJsonb(*mut pg_sys::FmgrInfo),
 }
 
 impl Encoding {
     /// Whether encoding a value may allocate in the current memory context (a text value can
     /// be compressed or stored out of line).
     fn allocates(&self) -> bool {
-        matches!(self, Encoding::Text | Encoding::ToJson(_))
+        matches!(self, Encoding::Text | Encoding::ToJson(_) | Encoding::ToJsonb(_))
     }
 }
 
 struct Column {
     attnum: i32,
+    name: String,
     /// `"name":`, ready to append.
     member: String,
     encoding: Encoding,
@@ -235,7 +242,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
                 let attachment = unsafe { attachment_for(trigger)? };
                 let mut batch = Batch::new(&attachment, 1);
                 let key = batch.text("null");
-                batch.push(Op::Truncate, false, key, None);
+                batch.push(Op::Truncate, key, None);
                 batch.keep();
             }
             pg_sys::TRIGGER_EVENT_INSERT if !trigger.tg_newtable.is_null() => unsafe {
@@ -246,7 +253,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
             },
             _ => {}
         }
-        return flush();
+        return flush_statement();
     }
 
     let attachment = unsafe { attachment_for(trigger)? };
@@ -254,23 +261,23 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
     let mut batch = Batch::new(&attachment, 2);
     match op {
         pg_sys::TRIGGER_EVENT_INSERT => unsafe {
-            let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc);
-            let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_trigtuple, tupdesc));
-            batch.push(Op::Upsert, false, key, data);
+            let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
+            let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_trigtuple, tupdesc)).transpose()?;
+            batch.push(Op::Upsert, key, data);
         },
         pg_sys::TRIGGER_EVENT_DELETE => unsafe {
-            let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc);
-            batch.push(Op::Delete, false, key, None);
+            let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
+            batch.push(Op::Delete, key, None);
         },
         pg_sys::TRIGGER_EVENT_UPDATE => unsafe {
             // the trigger's WHEN clause already dropped updates that changed nothing watched
-            let old_key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc);
-            let new_key = batch.encode(&attachment.key, trigger.tg_newtuple, tupdesc);
+            let old_key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
+            let new_key = batch.encode(&attachment.key, trigger.tg_newtuple, tupdesc)?;
             if batch.slice(&old_key) != batch.slice(&new_key) {
-                batch.push(Op::Delete, true, old_key, None);
+                batch.push(Op::Delete, old_key, None);
             }
-            let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_newtuple, tupdesc));
-            batch.push(Op::Upsert, true, new_key, data);
+            let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_newtuple, tupdesc)).transpose()?;
+            batch.push(Op::Upsert, new_key, data);
         },
         _ => {}
     }
@@ -313,10 +320,13 @@ unsafe fn capture_transition_table(
         while pg_sys::tuplestore_gettupleslot(table, true, false, slot) {
             // a minimal tuple slot keeps a heap tuple header over its tuple
             let tuple = (*slot.cast::<pg_sys::MinimalTupleTableSlot>()).tuple;
-            let key = batch.encode(&attachment.key, tuple, tupdesc);
-            let data = data.map(|columns| batch.encode(columns, tuple, tupdesc));
-            batch.push(op, false, key, data);
+            let key = batch.encode(&attachment.key, tuple, tupdesc)?;
+            let data = data.map(|columns| batch.encode(columns, tuple, tupdesc)).transpose()?;
+            batch.push(op, key, data);
             if let Some((context, _)) = per_row {
+                // A table that spilled to disk reads each row into the current context, and
+                // the slot frees it when the next row is stored: let go of it before the reset.
+                pg_sys::ExecClearTuple(slot);
                 pg_sys::MemoryContextReset(context);
             }
         }
@@ -362,16 +372,25 @@ impl<'a> Batch<'a> {
     }
 
     /// Encodes `columns` of `tuple` as a JSON object.
-    unsafe fn encode(&mut self, columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc) -> Range<usize> {
+    unsafe fn encode(
+        &mut self,
+        columns: &[Column],
+        tuple: pg_sys::HeapTuple,
+        tupdesc: pg_sys::TupleDesc,
+    ) -> Result<Range<usize>, OutboxError> {
         let start = self.text.len();
-        unsafe { encode_object(columns, tuple, tupdesc, &mut self.text) };
-        start..self.text.len()
+        unsafe { encode_object(columns, tuple, tupdesc, &mut self.text) }.map_err(|(column, reason)| OutboxError::Unrepresentable {
+            table: self.attachment.shape.source_name.to_string(),
+            column,
+            reason,
+        })?;
+        Ok(start..self.text.len())
     }
 
-    fn push(&mut self, op: Op, from_update: bool, key: Range<usize>, data: Option<Range<usize>>) {
+    fn push(&mut self, op: Op, key: Range<usize>, data: Option<Range<usize>>) {
         let source = self.attachment.source.into();
         let key_hash = if op == Op::Truncate { table_hash(source) } else { key_hash(source, self.slice(&key)) };
-        self.events.push(CapturedEvent { subxact: self.subxact, source, command: self.command, op, from_update, key, data, key_hash });
+        self.events.push(CapturedEvent { subxact: self.subxact, source, command: self.command, op, key, data, key_hash });
     }
 
     fn keep(self) {
@@ -391,6 +410,19 @@ impl<'a> Batch<'a> {
             }));
         });
     }
+}
+
+/// Writes what the statement captured, and what row triggers captured before it, unless
+/// some of that was captured before the savepoint this statement runs in (a row trigger's,
+/// waiting for a statement): rolling back to the savepoint would take its log row along. Then
+/// everything waits for the commit, as the log keeps capture order.
+fn flush_statement() -> Result<(), OutboxError> {
+    // subtransaction ids grow with time, and events are kept in capture order
+    let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    if PENDING.with(|p| p.borrow().events.first().is_some_and(|e| e.subxact < current)) {
+        return Ok(());
+    }
+    flush()
 }
 
 /// Writes everything captured so far as log rows, in capture order.
@@ -550,12 +582,14 @@ unsafe fn resolve_columns(
                 format!("column \"{name}\" named in {argument} no longer exists; run outbox_attach again"),
             ));
         };
-        columns.push(Column { attnum, member: member_prefix(name), encoding: unsafe { encoding_for(typid, typmod, collation, memory) } });
+        let encoding = unsafe { encoding_for(typid, typmod, collation, memory) };
+        columns.push(Column { attnum, name: name.clone(), member: member_prefix(name), encoding });
     }
     Ok(columns)
 }
 
 unsafe fn encoding_for(typid: pg_sys::Oid, typmod: i32, collation: pg_sys::Oid, memory: pg_sys::MemoryContext) -> Encoding {
+    // (outbox_attach refuses other encodings; a table attached before it did is not read as UTF-8)
     let utf8 = unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_UTF8 as i32;
     match typid {
         pg_sys::INT2OID => Encoding::Int2,
@@ -563,31 +597,75 @@ unsafe fn encoding_for(typid: pg_sys::Oid, typmod: i32, collation: pg_sys::Oid, 
         pg_sys::INT8OID => Encoding::Int8,
         pg_sys::BOOLOID => Encoding::Bool,
         pg_sys::TEXTOID | pg_sys::VARCHAROID if utf8 => Encoding::Text,
-        _ => unsafe {
-            let previous = pg_sys::MemoryContextSwitchTo(memory);
-            let function = pg_sys::fmgr_internal_function(c"to_json".as_ptr());
-            let finfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
-            pg_sys::fmgr_info_cxt(function, finfo, memory);
-            // to_json learns its argument type from the call expression
-            let argument = pg_sys::makeNullConst(typid, typmod, collation);
-            let arguments = pg_sys::lappend(std::ptr::null_mut(), argument.cast());
-            (*finfo).fn_expr = pg_sys::makeFuncExpr(
-                function,
-                pg_sys::JSONOID,
-                arguments,
-                pg_sys::InvalidOid,
-                pg_sys::InvalidOid,
-                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
-            )
-            .cast();
-            pg_sys::MemoryContextSwitchTo(previous);
-            Encoding::ToJson(finfo)
-        },
+        _ if unsafe { holds_json(typid) } => Encoding::ToJsonb(unsafe { json_function(c"to_jsonb", pg_sys::JSONBOID, typid, typmod, collation, memory) }),
+        _ => Encoding::ToJson(unsafe { json_function(c"to_json", pg_sys::JSONOID, typid, typmod, collation, memory) }),
     }
 }
 
-/// Appends the JSON object of `columns` of `tuple` to `out`, in column order.
-unsafe fn encode_object(columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: pg_sys::TupleDesc, out: &mut String) {
+/// A call descriptor of `to_json` or `to_jsonb` for arguments of type `typid`, in `memory`.
+unsafe fn json_function(
+    name: &CStr,
+    result: pg_sys::Oid,
+    typid: pg_sys::Oid,
+    typmod: i32,
+    collation: pg_sys::Oid,
+    memory: pg_sys::MemoryContext,
+) -> *mut pg_sys::FmgrInfo {
+    unsafe {
+        let previous = pg_sys::MemoryContextSwitchTo(memory);
+        let function = pg_sys::fmgr_internal_function(name.as_ptr());
+        let finfo = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+        pg_sys::fmgr_info_cxt(function, finfo, memory);
+        // to_json learns its argument type from the call expression
+        let argument = pg_sys::makeNullConst(typid, typmod, collation);
+        let arguments = pg_sys::lappend(std::ptr::null_mut(), argument.cast());
+        (*finfo).fn_expr = pg_sys::makeFuncExpr(
+            function,
+            result,
+            arguments,
+            pg_sys::InvalidOid,
+            pg_sys::InvalidOid,
+            pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+        )
+        .cast();
+        pg_sys::MemoryContextSwitchTo(previous);
+        finfo
+    }
+}
+
+/// Whether values of `typid` can hold json text as written: json itself, or a domain, array or
+/// composite type with json in it.
+unsafe fn holds_json(typid: pg_sys::Oid) -> bool {
+    unsafe {
+        if typid == pg_sys::JSONOID {
+            return true;
+        }
+        let base = pg_sys::getBaseType(typid);
+        if base != typid {
+            return holds_json(base);
+        }
+        let element = pg_sys::get_element_type(typid);
+        if element != pg_sys::InvalidOid {
+            return holds_json(element);
+        }
+        if typid == pg_sys::RECORDOID || !pg_sys::type_is_rowtype(typid) {
+            return false;
+        }
+        let desc = pg_sys::lookup_rowtype_tupdesc(typid, -1);
+        let found = crate::tupdesc::attributes(desc).iter().any(|a| !a.attisdropped && holds_json(a.atttypid));
+        pg_sys::DecrTupleDescRefCount(desc);
+        found
+    }
+}
+
+/// Appends the JSON object of `columns` of `tuple` to `out`, in column order; an error names
+/// the column whose value jsonb refused.
+unsafe fn encode_object(
+    columns: &[Column],
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+    out: &mut String,
+) -> Result<(), (String, String)> {
     out.push('{');
     for (i, column) in columns.iter().enumerate() {
         if i > 0 {
@@ -598,11 +676,39 @@ unsafe fn encode_object(columns: &[Column], tuple: pg_sys::HeapTuple, tupdesc: p
         let value = unsafe { pg_sys::heap_getattr(tuple, column.attnum, tupdesc, &mut isnull) };
         if isnull {
             out.push_str("null");
+        } else if let Encoding::ToJsonb(_) = column.encoding {
+            let encoded = PgTryBuilder::new(|| {
+                let mut text = String::new();
+                unsafe { encode_value(&column.encoding, value, &mut text) };
+                Ok(text)
+            })
+            .catch_others(|error| match error {
+                // what jsonb refuses is a data exception (22xxx); a cancel, a timeout or an
+                // out-of-memory is not this column's fault and goes on as it was
+                CaughtError::PostgresError(report) if is_data_exception(report.sql_error_code()) => {
+                    let reason = match report.detail() {
+                        Some(detail) => format!("{} ({detail})", report.message()),
+                        None => report.message().to_string(),
+                    };
+                    Err((column.name.clone(), reason))
+                }
+                other => other.rethrow(),
+            })
+            .execute()?;
+            out.push_str(&encoded);
         } else {
             unsafe { encode_value(&column.encoding, value, out) };
         }
     }
     out.push('}');
+    Ok(())
+}
+
+/// Whether `code` is in SQLSTATE class 22, data exception. (A code packs its five characters
+/// six bits each, the class first.)
+fn is_data_exception(code: PgSqlErrorCode) -> bool {
+    const CLASS_BITS: i32 = 0o7777;
+    (code as i32) & CLASS_BITS == (PgSqlErrorCode::ERRCODE_DATA_EXCEPTION as i32) & CLASS_BITS
 }
 
 unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut String) {
@@ -620,5 +726,25 @@ unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut Stri
             let text = pg_sys::pg_detoast_datum_packed(json.cast_mut_ptr());
             out.push_str(&String::from_utf8_lossy(pgrx::varlena::varlena_to_byte_slice(text)));
         },
+        Encoding::ToJsonb(finfo) => unsafe {
+            let jsonb = pg_sys::FunctionCall1Coll(*finfo, pg_sys::InvalidOid, value);
+            let jsonb = pg_sys::pg_detoast_datum(jsonb.cast_mut_ptr()).cast::<pg_sys::Jsonb>();
+            let text = pg_sys::JsonbToCString(std::ptr::null_mut(), &mut (*jsonb).root, -1);
+            out.push_str(&CStr::from_ptr(text).to_string_lossy());
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonb_refusals_are_data_exceptions_and_a_cancel_is_not() {
+        assert!(is_data_exception(PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER));
+        assert!(is_data_exception(PgSqlErrorCode::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE));
+        assert!(is_data_exception(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION));
+        assert!(!is_data_exception(PgSqlErrorCode::ERRCODE_QUERY_CANCELED));
+        assert!(!is_data_exception(PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY));
     }
 }

@@ -95,11 +95,41 @@ pub fn subscription_by_name(
     extension: &Extension,
     name: &str,
 ) -> Result<(i32, pgrx::JsonB), OutboxError> {
+    let (id, options, _) = subscription_with_sink(client, extension, name)?;
+    Ok((id, options))
+}
+
+fn subscription_with_sink(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    name: &str,
+) -> Result<(i32, pgrx::JsonB, String), OutboxError> {
     let table = run(client, extension, &q::FIND_SUBSCRIPTION, &[name.into()])?;
     match table.into_iter().next() {
-        Some(row) => Ok((required(&row, 1)?, required(&row, 2)?)),
+        Some(row) => Ok((required(&row, 1)?, required(&row, 2)?, required(&row, 3)?)),
         None => Err(OutboxError::UnknownSubscription(name.to_string())),
     }
+}
+
+/// Whether this backend is the delivery worker, which alone claims, acks and fails the events
+/// of subscriptions with a sink: a consumer holding such a subscription's locks in an open
+/// transaction stalled the worker, and every sink with it. (Other background workers, such
+/// as pg_cron's, are consumers like any other.)
+fn is_worker() -> bool {
+    crate::worker::IS_DELIVERY_WORKER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A subscription this backend may claim from, ack and fail in.
+fn consumable_subscription(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    name: &str,
+) -> Result<(i32, pgrx::JsonB), OutboxError> {
+    let (id, options, sink) = subscription_with_sink(client, extension, name)?;
+    if sink != "pull" && !is_worker() {
+        return Err(OutboxError::NotPull(name.to_string(), sink));
+    }
+    Ok((id, options))
 }
 
 /// An open window claim and the events it handed out.
@@ -679,7 +709,8 @@ thread_local! {
     static LAST_CLAIMS: RefCell<Vec<(i32, ClaimSegment)>> = const { RefCell::new(Vec::new()) };
     /// What this backend leased retried events with, by (subscription, event): (attempts, lease
     /// end). A lease still running that is not in here is another hand-out's (see
-    /// `policy::held_by_another`); an entry of a claim that rolled back matches no row.
+    /// `policy::held_by_another`); an entry of a claim that rolled back matches no row. Entries
+    /// stay after an ack or fail (which may roll back and be retried) until their lease ends.
     static RETRY_LEASES: RefCell<HashMap<(i32, i64), (i32, Micros)>> = RefCell::new(HashMap::new());
 }
 
@@ -694,15 +725,6 @@ fn remember_leases(subscription: i32, leased: &[(i64, i32)], lease_end: Micros, 
             leases.retain(|_, &mut (_, end)| end > now);
         }
         leases.extend(leased.iter().map(|&(id, attempts)| ((subscription, id), (attempts, lease_end))));
-    });
-}
-
-fn forget_leases(subscription: i32, ids: &[i64]) {
-    RETRY_LEASES.with(|l| {
-        let mut leases = l.borrow_mut();
-        for &id in ids {
-            leases.remove(&(subscription, id));
-        }
     });
 }
 
@@ -806,8 +828,10 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
     let expires = now.saturating_add(lease_micros);
     let batch = batch_size as usize;
     Spi::connect_mut(|client| {
-        let locked = run(client, &extension, q::LOCK_SUBSCRIPTION.pick(&extension), &[subscription.into()])?;
+        let locked = run(client, &extension, q::LOCK_SUBSCRIPTION.pick(&extension), &[subscription.into(), is_worker().into()])?;
         let Some(row) = locked.into_iter().next() else {
+            // unknown, or one with a sink (which is the worker's and was not locked)
+            consumable_subscription(client, &extension, subscription)?;
             return Err(OutboxError::UnknownSubscription(subscription.to_string()));
         };
         let sub: i32 = required(&row, 1)?;
@@ -1130,7 +1154,7 @@ pub fn ack_in(
     subscription: &str,
 ) -> Result<i32, OutboxError> {
     let mut wanted: IdSet = ids.into_iter().collect();
-    let (sub, _) = subscription_by_name(client, extension, subscription)?;
+    let (sub, _) = consumable_subscription(client, extension, subscription)?;
     if wanted.is_empty() {
         return Ok(0);
     }
@@ -1163,7 +1187,6 @@ pub fn ack_in(
                 (true, true) => {}
             }
         }
-        forget_leases(sub, &settled);
         for (sql, ids) in [(&q::DROP_RETRIES, settled), (&q::PROCESSED_IN_FLIGHT, taken_over)] {
             if !ids.is_empty() {
                 run(client, extension, sql, &[sub.into(), ids.into()])?;
@@ -1209,7 +1232,7 @@ pub fn fail_in(
     counted: bool,
 ) -> Result<i32, OutboxError> {
     let wanted: IdSet = ids.into_iter().collect();
-    let (sub, options) = subscription_by_name(client, extension, subscription)?;
+    let (sub, options) = consumable_subscription(client, extension, subscription)?;
     if wanted.is_empty() {
         return Ok(0);
     }
@@ -1250,7 +1273,6 @@ pub fn fail_in(
         if hand_out.held_by_another && counted {
             continue;
         }
-        forget_leases(sub, &[id]);
         if hand_out.processed {
             ended.push(id);
             continue;

@@ -10,6 +10,8 @@ use pgrx::spi;
 pub enum OutboxError {
     #[error("subscription \"{0}\" does not exist")]
     UnknownSubscription(String),
+    #[error("subscription \"{0}\" delivers to its {1} sink through the delivery worker; consumers claim, ack and fail only pull subscriptions")]
+    NotPull(String, String),
     #[error("subscription \"{0}\" already exists")]
     DuplicateSubscription(String),
     #[error("invalid subscription name {0:?}: {1}")]
@@ -34,6 +36,8 @@ pub enum OutboxError {
     NotAttached(String),
     #[error("must be owner of table {0} to attach or detach it")]
     NotOwner(String),
+    #[error("must be owner of function {0} to have the delivery worker call it, which it does as its owner")]
+    NotFunctionOwner(String),
     #[error("invalid event_prefix {0:?}: {1}")]
     EventPrefix(String, &'static str),
     #[error("unknown sink {0:?}; expected one of: pull, function, http")]
@@ -48,8 +52,12 @@ pub enum OutboxError {
     NotInSetContext(&'static str),
     #[error("extension \"outbox\" is not installed in this database")]
     NotInstalled,
+    #[error("capture needs a database in UTF8 encoding; this one is in {0}")]
+    NotUtf8(String),
     #[error("captured changes of table {0} could not be encoded: {1}")]
     Capture(String, String),
+    #[error("column \"{column}\" of table {table} holds a value that a jsonb payload cannot: {reason}")]
+    Unrepresentable { table: String, column: String, reason: String },
     #[error("log row {base} has a malformed {column} array; its events cannot be handed out")]
     MalformedLogRow { base: i64, column: &'static str },
     #[error("the ledger row of claim {claim} has a malformed {column} array")]
@@ -69,10 +77,12 @@ impl OutboxError {
             NoKey(_) => ERRCODE_INVALID_TABLE_DEFINITION,
             UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             NotATable(_) => ERRCODE_WRONG_OBJECT_TYPE,
-            NotOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            NotOwner(_) | NotFunctionOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             NeedsReadCommitted(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
-            NotInSetContext(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            NotInSetContext(_) | NotUtf8(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            NotPull(..) => ERRCODE_WRONG_OBJECT_TYPE,
             Capture(..) | Spi(_) => ERRCODE_INTERNAL_ERROR,
+            Unrepresentable { .. } => ERRCODE_DATA_EXCEPTION,
             MalformedLogRow { .. } | MalformedClaim { .. } => ERRCODE_DATA_CORRUPTED,
             InvalidSubscriptionName(..)
             | BatchSize { .. }

@@ -18,8 +18,6 @@ pub struct CapturedEvent {
     /// Command id of the statement that wrote the row.
     pub command: u32,
     pub op: Op,
-    /// Part of an UPDATE (a key change is a DELETE and an UPSERT from the same row).
-    pub from_update: bool,
     /// Where the key's JSON text is in the buffer that holds the event.
     pub key: Range<usize>,
     /// Where the payload data's JSON text is, when the attachment has payload columns.
@@ -27,25 +25,24 @@ pub struct CapturedEvent {
     pub key_hash: i64,
 }
 
-/// Within one UPDATE statement, puts every DELETE before every UPSERT. An UPDATE that swaps
-/// keys between rows (1→2 and 2→1) captures DELETE 1, UPSERT 2, DELETE 2, UPSERT 1 in row
-/// order; replayed in that order the copy would lose key 2. Deletes first is always right,
-/// because after the statement every new key exists and every vacated key does not.
+/// Within one statement, puts every DELETE of a table before every UPSERT of it. An UPDATE
+/// that swaps keys between rows (1→2 and 2→1) captures DELETE 1, UPSERT 2, DELETE 2, UPSERT 1
+/// in row order, and so does one that moves rows between partitions (as a delete from one and
+/// an insert into the other); replayed in that order the copy would lose key 2. Deletes first
+/// is always right, because a statement does not see its own changes: after it every key it
+/// wrote exists and every key it only vacated does not (a writable CTE that deletes a key and
+/// inserts it again included).
 pub fn order_for_flush(events: &mut [CapturedEvent]) {
     let mut start = 0;
     while start < events.len() {
+        let first = &events[start];
+        let (source, command, subxact) = (first.source, first.command, first.subxact);
         let mut end = start + 1;
-        if events[start].from_update {
-            while end < events.len()
-                && events[end].from_update
-                && events[end].source == events[start].source
-                && events[end].command == events[start].command
-            {
-                end += 1;
-            }
-            // stable: keeps row order among the deletes and among the upserts
-            events[start..end].sort_by_key(|e| e.op != Op::Delete);
+        while end < events.len() && events[end].source == source && events[end].command == command && events[end].subxact == subxact {
+            end += 1;
         }
+        // stable: keeps row order among the deletes and among the upserts
+        events[start..end].sort_by_key(|e| e.op != Op::Delete);
         start = end;
     }
 }
@@ -259,13 +256,12 @@ mod tests {
     }
 
     /// Events whose key text is the single byte at `key` of their buffer.
-    fn event(command: u32, op: Op, from_update: bool, key: usize) -> CapturedEvent {
+    fn event(command: u32, op: Op, key: usize) -> CapturedEvent {
         CapturedEvent {
             subxact: 1,
             source: 10,
             command,
             op,
-            from_update,
             key: key..key + 1,
             data: None,
             key_hash: 0,
@@ -279,11 +275,11 @@ mod tests {
     #[test]
     fn key_swap_puts_deletes_first() {
         let mut events = vec![
-            event(1, Op::Delete, true, 1),
-            event(1, Op::Upsert, true, 2),
-            event(1, Op::Delete, true, 2),
-            event(1, Op::Upsert, true, 1),
-            event(1, Op::Upsert, true, 3),
+            event(1, Op::Delete, 1),
+            event(1, Op::Upsert, 2),
+            event(1, Op::Delete, 2),
+            event(1, Op::Upsert, 1),
+            event(1, Op::Upsert, 3),
         ];
         order_for_flush(&mut events);
         assert_eq!(
@@ -293,12 +289,18 @@ mod tests {
     }
 
     #[test]
-    fn separate_statements_and_inserts_are_not_reordered() {
+    fn separate_statements_tables_and_subtransactions_are_not_reordered() {
+        let mut other_table = event(3, Op::Delete, 6);
+        other_table.source = 11;
+        let mut released_savepoint = event(4, Op::Delete, 7);
+        released_savepoint.subxact = 2;
         let mut events = vec![
-            event(1, Op::Upsert, true, 2),
-            event(2, Op::Delete, true, 2),
-            event(3, Op::Upsert, false, 5),
-            event(3, Op::Delete, false, 6),
+            event(1, Op::Upsert, 2),
+            event(2, Op::Delete, 2),
+            event(3, Op::Upsert, 5),
+            other_table,
+            event(4, Op::Upsert, 7),
+            released_savepoint,
         ];
         let before = events.clone();
         order_for_flush(&mut events);
@@ -306,10 +308,19 @@ mod tests {
     }
 
     #[test]
+    fn rows_moving_between_partitions_put_deletes_first() {
+        // UPDATE … SET id = 3 - id over partitions [0, 2) and [2, 10): each row's delete from
+        // its partition and insert into the other, in row order
+        let mut events = vec![event(1, Op::Delete, 1), event(1, Op::Upsert, 2), event(1, Op::Delete, 2), event(1, Op::Upsert, 1)];
+        order_for_flush(&mut events);
+        assert_eq!(keys(&events), vec![(Op::Delete, 1), (Op::Delete, 2), (Op::Upsert, 2), (Op::Upsert, 1)]);
+    }
+
+    #[test]
     fn log_rows_split_by_table_operation_and_size() {
-        let mut events = vec![event(1, Op::Upsert, false, 10); 5000];
-        events.push(event(1, Op::Delete, false, 11));
-        let mut other = event(1, Op::Delete, false, 12);
+        let mut events = vec![event(1, Op::Upsert, 10); 5000];
+        events.push(event(1, Op::Delete, 11));
+        let mut other = event(1, Op::Delete, 12);
         other.source = 11;
         events.push(other);
         assert_eq!(log_rows(&events), vec![0..4096, 4096..5000, 5000..5001, 5001..5002]);

@@ -133,11 +133,6 @@ pub static TABLE_FACTS: Sql = Sql {
     args: &[OID],
 };
 
-pub static OPERATOR_IS_BUILTIN: Sql = Sql {
-    text: "SELECT o.oprnamespace = 'pg_catalog'::regnamespace FROM pg_catalog.pg_operator o WHERE o.oid = $1",
-    args: &[OID],
-};
-
 pub static SAVE_ATTACHMENT: Sql = Sql {
     text: "INSERT INTO @extschema@.outbox_attachments \
              (source, key_columns, payload_columns, watch_columns, event_prefix, generation) \
@@ -218,7 +213,7 @@ pub static UNSUBSCRIBE: Sql = Sql {
 };
 
 pub static FIND_SUBSCRIPTION: Sql = Sql {
-    text: "SELECT id, options FROM @extschema@.outbox_subscriptions WHERE name = $1",
+    text: "SELECT id, options, sink FROM @extschema@.outbox_subscriptions WHERE name = $1",
     args: &[TEXT],
 };
 
@@ -231,15 +226,16 @@ macro_rules! lock_subscription {
             "SELECT id, options, done_seq, window_seq, window_cursor, ",
             $floor_columns,
             ", pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
-             FROM @extschema@.outbox_subscriptions WHERE name = $1 FOR NO KEY UPDATE"
+             FROM @extschema@.outbox_subscriptions WHERE name = $1 AND (sink = 'pull' OR $2) FOR NO KEY UPDATE"
         )
     };
 }
 
 /// Serializes claims of one subscription; acks and fails do not take this lock.
+/// `$2`: whether a subscription with a sink may be locked (by the delivery worker).
 pub static LOCK_SUBSCRIPTION: ForRelease = ForRelease {
-    current: Sql { text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids"), args: &[TEXT] },
-    before_0_4: Sql { text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]"), args: &[TEXT] },
+    current: Sql { text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids"), args: &[TEXT, BOOL] },
+    before_0_4: Sql { text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]"), args: &[TEXT, BOOL] },
 };
 
 /// The expired claims of a subscription with everything the ledger keeps of the events they
@@ -578,7 +574,9 @@ pub static METRICS: Sql = Sql {
 
 /// Events of the subscription that were handed out and are neither in flight, pending, nor
 /// dead, restricted to those captured since `$2` and/or with the ids `$3`: what a replay
-/// makes deliverable again.
+/// makes deliverable again. Not those with a newer event of their row (or a TRUNCATE of their
+/// table, or for a TRUNCATE any newer event of its table) in flight: handed out after it, they
+/// would leave the copy at an older version.
 pub static REPLAY_CANDIDATES: Sql = Sql {
     text: "WITH s AS (SELECT * FROM @extschema@.outbox_subscriptions WHERE id = $1), \
            handed_out AS ( \
@@ -591,14 +589,21 @@ pub static REPLAY_CANDIDATES: Sql = Sql {
                     OR (l.base + e.ord - 1 <= s.window_cursor AND l.base <= s.window_seq \
                         AND pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot)))), \
            in_flight AS ( \
-             SELECT id FROM @extschema@.outbox_claims c \
+             SELECT u.id, pg_catalog.max(u.key_hash) AS key_hash, pg_catalog.max(u.table_hash) AS table_hash \
+             FROM @extschema@.outbox_claims c \
              JOIN @extschema@.outbox_ledger l ON l.subscription_id = c.subscription_id AND l.claim_id = c.claim_id \
-             CROSS JOIN LATERAL pg_catalog.unnest(l.event_ids) id \
+             CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(l.event_ids), pg_catalog.unnest(l.key_hashes), \
+                                          pg_catalog.unnest(l.table_hashes)) AS u(id, key_hash, table_hash) \
              WHERE c.subscription_id = $1 \
-             GROUP BY id HAVING pg_catalog.bool_and(l.kind = 'c')) \
+             GROUP BY u.id HAVING pg_catalog.bool_and(l.kind = 'c') \
+             UNION ALL \
+             SELECT event_id, key_hash, table_hash FROM @extschema@.outbox_retries \
+             WHERE subscription_id = $1 AND leased_until > pg_catalog.now()) \
            SELECT h.id, h.key_hash, h.table_hash, h.created_at FROM handed_out h \
            WHERE ($3::bigint[] IS NULL OR h.id IN (SELECT pg_catalog.unnest($3))) \
              AND NOT EXISTS (SELECT 1 FROM in_flight f WHERE f.id = h.id) \
+             AND NOT EXISTS (SELECT 1 FROM in_flight f WHERE f.id > h.id AND f.table_hash = h.table_hash \
+                             AND (f.key_hash IN (h.key_hash, h.table_hash) OR h.key_hash = h.table_hash)) \
              AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_retries r WHERE r.subscription_id = $1 AND r.event_id = h.id) \
              AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_dead_letters d, s \
                              WHERE d.subscription = s.name AND d.event_id = h.id) \
@@ -606,11 +611,24 @@ pub static REPLAY_CANDIDATES: Sql = Sql {
     args: &[INT4, TIME, INT8S],
 };
 
+/// Moves dead letters back to the retry table, but not one whose row has a newer event (or
+/// its table a newer TRUNCATE; for a TRUNCATE, its table any newer event) in the retained
+/// log: that event has brought, or will bring, the copy further than the dead one would, and
+/// handed out after it the dead one would take the copy back (an UPSERT after a DELETE, a row
+/// that exists again, a TRUNCATE emptying rows written since).
 pub static REQUEUE_DEAD: Sql = Sql {
     text: "WITH moved AS ( \
              DELETE FROM @extschema@.outbox_dead_letters d USING @extschema@.outbox_subscriptions s \
              WHERE s.name = d.subscription AND ($1::text IS NULL OR d.subscription = $1) \
                AND ($2::bigint[] IS NULL OR d.event_id = ANY ($2)) \
+               AND NOT EXISTS (SELECT 1 FROM @extschema@.outbox_log l \
+                               CROSS JOIN LATERAL pg_catalog.unnest(l.key_hashes) WITH ORDINALITY AS e(key_hash, ord) \
+                               WHERE l.base > d.event_id - 4096 AND l.base + l.n - 1 > d.event_id \
+                                 AND l.table_hash = d.table_hash \
+                                 AND (d.key_hash = d.table_hash OR d.key_hash = ANY (l.key_hashes) \
+                                      OR l.table_hash = ANY (l.key_hashes)) \
+                                 AND l.base + e.ord - 1 > d.event_id \
+                                 AND (d.key_hash = d.table_hash OR e.key_hash IN (d.key_hash, d.table_hash))) \
              RETURNING s.id AS subscription_id, d.*), \
            requeued AS ( \
              INSERT INTO @extschema@.outbox_retries (subscription_id, event_id, key_hash, table_hash, attempts, \

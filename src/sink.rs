@@ -96,7 +96,13 @@ impl Sink {
                 check_url(url)?;
                 let mut headers = Vec::new();
                 if let Some(given) = options.get("headers") {
-                    let given = given.as_object().ok_or_else(|| invalid(format!("headers must be a JSON object, got {given}")))?;
+                    // (the value is not echoed: headers hold credentials)
+                    let kind = match given {
+                        Value::Array(_) => "an array",
+                        Value::String(_) => "a string",
+                        _ => "not an object",
+                    };
+                    let given = given.as_object().ok_or_else(|| invalid(format!("headers must be a JSON object of names and values, got {kind}")))?;
                     for (name, value) in given {
                         let value = value
                             .as_str()

@@ -17,29 +17,19 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A column whose change makes an UPDATE an event.
-pub struct Watched<'a> {
-    pub name: &'a str,
-    /// Its type's equality operator lives in pg_catalog, so `IS DISTINCT FROM` resolves to it
-    /// under the pinned search_path. Other types are compared by their text form.
-    pub builtin_equality: bool,
-}
-
-/// The WHEN condition of the UPDATE trigger: true when any watched column changed. Postgres
-/// evaluates it before queuing the trigger, so updates of unwatched columns cost nothing.
-pub fn update_condition(columns: &[Watched]) -> String {
-    columns
-        .iter()
-        .map(|c| {
-            let name = quote_ident(c.name);
-            if c.builtin_equality {
-                format!("OLD.{name} IS DISTINCT FROM NEW.{name}")
-            } else {
-                format!("OLD.{name}::pg_catalog.text IS DISTINCT FROM NEW.{name}::pg_catalog.text")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" OR ")
+/// The WHEN condition of the UPDATE trigger: true when any of the watched columns changed.
+/// Postgres evaluates it before queuing the trigger, so updates of unwatched columns cost
+/// nothing. Values are compared by their bytes (`*=`), not by their type's equality, which
+/// calls 1.0 and 1.000, `'key'` and `'KEY'` under a case-insensitive collation, or two jsonb
+/// numbers of different scale equal although their JSON differs.
+pub fn update_condition(columns: &[&str]) -> String {
+    let values = |row: &str| columns.iter().map(|c| format!("{row}.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
+    // (cast to record: two row constructors would be compared column by column)
+    format!(
+        "NOT (ROW({})::pg_catalog.record OPERATOR(pg_catalog.*=) ROW({})::pg_catalog.record)",
+        values("OLD"),
+        values("NEW")
+    )
 }
 
 /// Statements that (re)create the capture triggers. `table` and `function` are qualified and
@@ -82,15 +72,11 @@ mod tests {
     }
 
     #[test]
-    fn condition_compares_each_watched_column() {
-        let columns = [
-            Watched { name: "embedding", builtin_equality: true },
-            Watched { name: "Meta", builtin_equality: false },
-        ];
+    fn condition_compares_the_watched_columns_by_their_bytes() {
         assert_eq!(
-            update_condition(&columns),
-            "OLD.\"embedding\" IS DISTINCT FROM NEW.\"embedding\" OR \
-             OLD.\"Meta\"::pg_catalog.text IS DISTINCT FROM NEW.\"Meta\"::pg_catalog.text"
+            update_condition(&["embedding", "Meta"]),
+            "NOT (ROW(OLD.\"embedding\", OLD.\"Meta\")::pg_catalog.record OPERATOR(pg_catalog.*=) \
+             ROW(NEW.\"embedding\", NEW.\"Meta\")::pg_catalog.record)"
         );
     }
 

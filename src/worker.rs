@@ -105,9 +105,13 @@ unsafe extern "C-unwind" fn on_xact_end(event: pg_sys::XactEvent::Type, _arg: *m
     }
 }
 
+/// Set in the delivery worker's process (consume.rs says what for).
+pub static IS_DELIVERY_WORKER: AtomicBool = AtomicBool::new(false);
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
+    IS_DELIVERY_WORKER.store(true, Ordering::Relaxed);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::worker_database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
@@ -143,12 +147,15 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
 /// What a sink's HTTP thread is asked to post.
 struct HttpJob {
     subscription: i32,
+    /// The runner that posts it (see SinkRunner::generation).
+    generation: u64,
     ids: Vec<i64>,
     body: String,
 }
 
 struct HttpResult {
     subscription: i32,
+    generation: u64,
     ids: Vec<i64>,
     outcome: Outcome,
 }
@@ -161,6 +168,9 @@ struct InFlight {
 }
 
 struct SinkRunner {
+    /// Which runner of the subscription this is. A runner is replaced when its subscription
+    /// changes; the answer to a piece its predecessor posted is not this runner's to settle.
+    generation: u64,
     name: String,
     sink: Sink,
     policy: RetryPolicy,
@@ -174,6 +184,7 @@ struct Worker {
     /// When the worker next runs retention (`outbox_purge`) for this database.
     next_retention: Instant,
     sinks: HashMap<i32, SinkRunner>,
+    runners_made: u64,
     results: mpsc::Receiver<HttpResult>,
     results_sender: mpsc::Sender<HttpResult>,
     wake_read: UnixStream,
@@ -207,7 +218,7 @@ impl Worker {
         let (results_sender, results) = mpsc::channel();
         let (wake_read, wake_write) = UnixStream::pair().expect("socket pair");
         wake_read.set_nonblocking(true).expect("non-blocking socket");
-        Worker { next_retention: Instant::now(), sinks: HashMap::new(), results, results_sender, wake_read, wake_write }
+        Worker { next_retention: Instant::now(), sinks: HashMap::new(), runners_made: 0, results, results_sender, wake_read, wake_write }
     }
 
     /// With the worker disabled: forget the sinks and let capture stop waking us.
@@ -290,7 +301,7 @@ impl Worker {
                         let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
                         let body = batch_body(events.iter().map(|(_, e)| e.as_str()));
                         runner.in_flight = Some(InFlight { events: events.into_iter().collect(), queue: VecDeque::new() });
-                        jobs.push((id, HttpJob { subscription: id, ids, body }));
+                        jobs.push((id, HttpJob { subscription: id, generation: runner.generation, ids, body }));
                     }
                     Sink::Pull => {}
                 }
@@ -338,10 +349,10 @@ impl Worker {
             let policy = guc::retry_policy().with_overrides(&options.0)?;
             let changed = self.sinks.get(&id).is_none_or(|r| r.sink != sink || r.name != name);
             if changed {
-                if !self.sinks.contains_key(&id) {
-                    // whatever this subscription had in flight belongs to a worker that is gone
-                    consume::recover_in(client, extension, &name)?;
-                }
+                // whatever this subscription had in flight belongs to a runner (or a worker)
+                // that is gone: a changed subscription's was stranded until its lease ended
+                consume::recover_in(client, extension, &name)?;
+                self.runners_made += 1;
                 let lane = match &sink {
                     Sink::Http(http) => Some(spawn_lane(http.clone(), self.results_sender.clone(), self.wake_write.try_clone().expect("socket clone"))),
                     _ => None,
@@ -349,7 +360,16 @@ impl Worker {
                 log!("outbox: delivering subscription \"{name}\" to its {sink_name} sink");
                 self.sinks.insert(
                     id,
-                    SinkRunner { name, sink, policy, breaker: Breaker::default(), lane, in_flight: None, last_success_recorded: None },
+                    SinkRunner {
+                        generation: self.runners_made,
+                        name,
+                        sink,
+                        policy,
+                        breaker: Breaker::default(),
+                        lane,
+                        in_flight: None,
+                        last_success_recorded: None,
+                    },
                 );
             } else if let Some(runner) = self.sinks.get_mut(&id) {
                 runner.policy = policy;
@@ -376,7 +396,9 @@ impl Worker {
 
     /// Acks, fails or gives back a piece an HTTP sink answered, and posts the next piece.
     fn settle(&mut self, result: HttpResult) -> Result<(), OutboxError> {
-        let Some(runner) = self.sinks.get_mut(&result.subscription) else { return Ok(()) };
+        let Some(runner) = self.sinks.get_mut(&result.subscription).filter(|r| r.generation == result.generation) else {
+            return Ok(());
+        };
         let extension = Extension::current()?;
         let Some(mut in_flight) = runner.in_flight.take() else { return Ok(()) };
         let next = Spi::connect_mut(|client| -> Result<Option<HttpJob>, OutboxError> {
@@ -410,7 +432,7 @@ impl Worker {
             }
             let Some(piece) = in_flight.queue.pop_front() else { return Ok(None) };
             let body = batch_body(piece.iter().map(|id| in_flight.events[id].as_str()));
-            Ok(Some(HttpJob { subscription: result.subscription, ids: piece, body }))
+            Ok(Some(HttpJob { subscription: result.subscription, generation: result.generation, ids: piece, body }))
         })?;
         if next.is_some() {
             runner.in_flight = Some(in_flight);
@@ -584,7 +606,8 @@ fn spawn_lane(http: HttpSink, results: mpsc::Sender<HttpResult>, mut wake: UnixS
         std::thread::spawn(move || {
             for job in jobs {
                 let outcome = post_batch(&http, &job);
-                if results.send(HttpResult { subscription: job.subscription, ids: job.ids, outcome }).is_err() {
+                let result = HttpResult { subscription: job.subscription, generation: job.generation, ids: job.ids, outcome };
+                if results.send(result).is_err() {
                     break;
                 }
                 let _ = wake.write(&[1]);
@@ -595,8 +618,15 @@ fn spawn_lane(http: HttpSink, results: mpsc::Sender<HttpResult>, mut wake: UnixS
     sender
 }
 
+/// How much of a response body the worker reads (`judge` keeps 200 characters of it).
+const KEPT_BODY_BYTES: u64 = 4096;
+
 fn post_batch(http: &HttpSink, job: &HttpJob) -> Outcome {
+    // A redirect is the sink's answer, not a sink to deliver to: following it would send the
+    // batch and its headers (credentials included) to wherever the Location says, and ack on
+    // that server's word.
     let mut request = minreq::post(http.url.as_str())
+        .with_follow_redirects(false)
         .with_timeout(http.timeout.as_secs().max(1))
         .with_header("Content-Type", "application/json")
         .with_header("Idempotency-Key", idempotency_key(&job.ids))
@@ -604,12 +634,17 @@ fn post_batch(http: &HttpSink, job: &HttpJob) -> Outcome {
     for (name, value) in &http.headers {
         request = request.with_header(name.as_str(), value.as_str());
     }
-    match request.send() {
-        Ok(response) => judge(
-            response.status_code.clamp(0, 999) as u16,
-            response.headers.get("retry-after").map(String::as_str),
-            response.as_str().unwrap_or(""),
-        ),
+    match request.send_lazy() {
+        Ok(response) => {
+            let status = response.status_code.clamp(0, 999) as u16;
+            let retry_after = response.headers.get("retry-after").cloned();
+            // Only the start of the body is kept, as the reason of a failure: a sink streaming
+            // a large body must not fill the worker's memory.
+            let mut body = Vec::new();
+            // (a body cut short by the sink still says what it says)
+            let _ = std::io::Read::read_to_end(&mut std::io::Read::take(response, KEPT_BODY_BYTES), &mut body);
+            judge(status, retry_after.as_deref(), &String::from_utf8_lossy(&body))
+        }
         Err(error) => Outcome::Unavailable { reason: error.to_string(), retry_after: None },
     }
 }

@@ -312,3 +312,18 @@ fn a_malformed_claim_is_named_and_loses_nothing() {
     let all: Vec<i64> = first.iter().chain(&second).map(|e| e.0).collect();
     assert_eq!(c.query_one("SELECT outbox_ack($1)", &[&all]).unwrap().get::<_, i32>(0), 2);
 }
+
+/// Payloads are UTF-8 JSON: a database in another encoding is refused by name at attach.
+#[test]
+fn attaching_in_a_database_not_in_utf8_is_refused() {
+    let cluster = shared();
+    let mut admin = cluster.connect("postgres");
+    admin
+        .batch_execute("CREATE DATABASE latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        .unwrap();
+    let mut c = cluster.connect("latin1");
+    c.batch_execute("CREATE EXTENSION outbox; CREATE TABLE t (id int PRIMARY KEY, doc text)").unwrap();
+    let error = error_of(&mut c, "SELECT outbox_attach('t')");
+    assert!(error.contains("capture needs a database in UTF8 encoding; this one is in LATIN1"), "{error}");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_attachments"), 0);
+}

@@ -666,6 +666,8 @@ fn a_late_ack_or_fail_leaves_a_newer_hand_out_in_flight() {
     assert_eq!(in_flight(&mut c), 1);
     // and when the holder's lease ends the next event goes out, the processed one not again
     std::thread::sleep(Duration::from_millis(3100));
+    let retrying = scalar_i64(&mut c, "SELECT retrying FROM outbox_backlog WHERE subscription = 's'");
+    assert_eq!((in_flight(&mut c), retrying), (0, 0), "the processed event's hand-out is over, not retrying");
     let next = claim_in(&mut c, "1 minute");
     assert_eq!(next.len(), 1);
     assert!(next[0].0 > event, "{next:?} after {event}");
@@ -716,6 +718,74 @@ fn a_subscription_being_created_and_a_purge_keep_apart() {
     c.batch_execute("COMMIT").unwrap();
     subscriber.join().unwrap();
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_subscriptions WHERE name = 'later'"), 1);
+}
+
+/// A subscription with a sink is the delivery worker's: a consumer that claimed from one in
+/// an open transaction held its lock and stalled the worker, and every sink with it.
+#[test]
+fn consumers_cannot_claim_ack_or_fail_in_a_subscription_with_a_sink() {
+    let (_, mut c) = setup("sink_not_pull", "");
+    c.batch_execute("SELECT outbox_subscribe('hook', 'http', '{\"url\": \"http://127.0.0.1:9/\"}', from_start => true)").unwrap();
+    insert(&mut c, 1..=1);
+    for sql in ["SELECT * FROM outbox_claim(10, 'hook')", "SELECT outbox_ack('{1}', 'hook')", "SELECT outbox_fail('{1}', 'x', 'hook')"] {
+        let message = error_of(&mut c, sql);
+        assert!(message.contains("subscription \"hook\" delivers to its http sink through the delivery worker"), "{sql}: {message}");
+    }
+    assert_eq!(scalar_i64(&mut c, "SELECT pending FROM outbox_backlog WHERE subscription = 'hook'"), 1);
+    assert_eq!(ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)")).len(), 1, "pull subscriptions are claimed as before");
+}
+
+/// Handed out after a newer event of their row, replayed or requeued events would leave the
+/// copy at an older version than the table (or bring back a deleted row).
+#[test]
+fn replay_and_requeue_do_not_take_a_row_back_to_an_older_version() {
+    let (_, mut c) = setup("replay_order", ", payload_columns => ARRAY['content']");
+    c.batch_execute("SELECT outbox_subscribe('s', options => '{\"max_attempts\": 1}')").unwrap();
+    let contents = |c: &mut Client, sql: &str| -> Vec<(i64, String)> {
+        c.query(sql, &[]).unwrap().iter().map(|r| (r.get("id"), r.get::<_, serde_json::Value>("payload")["data"]["content"].to_string())).collect()
+    };
+    // row 1 at v1, then v2, both processed; v3 in flight
+    c.batch_execute("INSERT INTO chunks VALUES (1, 1, 'v1', '{1}'), (2, 1, 'w1', '{1}')").unwrap();
+    let first = contents(&mut c, "SELECT * FROM outbox_claim(10)");
+    c.execute("SELECT outbox_ack($1)", &[&first.iter().map(|e| e.0).collect::<Vec<_>>()]).unwrap();
+    c.batch_execute("UPDATE chunks SET content = 'v2' WHERE id = 1").unwrap();
+    let second = contents(&mut c, "SELECT * FROM outbox_claim(10)");
+    c.execute("SELECT outbox_ack($1)", &[&vec![second[0].0]]).unwrap();
+    c.batch_execute("UPDATE chunks SET content = 'v3' WHERE id = 1").unwrap();
+    let third = contents(&mut c, "SELECT * FROM outbox_claim(10, lease => '1 minute')");
+    assert_eq!(third[0].1, "\"v3\"");
+    // row 2's event comes back; row 1's do not, v3 will bring it up to date
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_replay('default', since => now() - interval '1 hour')"), 1);
+    c.execute("SELECT outbox_ack($1)", &[&vec![third[0].0]]).unwrap();
+    let replayed = contents(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(replayed.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["\"w1\""]);
+    c.execute("SELECT outbox_ack($1)", &[&vec![replayed[0].0]]).unwrap();
+
+    // in 's', row 1's first event and row 2's are dead; row 1 was deleted since
+    let dead = contents(&mut c, "SELECT * FROM outbox_claim(2, 's')");
+    c.execute("SELECT outbox_fail($1, 'bad', 's')", &[&dead.iter().map(|e| e.0).collect::<Vec<_>>()]).unwrap();
+    c.batch_execute("DELETE FROM chunks WHERE id = 1").unwrap();
+    loop {
+        let rest = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 's')"));
+        if rest.is_empty() {
+            break;
+        }
+        c.execute("SELECT outbox_ack($1, 's')", &[&rest]).unwrap();
+    }
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_requeue_dead('s')"), 1, "only row 2's");
+    let requeued = contents(&mut c, "SELECT * FROM outbox_claim(10, 's')");
+    assert_eq!(requeued.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["\"w1\""]);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters WHERE subscription = 's'"), 1, "row 1's stays dead");
+    c.execute("SELECT outbox_ack($1, 's')", &[&requeued.iter().map(|e| e.0).collect::<Vec<_>>()]).unwrap();
+
+    // a dead TRUNCATE stays dead once the table has newer rows: it would empty them
+    c.batch_execute("TRUNCATE chunks").unwrap();
+    let truncate = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 's')"));
+    c.execute("SELECT outbox_fail($1, 'bad', 's')", &[&truncate]).unwrap();
+    c.batch_execute("INSERT INTO chunks VALUES (3, 1, 'x1', '{1}')").unwrap();
+    let newer = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 's')"));
+    c.execute("SELECT outbox_ack($1, 's')", &[&newer]).unwrap();
+    assert_eq!(scalar_i64(&mut c, &format!("SELECT outbox_requeue_dead('s', ARRAY[{}])", truncate[0])), 0);
 }
 
 #[test]
@@ -908,6 +978,7 @@ fn purging_dead_letters_keeps_the_recent_ones() {
         c.execute("SELECT outbox_fail($1, 'bad', $2)", &[&claimed, &sub]).unwrap();
     }
     c.batch_execute("UPDATE outbox_dead_letters SET failed_at = now() - interval '2 days' WHERE event_id = (SELECT min(event_id) FROM outbox_dead_letters)").unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge_dead_letters(interval '7000 years')"), 0, "older than time itself");
     assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge_dead_letters(interval '1 day', 'a')"), 1);
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters WHERE subscription = 'a'"), 2);
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters WHERE subscription = 'b'"), 3);

@@ -111,6 +111,54 @@ fn server_errors_are_retried_until_the_sink_takes_the_batch() {
     assert!(error.unwrap().contains("HTTP 503"));
 }
 
+/// minreq follows redirects by default: a 307 sent the batch, with its credentials, to the
+/// Location's server, and that server's 200 acked it.
+#[test]
+fn a_redirect_is_not_followed() {
+    let _serial = serial();
+    let elsewhere = Recorder::start(|_| Reply::status(200));
+    let location = elsewhere.url();
+    let recorder = Recorder::start(move |_| Reply { headers: vec![("Location".into(), location.clone())], ..Reply::status(307) });
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_redirect");
+    http_sink(&mut c, "search_redirect", &recorder, ", \"headers\": {\"Authorization\": \"Bearer s3cret\"}");
+    c.batch_execute("INSERT INTO docs_redirect VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(10), || !recorder.received().is_empty()));
+    let error = || backlog(&mut cluster().connect("postgres"), "search_redirect").get::<_, Option<String>>("last_error");
+    assert!(eventually(Duration::from_secs(10), || error().is_some_and(|e| e.contains("307"))), "{:?}", error());
+    assert!(elsewhere.received().is_empty(), "{:?}", elsewhere.received());
+    assert!(!settled(&mut c, "search_redirect"), "nothing was delivered");
+    c.batch_execute("SELECT outbox_unsubscribe('search_redirect')").unwrap();
+}
+
+/// A subscription changed (here its token rotated by hand) while its sink was answering a
+/// batch: the new runner did not know the batch, which stayed claimed for the worker's
+/// hour-long lease and held its row's later events back.
+#[test]
+fn a_batch_in_flight_when_its_subscription_changes_is_delivered_again() {
+    let _serial = serial();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let recorder = Recorder::start(move |_| {
+        let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+        Reply { delay: if first { Duration::from_secs(2) } else { Duration::ZERO }, ..Reply::status(200) }
+    });
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_rotate");
+    http_sink(&mut c, "search_rotate", &recorder, ", \"headers\": {\"Authorization\": \"Bearer old\"}");
+    c.batch_execute("INSERT INTO docs_rotate VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(10), || !recorder.received().is_empty()));
+    c.batch_execute(
+        "UPDATE outbox_subscriptions SET options = jsonb_set(options, '{headers,Authorization}', '\"Bearer new\"')
+         WHERE name = 'search_rotate'",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(20), || settled(&mut c, "search_rotate")), "{:?}", backlog(&mut c, "search_rotate"));
+    let again = recorder.received();
+    assert!(again.iter().any(|r| r.headers["authorization"] == "Bearer new" && r.keys() == [1]), "{again:?}");
+    c.batch_execute("SELECT outbox_unsubscribe('search_rotate')").unwrap();
+}
+
 #[test]
 fn a_rejected_batch_is_split_until_the_poison_event_is_alone() {
     let _serial = serial();

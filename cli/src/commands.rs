@@ -177,9 +177,9 @@ pub fn confirm(what: &str, count: usize, threshold: usize, yes: bool) -> Result<
     }
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Err(CliError::Declined(format!(
-            "{what} would touch {count} events, more than --confirm-above {threshold}; rerun with --yes (nothing was changed)"
-        )));
+        // (a command that always asks has no --confirm-above to name)
+        let limit = if threshold > 0 { format!(", more than --confirm-above {threshold}") } else { String::new() };
+        return Err(CliError::Declined(format!("{what} would touch {count} events{limit}; rerun with --yes (nothing was changed)")));
     }
     eprint!("{what} would touch {count} events. Go ahead? [y/N] ");
     let mut answer = String::new();
