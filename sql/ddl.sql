@@ -12,12 +12,18 @@ DECLARE
 BEGIN
     -- A table captured through transition tables that has just become a partition would miss
     -- the rows routed to it through its parent: it switches to the row triggers of a partition.
+    -- A plain table that has just stopped being one switches back (the guard below expects a
+    -- plain table's triggers, and refused every ALTER TABLE of it).
     PERFORM @extschema@.outbox_attach(t.source, t.payload_columns, t.watch_columns, t.event_prefix, t.key_columns)
     FROM @extschema@.outbox_attachments t
     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.source::pg_catalog.oid
-    WHERE c.relispartition
-      AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
-                  WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_inserts');
+    WHERE (c.relispartition
+           AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
+                       WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_inserts'))
+       OR (NOT c.relispartition AND c.relkind OPERATOR(pg_catalog.=) 'r'
+           AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
+                       WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_rows'
+                         AND g.tgparentid OPERATOR(pg_catalog.=) 0));
     FOR attachment IN
         SELECT DISTINCT t.source, t.key_columns, t.payload_columns, t.watch_columns
         FROM pg_catalog.pg_event_trigger_ddl_commands() c
@@ -32,15 +38,16 @@ BEGIN
                           WHERE a.attrelid OPERATOR(pg_catalog.=) attachment.source
                             AND a.attname OPERATOR(pg_catalog.=) n
                             AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped);
+        -- (none at all is a table being restored: pg_restore makes triggers after ALTER TABLEs)
         IF missing IS NULL AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger g
                                 WHERE g.tgrelid OPERATOR(pg_catalog.=) attachment.source
                                   AND g.tgname OPERATOR(pg_catalog.=) ANY (ARRAY['outbox_capture_inserts', 'outbox_capture_deletes',
                                                     'outbox_capture_updates', 'outbox_capture_statement',
                                                     'outbox_capture_truncate', 'outbox_capture_rows']))
-                               OPERATOR(pg_catalog.<>) (SELECT CASE WHEN c.relkind OPERATOR(pg_catalog.=) 'p' OR c.relispartition
+                               OPERATOR(pg_catalog.<>) ALL (ARRAY[0, (SELECT CASE WHEN c.relkind OPERATOR(pg_catalog.=) 'p' OR c.relispartition
                                                                     THEN 4 ELSE 5 END
                                                         FROM pg_catalog.pg_class c
-                                                        WHERE c.oid OPERATOR(pg_catalog.=) attachment.source) THEN
+                                                        WHERE c.oid OPERATOR(pg_catalog.=) attachment.source)]) THEN
             RAISE EXCEPTION 'outbox: this change to table % would drop its capture triggers', attachment.source
                 USING ERRCODE = 'dependent_objects_still_exist',
                       HINT = 'Change the attachment in the same transaction first: outbox_attach() with watch_columns '

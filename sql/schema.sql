@@ -43,6 +43,12 @@ CREATE TABLE @extschema@.outbox_attachments (
 
 CREATE SEQUENCE @extschema@.outbox_attachment_generation;
 
+-- pg_dump keeps which tables are attached (their capture triggers are dumped with them and
+-- name their attachment's generation). Delivery state is not dumped: its snapshots name
+-- transaction ids of the cluster that took them.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_attachments', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_attachment_generation', '');
+
 -- Steps by 4096, the most events one log row holds: event id = base + ordinal - 1.
 CREATE SEQUENCE @extschema@.outbox_event_id_seq AS bigint INCREMENT BY 4096 START WITH 1;
 

@@ -378,6 +378,23 @@ mod tests {
         );
     }
 
+    /// A partition attached by itself has a partition's row triggers; detached, it is a plain
+    /// table again, whose every ALTER TABLE the guard refused for the triggers it expected.
+    #[pg_test]
+    fn a_detached_partition_goes_back_to_a_plain_tables_triggers() {
+        run("CREATE TABLE parent (id int PRIMARY KEY, a text) PARTITION BY RANGE (id)");
+        run("CREATE TABLE part PARTITION OF parent FOR VALUES FROM (0) TO (100)");
+        run("SELECT outbox_attach('part')");
+        run("ALTER TABLE parent DETACH PARTITION part");
+        assert_eq!(
+            value("SELECT jsonb_agg(tgname ORDER BY tgname) FROM pg_trigger WHERE tgrelid = 'part'::regclass"),
+            json!(["outbox_capture_deletes", "outbox_capture_inserts", "outbox_capture_statement", "outbox_capture_truncate", "outbox_capture_updates"])
+        );
+        run("ALTER TABLE part ADD COLUMN b text");
+        run("INSERT INTO part VALUES (1, 'x', 'y')");
+        assert_eq!(events(), json!([["EMBED_UPSERT", {"table": "public.part", "key": {"id": 1}}]]));
+    }
+
     #[pg_test]
     fn reattach_changes_settings_and_detach_stops_capture() {
         chunks();

@@ -19,17 +19,16 @@ pub fn quote_ident(name: &str) -> String {
 
 /// The WHEN condition of the UPDATE trigger: true when any of the watched columns changed.
 /// Postgres evaluates it before queuing the trigger, so updates of unwatched columns cost
-/// nothing. Values are compared by their bytes (`*=`), not by their type's equality, which
-/// calls 1.0 and 1.000, `'key'` and `'KEY'` under a case-insensitive collation, or two jsonb
-/// numbers of different scale equal although their JSON differs.
+/// nothing. Values are compared by their bytes (`record_image_eq`, the `*=` of records), not
+/// by their type's equality, which calls 1.0 and 1.000, `'key'` and `'KEY'` under a
+/// case-insensitive collation, or two jsonb numbers of different scale equal although their
+/// JSON differs.
 pub fn update_condition(columns: &[&str]) -> String {
     let values = |row: &str| columns.iter().map(|c| format!("{row}.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
-    // (cast to record: two row constructors would be compared column by column)
-    format!(
-        "NOT (ROW({})::pg_catalog.record OPERATOR(pg_catalog.*=) ROW({})::pg_catalog.record)",
-        values("OLD"),
-        values("NEW")
-    )
+    // (the function rather than `*=`: between two row constructors an operator compares
+    // column by column, and a cast to record that prevents it is not kept in the trigger's
+    // stored definition, which pg_dump prints and restores)
+    format!("NOT pg_catalog.record_image_eq(ROW({}), ROW({}))", values("OLD"), values("NEW"))
 }
 
 /// Statements that (re)create the capture triggers. `table` and `function` are qualified and
@@ -75,8 +74,7 @@ mod tests {
     fn condition_compares_the_watched_columns_by_their_bytes() {
         assert_eq!(
             update_condition(&["embedding", "Meta"]),
-            "NOT (ROW(OLD.\"embedding\", OLD.\"Meta\")::pg_catalog.record OPERATOR(pg_catalog.*=) \
-             ROW(NEW.\"embedding\", NEW.\"Meta\")::pg_catalog.record)"
+            "NOT pg_catalog.record_image_eq(ROW(OLD.\"embedding\", OLD.\"Meta\"), ROW(NEW.\"embedding\", NEW.\"Meta\"))"
         );
     }
 

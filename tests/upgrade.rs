@@ -202,3 +202,34 @@ fn update_from(previous: &str, triggers: Triggers) {
     c.batch_execute("SELECT outbox_subscribe('late', from_start => true)").unwrap();
     assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(100, 'late')").len(), 11, "each row's first retained event");
 }
+
+/// A dump restored into another database captures as the original did: the attachments are
+/// dumped (the capture triggers come with their tables), and the update trigger's condition
+/// reads back as written (a `*=` between rows cast to record lost its casts when printed, and
+/// every restore and pg_upgrade failed on it).
+#[test]
+fn a_dump_restored_into_another_database_captures_as_the_original() {
+    let cluster = shared();
+    let mut admin = cluster.connect("postgres");
+    for db in ["dumped", "restored"] {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).unwrap();
+    }
+    let mut c = cluster.connect(&cluster.database("dumped"));
+    c.batch_execute(SETUP).unwrap();
+    let file = cluster.dir.join("outbox.dump");
+    cluster.client_program("pg_dump", &["-Fc", "-f", &file.display().to_string(), "dumped"]);
+    admin.batch_execute("CREATE DATABASE restored").unwrap();
+    cluster.client_program("pg_restore", &["--exit-on-error", "-d", "restored", &file.display().to_string()]);
+
+    let mut r = cluster.connect("restored");
+    assert_eq!(capture_triggers(&mut r), capture_triggers(&mut c), "every capture trigger, the update trigger's condition included");
+    r.batch_execute(
+        "INSERT INTO chunks VALUES (1, 1, 'v1', '{1}'); UPDATE chunks SET content = 'v2' WHERE id = 1;
+         UPDATE chunks SET content = 'v2' WHERE id = 1;",
+    )
+    .unwrap();
+    let events = claim(&mut r, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(events.iter().map(|e| (e.1.as_str(), e.2)).collect::<Vec<_>>(), [("EMBED_UPSERT", 1)], "the row's first event");
+    r.execute("SELECT outbox_ack($1)", &[&ids(&events)]).unwrap();
+    assert_eq!(claim(&mut r, "SELECT * FROM outbox_claim(10)").len(), 1, "the update that changed content, not the one that did not");
+}

@@ -135,6 +135,16 @@ impl Cluster {
             .expect("spawn reaper");
     }
 
+    /// Runs one of the server's client programs (pg_dump, pg_restore) against this cluster.
+    pub fn client_program(&self, program: &str, args: &[&str]) {
+        let out = Command::new(self.bin.join(program))
+            .args(["-h", &self.dir.display().to_string(), "-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args)
+            .output()
+            .expect("client program runs");
+        assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     pub fn dsn(&self, db: &str) -> String {
         format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
     }
