@@ -5,7 +5,8 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_attachments', '')
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_attachment_generation', '');
 
 -- The DDL guard lets a restored table's ALTER TABLEs through before its capture triggers are
--- made, and a table detached from its parent goes back to a plain table's triggers. As in
+-- made, a table detached from its parent goes back to a plain table's triggers, and every
+-- attachment is checked, as DDL through a parent reaches captured children unreported. As in
 -- sql/ddl.sql:
 CREATE OR REPLACE FUNCTION @extschema@.outbox_check_altered_tables() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -27,11 +28,11 @@ BEGIN
            AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
                        WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_rows'
                          AND g.tgparentid OPERATOR(pg_catalog.=) 0));
+    -- Every attachment, not only the tables the command names: a column renamed or dropped
+    -- through a parent reaches the captured partitions or children unreported.
     FOR attachment IN
-        SELECT DISTINCT t.source, t.key_columns, t.payload_columns, t.watch_columns
-        FROM pg_catalog.pg_event_trigger_ddl_commands() c
-        JOIN @extschema@.outbox_attachments t ON t.source::pg_catalog.oid OPERATOR(pg_catalog.=) c.objid
-        WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+        SELECT t.source, t.key_columns, t.payload_columns, t.watch_columns
+        FROM @extschema@.outbox_attachments t
     LOOP
         SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(n), ', ') INTO missing
         FROM pg_catalog.unnest(attachment.key_columns

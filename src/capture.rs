@@ -202,7 +202,9 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
         if relid == pg_sys::InvalidOid {
             attachments.clear();
         } else {
-            attachments.retain(|(r, _)| *r != relid);
+            // a partition's entry names its attached parent, whose rename invalidates only the
+            // parent
+            attachments.retain(|(r, a)| *r != relid && a.source != relid);
         }
     });
 }

@@ -395,6 +395,33 @@ mod tests {
         assert_eq!(events(), json!([["EMBED_UPSERT", {"table": "public.part", "key": {"id": 1}}]]));
     }
 
+    /// A backend caches each partition's attachment; renaming the attached parent invalidates
+    /// only the parent, and the partition's events kept its old name.
+    #[pg_test]
+    fn renaming_a_partitioned_table_renames_its_partitions_events() {
+        run("CREATE TABLE pp (id int PRIMARY KEY) PARTITION BY RANGE (id)");
+        run("CREATE TABLE pp_low PARTITION OF pp FOR VALUES FROM (0) TO (100)");
+        run("SELECT outbox_attach('pp')");
+        run("INSERT INTO pp VALUES (1)");
+        run("ALTER TABLE pp RENAME TO pp_renamed");
+        run("INSERT INTO pp_renamed VALUES (2)");
+        run("UPDATE pp_renamed SET id = id WHERE false"); // writes what waits
+        assert_eq!(
+            value("SELECT jsonb_agg(payload->>'table' ORDER BY id) FROM outbox_events"),
+            json!(["public.pp", "public.pp_renamed"])
+        );
+    }
+
+    /// DDL on a parent reaches its partitions without naming them to the event trigger.
+    #[pg_test(error = "outbox: table public.pf is captured with column(s) v by name")]
+    fn renaming_a_captured_column_through_a_parent_is_refused() {
+        run("CREATE TABLE pf (id int PRIMARY KEY, v text)");
+        run("SELECT outbox_attach('pf', payload_columns => ARRAY['v'])");
+        run("CREATE TABLE uf (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)");
+        run("ALTER TABLE uf ATTACH PARTITION pf FOR VALUES FROM (0) TO (100)");
+        run("ALTER TABLE uf RENAME COLUMN v TO v2");
+    }
+
     #[pg_test]
     fn reattach_changes_settings_and_detach_stops_capture() {
         chunks();
