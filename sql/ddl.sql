@@ -24,11 +24,18 @@ BEGIN
            AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
                        WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_rows'
                          AND g.tgparentid OPERATOR(pg_catalog.=) 0));
-    -- Every attachment, not only the tables the command names: a column renamed or dropped
-    -- through a parent reaches the captured partitions or children unreported.
+    -- The tables the command names and their partitions and children: a column renamed or
+    -- dropped through a parent reaches them unreported.
     FOR attachment IN
-        SELECT t.source, t.key_columns, t.payload_columns, t.watch_columns
-        FROM @extschema@.outbox_attachments t
+        WITH RECURSIVE touched AS (
+            SELECT c.objid AS relid FROM pg_catalog.pg_event_trigger_ddl_commands() c
+            WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+            UNION
+            SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+            JOIN touched ON i.inhparent OPERATOR(pg_catalog.=) touched.relid)
+        SELECT DISTINCT t.source, t.key_columns, t.payload_columns, t.watch_columns
+        FROM touched
+        JOIN @extschema@.outbox_attachments t ON t.source::pg_catalog.oid OPERATOR(pg_catalog.=) touched.relid
     LOOP
         SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(n), ', ') INTO missing
         FROM pg_catalog.unnest(attachment.key_columns

@@ -5,9 +5,9 @@ SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_attachments', '')
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.outbox_attachment_generation', '');
 
 -- The DDL guard lets a restored table's ALTER TABLEs through before its capture triggers are
--- made, a table detached from its parent goes back to a plain table's triggers, and every
--- attachment is checked, as DDL through a parent reaches captured children unreported. As in
--- sql/ddl.sql:
+-- made, a table detached from its parent goes back to a plain table's triggers, and the
+-- partitions and children of the tables a command names are checked too, as DDL through a
+-- parent reaches them unreported. As in sql/ddl.sql:
 CREATE OR REPLACE FUNCTION @extschema@.outbox_check_altered_tables() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -28,11 +28,18 @@ BEGIN
            AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
                        WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_rows'
                          AND g.tgparentid OPERATOR(pg_catalog.=) 0));
-    -- Every attachment, not only the tables the command names: a column renamed or dropped
-    -- through a parent reaches the captured partitions or children unreported.
+    -- The tables the command names and their partitions and children: a column renamed or
+    -- dropped through a parent reaches them unreported.
     FOR attachment IN
-        SELECT t.source, t.key_columns, t.payload_columns, t.watch_columns
-        FROM @extschema@.outbox_attachments t
+        WITH RECURSIVE touched AS (
+            SELECT c.objid AS relid FROM pg_catalog.pg_event_trigger_ddl_commands() c
+            WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+            UNION
+            SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+            JOIN touched ON i.inhparent OPERATOR(pg_catalog.=) touched.relid)
+        SELECT DISTINCT t.source, t.key_columns, t.payload_columns, t.watch_columns
+        FROM touched
+        JOIN @extschema@.outbox_attachments t ON t.source::pg_catalog.oid OPERATOR(pg_catalog.=) touched.relid
     LOOP
         SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(n), ', ') INTO missing
         FROM pg_catalog.unnest(attachment.key_columns

@@ -188,9 +188,19 @@ unsafe extern "C-unwind" fn on_subxact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        // ids grow down the nesting, so everything the aborted subtransaction and its
-        // children captured has an id at least as large as its own
-        PENDING.with(|p| p.borrow_mut().events.retain(|e| e.subxact < subxact));
+        // Ids grow with time, so what the aborted subtransaction and its children captured has
+        // ids at least as large as its own, and was captured after everything else: the tail
+        // of the buffer, events and text. (Filtering the whole buffer on each abort made an
+        // exception block in a loop quadratic.)
+        PENDING.with(|p| {
+            let mut pending = p.borrow_mut();
+            let kept = pending.events.iter().rposition(|e| e.subxact < subxact).map_or(0, |i| i + 1);
+            if let Some(first) = pending.events.get(kept) {
+                let text_start = first.key.start;
+                pending.text.truncate(text_start);
+                pending.events.truncate(kept);
+            }
+        });
     }
 }
 
@@ -239,9 +249,9 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
     let event = trigger.tg_event;
     let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
     if event & pg_sys::TRIGGER_EVENT_ROW == 0 {
+        let attachment = unsafe { attachment_for(trigger)? };
         match op {
             pg_sys::TRIGGER_EVENT_TRUNCATE => {
-                let attachment = unsafe { attachment_for(trigger)? };
                 let mut batch = Batch::new(&attachment, 1);
                 let key = batch.text("null");
                 batch.push(Op::Truncate, key, None);
@@ -255,12 +265,13 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
             },
             _ => {}
         }
-        return flush_statement();
+        return flush_statement(attachment.source.into());
     }
 
     let attachment = unsafe { attachment_for(trigger)? };
     let tupdesc = unsafe { (*trigger.tg_relation).rd_att };
     let mut batch = Batch::new(&attachment, 2);
+    batch.command = unsafe { writing_command(trigger, op) };
     match op {
         pg_sys::TRIGGER_EVENT_INSERT => unsafe {
             let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
@@ -285,6 +296,19 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
     }
     batch.keep();
     Ok(())
+}
+
+/// The command that wrote the row a row trigger fired for, from the row's header. The current
+/// command id has moved on if anything ran SQL since (another AFTER trigger, a foreign-key
+/// check), which split one statement's events into runs that `order_for_flush` kept apart.
+unsafe fn writing_command(trigger: &pg_sys::TriggerData, op: u32) -> pg_sys::CommandId {
+    unsafe {
+        match op {
+            pg_sys::TRIGGER_EVENT_UPDATE => pg_sys::HeapTupleHeaderGetCmin((*trigger.tg_newtuple).t_data),
+            pg_sys::TRIGGER_EVENT_INSERT => pg_sys::HeapTupleHeaderGetCmin((*trigger.tg_trigtuple).t_data),
+            _ => pg_sys::HeapTupleHeaderGetCmax((*trigger.tg_trigtuple).t_data),
+        }
+    }
 }
 
 /// Every row of a statement's transition table, as events of `op`.
@@ -414,14 +438,21 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// Writes what the statement captured, and what row triggers captured before it, unless
-/// some of that was captured before the savepoint this statement runs in (a row trigger's,
-/// waiting for a statement): rolling back to the savepoint would take its log row along. Then
-/// everything waits for the commit, as the log keeps capture order.
-fn flush_statement() -> Result<(), OutboxError> {
+/// Writes what the statement on `source` captured, unless the buffer also holds events that
+/// are not this statement's to write: captured before the savepoint this statement runs in (a
+/// partition's row events, which wait for a statement), as rolling back to the savepoint would
+/// take their log row along; or of another table, which may be those of an enclosing
+/// statement still running (this one a trigger's), whose row events would be cut into runs
+/// `order_for_flush` keeps apart. Then everything waits for the next statement of that table,
+/// or the commit, as the log keeps capture order.
+fn flush_statement(source: u32) -> Result<(), OutboxError> {
     // subtransaction ids grow with time, and events are kept in capture order
     let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    if PENDING.with(|p| p.borrow().events.first().is_some_and(|e| e.subxact < current)) {
+    let others = PENDING.with(|p| {
+        let pending = p.borrow();
+        pending.events.first().is_some_and(|e| e.subxact < current) || pending.events.iter().any(|e| e.source != source)
+    });
+    if others {
         return Ok(());
     }
     flush()

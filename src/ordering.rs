@@ -33,17 +33,29 @@ pub struct CapturedEvent {
 /// wrote exists and every key it only vacated does not (a writable CTE that deletes a key and
 /// inserts it again included).
 pub fn order_for_flush(events: &mut [CapturedEvent]) {
-    let mut start = 0;
-    while start < events.len() {
-        let first = &events[start];
-        let (source, command, subxact) = (first.source, first.command, first.subxact);
-        let mut end = start + 1;
-        while end < events.len() && events[end].source == source && events[end].command == command && events[end].subxact == subxact {
-            end += 1;
+    // A statement's events need not be consecutive: a trigger's statement on another table
+    // can capture between its rows. Each statement's events keep the places they have, and
+    // only swap among themselves.
+    let mut statements: Vec<((u32, u32, u32), Vec<usize>)> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let statement = (e.source, e.command, e.subxact);
+        match statements.iter_mut().rev().find(|(s, _)| *s == statement) {
+            Some((_, places)) => places.push(i),
+            None => statements.push((statement, vec![i])),
         }
+    }
+    for (_, places) in statements {
+        let deletes_after_upserts =
+            places.windows(2).any(|w| events[w[0]].op != Op::Delete && events[w[1]].op == Op::Delete);
+        if !deletes_after_upserts {
+            continue;
+        }
+        let mut ordered: Vec<CapturedEvent> = places.iter().map(|&i| events[i].clone()).collect();
         // stable: keeps row order among the deletes and among the upserts
-        events[start..end].sort_by_key(|e| e.op != Op::Delete);
-        start = end;
+        ordered.sort_by_key(|e| e.op != Op::Delete);
+        for (&i, e) in places.iter().zip(ordered) {
+            events[i] = e;
+        }
     }
 }
 
@@ -305,6 +317,16 @@ mod tests {
         let before = events.clone();
         order_for_flush(&mut events);
         assert_eq!(events, before);
+    }
+
+    #[test]
+    fn a_statement_cut_by_another_tables_events_still_puts_deletes_first() {
+        let mut audit = event(1, Op::Upsert, 9);
+        audit.source = 11;
+        let mut events = vec![event(1, Op::Delete, 1), event(1, Op::Upsert, 2), audit.clone(), event(1, Op::Delete, 2), event(1, Op::Upsert, 1)];
+        order_for_flush(&mut events);
+        assert_eq!(keys(&events), vec![(Op::Delete, 1), (Op::Delete, 2), (Op::Upsert, 9), (Op::Upsert, 2), (Op::Upsert, 1)]);
+        assert_eq!(events[2], audit, "the other table's event keeps its place");
     }
 
     #[test]

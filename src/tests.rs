@@ -357,7 +357,7 @@ mod tests {
         run("DO $$ BEGIN
                 UPDATE p1 SET a = 'x' WHERE id = 1;
                 BEGIN
-                    INSERT INTO t VALUES (1);
+                    UPDATE pt SET a = 'z' WHERE id = 1;
                     RAISE EXCEPTION 'roll back';
                 EXCEPTION WHEN OTHERS THEN NULL;
                 END;
@@ -366,6 +366,7 @@ mod tests {
                 EXCEPTION WHEN OTHERS THEN RAISE;
                 END;
              END $$");
+        run("UPDATE pt SET a = a WHERE false"); // a statement of the parent's writes what waits
         run("INSERT INTO t VALUES (2)");
         assert_eq!(
             events(),

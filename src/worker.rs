@@ -125,6 +125,9 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     log!("outbox worker started for database \"{database}\"");
     let mut worker = Worker::new();
     loop {
+        // Barriers (DROP DATABASE waits on every backend to absorb one) are taken here; the
+        // worker's own SIGTERM handler only sets a flag, so this does not end it.
+        pgrx::check_for_interrupts!();
         if BackgroundWorker::sigterm_received() {
             break;
         }

@@ -788,6 +788,49 @@ fn replay_and_requeue_do_not_take_a_row_back_to_an_older_version() {
     assert_eq!(scalar_i64(&mut c, &format!("SELECT outbox_requeue_dead('s', ARRAY[{}])", truncate[0])), 0);
 }
 
+/// Anything that runs SQL between a statement's row events (an audit trigger, a foreign-key
+/// check) moves the current command id on, and a nested statement on an attached table wrote
+/// the outer statement's events so far: either cut a key swap into runs that kept DELETE 1,
+/// UPSERT 2, DELETE 2, UPSERT 1 in row order, and the copy lost key 1.
+#[test]
+fn a_key_swap_stays_one_run_when_triggers_run_sql_between_its_rows() {
+    let (_, mut c) = setup("swap_audit", "");
+    for audit_attached in [false, true] {
+        c.batch_execute(
+            "DROP TABLE IF EXISTS a, audit CASCADE;
+             CREATE TABLE a (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, v text);
+             CREATE TABLE audit (n serial PRIMARY KEY, old_id int);
+             SELECT outbox_attach('a');
+             INSERT INTO a VALUES (1, 'one'), (2, 'two');
+             CREATE OR REPLACE FUNCTION audit_row() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN INSERT INTO audit (old_id) VALUES (OLD.id); RETURN NULL; END $$;
+             CREATE TRIGGER audit_row AFTER UPDATE ON a FOR EACH ROW EXECUTE FUNCTION audit_row();",
+        )
+        .unwrap();
+        if audit_attached {
+            c.batch_execute("SELECT outbox_attach('audit')").unwrap();
+        }
+        let before = scalar_i64(&mut c, "SELECT coalesce(max(id), 0) FROM outbox_events");
+        c.batch_execute("UPDATE a SET id = 3 - id").unwrap();
+        let events: Vec<(String, i64)> = c
+            .query(
+                "SELECT type, (payload->'key'->>'id')::int8 FROM outbox_events WHERE payload->>'table' = 'public.a' AND id > $1 ORDER BY id",
+                &[&before],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let expected: Vec<(String, i64)> =
+            [("EMBED_DELETE", 1), ("EMBED_DELETE", 2), ("EMBED_UPSERT", 2), ("EMBED_UPSERT", 1)]
+                .iter()
+                .map(|(t, k)| (t.to_string(), *k))
+                .collect();
+        assert_eq!(events, expected, "audit table attached: {audit_attached}");
+        c.batch_execute("SELECT outbox_detach('a')").unwrap();
+    }
+}
+
 #[test]
 fn backlog_reports_every_state_and_latency() {
     let (_, mut c) = setup("backlog", "");

@@ -458,6 +458,11 @@ fn waits_for_the_extension_instead_of_crash_looping() {
     let pid = worker_pid(&mut c).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(worker_pid(&mut c), Some(pid), "the same worker keeps waiting");
+    // DROP DATABASE waits for every backend to absorb a barrier, the worker included
+    c.batch_execute("CREATE DATABASE scratch").unwrap();
+    c.batch_execute("SET statement_timeout = '10s'").unwrap();
+    c.batch_execute("DROP DATABASE scratch").expect("DROP DATABASE within 10 s");
+    c.batch_execute("RESET statement_timeout").unwrap();
     let recorder = Recorder::start(|_| Reply::status(200));
     c.batch_execute("CREATE EXTENSION outbox").unwrap();
     table(&mut c, "late");
