@@ -199,6 +199,10 @@ unsafe extern "C-unwind" fn on_subxact_event(
                 let text_start = first.key.start;
                 pending.text.truncate(text_start);
                 pending.events.truncate(kept);
+                if kept == 0 {
+                    // (a table whose events are gone would keep other tables' statements waiting)
+                    pending.shapes.clear();
+                }
             }
         });
     }
@@ -450,7 +454,8 @@ fn flush_statement(source: u32) -> Result<(), OutboxError> {
     let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let others = PENDING.with(|p| {
         let pending = p.borrow();
-        pending.events.first().is_some_and(|e| e.subxact < current) || pending.events.iter().any(|e| e.source != source)
+        // (the shapes name every table with pending events: few, where the events may be many)
+        pending.events.first().is_some_and(|e| e.subxact < current) || pending.shapes.iter().any(|(s, _)| *s != source)
     });
     if others {
         return Ok(());

@@ -36,15 +36,24 @@ pub fn order_for_flush(events: &mut [CapturedEvent]) {
     // A statement's events need not be consecutive: a trigger's statement on another table
     // can capture between its rows. Each statement's events keep the places they have, and
     // only swap among themselves.
-    let mut statements: Vec<((u32, u32, u32), Vec<usize>)> = Vec::new();
+    // (a transaction's buffer can hold many statements' events until its commit: each event
+    // looks its statement up only where the statement changes)
+    let mut statements: Vec<Vec<usize>> = Vec::new();
+    let mut known: std::collections::HashMap<(u32, u32, u32), usize> = std::collections::HashMap::new();
+    let mut previous = None;
     for (i, e) in events.iter().enumerate() {
         let statement = (e.source, e.command, e.subxact);
-        match statements.iter_mut().rev().find(|(s, _)| *s == statement) {
-            Some((_, places)) => places.push(i),
-            None => statements.push((statement, vec![i])),
-        }
+        let place = match previous {
+            Some((s, place)) if s == statement => place,
+            _ => *known.entry(statement).or_insert_with(|| {
+                statements.push(Vec::new());
+                statements.len() - 1
+            }),
+        };
+        statements[place].push(i);
+        previous = Some((statement, place));
     }
-    for (_, places) in statements {
+    for places in statements {
         let deletes_after_upserts =
             places.windows(2).any(|w| events[w[0]].op != Op::Delete && events[w[1]].op == Op::Delete);
         if !deletes_after_upserts {
