@@ -256,7 +256,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
         let attachment = unsafe { attachment_for(trigger)? };
         match op {
             pg_sys::TRIGGER_EVENT_TRUNCATE => {
-                let mut batch = Batch::new(&attachment, 1);
+                let mut batch = Batch::new(&attachment, 1, unsafe { pg_sys::GetCurrentCommandId(false) });
                 let key = batch.text("null");
                 batch.push(Op::Truncate, key, None);
                 batch.keep();
@@ -274,8 +274,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
 
     let attachment = unsafe { attachment_for(trigger)? };
     let tupdesc = unsafe { (*trigger.tg_relation).rd_att };
-    let mut batch = Batch::new(&attachment, 2);
-    batch.command = unsafe { writing_command(trigger, op) };
+    let mut batch = Batch::new(&attachment, 2, unsafe { writing_command(trigger, op) });
     match op {
         pg_sys::TRIGGER_EVENT_INSERT => unsafe {
             let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
@@ -325,7 +324,7 @@ unsafe fn capture_transition_table(
     let data = if op == Op::Upsert { attachment.data.as_ref() } else { None };
     unsafe {
         let rows = pg_sys::tuplestore_tuple_count(table) as usize;
-        let mut batch = Batch::new(&attachment, rows);
+        let mut batch = Batch::new(&attachment, rows, pg_sys::GetCurrentCommandId(false));
         // Transition tables hold rows in the trigger table's row type, converted from a
         // partition's if need be. Another trigger may be reading the same table, so this
         // reader gets a read pointer of its own.
@@ -381,11 +380,12 @@ struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    fn new(attachment: &'a Attachment, rows: usize) -> Self {
+    /// `command`: the statement's command id, which a row trigger reads from the row.
+    fn new(attachment: &'a Attachment, rows: usize, command: pg_sys::CommandId) -> Self {
         Batch {
             attachment,
             subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
-            command: unsafe { pg_sys::GetCurrentCommandId(false) },
+            command,
             text: String::with_capacity(rows * 16),
             events: Vec::with_capacity(rows),
         }
