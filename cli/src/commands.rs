@@ -1,7 +1,7 @@
 //! The commands that read or change the outbox over one session. Each prints a human table
 //! or, with `--json`, one JSON document.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, ErrorKind, IsTerminal, Write};
 use std::time::Duration;
 
 use postgres::types::ToSql;
@@ -9,14 +9,25 @@ use serde_json::{json, Value};
 
 use crate::connect::Session;
 use crate::error::{CliError, Result};
-use crate::format::{clip, duration, parse_duration, progress, Table};
+use crate::format::{clip, duration, duration_within_limit, parse_duration, printable, printable_lines, progress, Table};
 
 /// How many events one `outbox_replay` call takes, so a large replay commits in steps and
 /// shows progress.
 const REPLAY_CHUNK: usize = 1000;
 
-pub fn print_json(value: &Value) {
-    println!("{value}");
+/// Writes `text` to stdout. A reader that went away (`outbox dead-letters list | head -1`)
+/// ends the command quietly, as SIGPIPE ends other tools; other failures to write are errors.
+pub fn print_out(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Err(CliError::OutputClosed),
+        Err(e) => Err(CliError::Failed(format!("cannot write the output: {e}"))),
+    }
+}
+
+pub fn print_json(value: &Value) -> Result<()> {
+    print_out(&format!("{value}\n"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -27,9 +38,10 @@ const STATUS: &str = "\
            extract(epoch FROM b.oldest_pending_age)::float8, \
            extract(epoch FROM b.avg_propagation_latency)::float8, \
            extract(epoch FROM b.p99_propagation_latency)::float8, \
-           b.sink, b.backing_off, \
+           b.sink, b.backing_off, b.backing_off_until IS NOT NULL, \
            extract(epoch FROM b.backing_off_until - pg_catalog.now())::float8, \
            b.last_error, \
+           extract(epoch FROM pg_catalog.now() - b.last_error_at)::float8, \
            extract(epoch FROM pg_catalog.now() - b.last_success_at)::float8 \
     FROM @extschema@.outbox_backlog b ORDER BY b.subscription";
 
@@ -44,9 +56,14 @@ struct Backlog {
     avg_latency: Option<f64>,
     p99_latency: Option<f64>,
     sink: String,
+    /// The worker waits before trying the sink again.
     backing_off: bool,
+    /// The sink failed and has not succeeded since: backing off, or past it and being probed
+    /// (the extension's `outbox_sink_up` is 0).
+    sink_down: bool,
     backing_off_for: Option<f64>,
     last_error: Option<String>,
+    since_last_error: Option<f64>,
     since_last_success: Option<f64>,
 }
 
@@ -55,13 +72,21 @@ impl Backlog {
         if self.sink == "pull" {
             return "-".into();
         }
-        let error = self.last_error.as_deref().map(|e| clip(e, 60)).unwrap_or_default();
+        let error = self.last_error.as_deref().map(|e| format!(": {}", clip(e, 60))).unwrap_or_default();
+        // a smaller age is the more recent
+        let failed_since_success = match (self.since_last_error, self.since_last_success) {
+            (Some(error_age), Some(success_age)) => error_age < success_age,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
         if self.backing_off {
-            format!("down, retry in {}: {error}", duration(self.backing_off_for))
+            format!("down, retry in {}{error}", duration(self.backing_off_for))
+        } else if self.sink_down {
+            format!("down, probing{error}")
+        } else if failed_since_success {
+            format!("failing{error}")
         } else if let Some(ago) = self.since_last_success {
             format!("up, delivered {} ago", duration(Some(ago)))
-        } else if self.last_error.is_some() {
-            format!("failing: {error}")
         } else {
             "up, nothing delivered yet".into()
         }
@@ -78,9 +103,10 @@ impl Backlog {
             "avg_latency_seconds": self.avg_latency,
             "p99_latency_seconds": self.p99_latency,
             "sink": self.sink,
-            "sink_up": (self.sink != "pull").then_some(!self.backing_off),
+            "sink_up": (self.sink != "pull").then_some(!self.sink_down),
             "backing_off_seconds": self.backing_off_for.filter(|_| self.backing_off),
             "last_error": self.last_error,
+            "last_error_seconds_ago": self.since_last_error,
             "last_success_seconds_ago": self.since_last_success,
         })
     }
@@ -101,9 +127,11 @@ fn backlog(session: &mut Session) -> Result<Vec<Backlog>> {
             p99_latency: r.get(7),
             sink: r.get(8),
             backing_off: r.get(9),
-            backing_off_for: r.get(10),
-            last_error: r.get(11),
-            since_last_success: r.get(12),
+            sink_down: r.get(10),
+            backing_off_for: r.get(11),
+            last_error: r.get(12),
+            since_last_error: r.get(13),
+            since_last_success: r.get(14),
         })
         .collect())
 }
@@ -141,12 +169,11 @@ fn status_table(rows: &[Backlog]) -> String {
 pub fn status(session: &mut Session, json: bool, watch: Option<f64>) -> Result<()> {
     let Some(interval) = watch else {
         let rows = backlog(session)?;
-        if json {
-            print_json(&Value::Array(rows.iter().map(Backlog::to_json).collect()));
+        return if json {
+            print_json(&Value::Array(rows.iter().map(Backlog::to_json).collect()))
         } else {
-            print!("{}", status_table(&rows));
-        }
-        return Ok(());
+            print_out(&status_table(&rows))
+        };
     };
     loop {
         let rows = backlog(session)?;
@@ -231,8 +258,7 @@ pub fn dead_letters_list(session: &mut Session, json: bool, subscription: Option
                        "attempts": r.get::<_, i32>(3), "failed_at": r.get::<_, String>(4), "last_error": r.get::<_, Option<String>>(5)})
             })
             .collect();
-        print_json(&json!({"total": total, "dead_letters": letters}));
-        return Ok(());
+        return print_json(&json!({"total": total, "dead_letters": letters}));
     }
     let mut table =
         Table::new(&[("SUBSCRIPTION", false), ("ID", true), ("TYPE", false), ("ATTEMPTS", true), ("FAILED AT", false), ("LAST ERROR", false)]);
@@ -246,9 +272,7 @@ pub fn dead_letters_list(session: &mut Session, json: bool, subscription: Option
             clip(r.get::<_, Option<String>>(5).as_deref().unwrap_or("-"), 80),
         ]);
     }
-    print!("{}", table.render());
-    println!("{} of {total} dead letters", rows.len());
-    Ok(())
+    print_out(&format!("{}{} of {total} dead letters\n", table.render(), rows.len()))
 }
 
 pub fn dead_letters_show(session: &mut Session, json: bool, id: i64, subscription: Option<&str>) -> Result<()> {
@@ -274,17 +298,22 @@ pub fn dead_letters_show(session: &mut Session, json: bool, id: i64, subscriptio
         })
         .collect();
     if json {
-        print_json(&Value::Array(letters));
-        return Ok(());
+        return print_json(&Value::Array(letters));
     }
+    let mut out = String::new();
     for letter in letters {
         for key in ["subscription", "id", "type", "attempts", "created_at", "failed_at", "last_error"] {
             let value = &letter[key];
-            println!("{key:<13}{}", value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string()));
+            // an error may span lines (a response body), the other fields are one line each
+            let text = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            let text = if key == "last_error" { printable_lines(&text) } else { printable(&text) };
+            out.push_str(&format!("{key:<13}{text}\n"));
         }
-        println!("payload\n{}\n", serde_json::to_string_pretty(&letter["payload"]).unwrap_or_default());
+        // JSON escapes C0 in strings, not DEL or C1
+        let payload = serde_json::to_string_pretty(&letter["payload"]).unwrap_or_default();
+        out.push_str(&format!("payload\n{}\n\n", printable_lines(&payload)));
     }
-    Ok(())
+    print_out(&out)
 }
 
 pub fn dead_letters_requeue(
@@ -298,35 +327,63 @@ pub fn dead_letters_requeue(
     if let Some(name) = subscription {
         subscription_exists(session, name)?;
     }
-    let found: Vec<i64> = session
-        .client
-        .query(
-            &session.sql(
-                "SELECT DISTINCT event_id FROM @extschema@.outbox_dead_letters \
-                 WHERE ($1::text IS NULL OR subscription = $1) AND ($2::bigint[] IS NULL OR event_id = ANY ($2)) ORDER BY 1",
-            ),
-            &[&subscription, &ids],
-        )?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     if let Some(ids) = &ids {
-        let missing: Vec<String> = ids.iter().filter(|id| !found.contains(id)).map(i64::to_string).collect();
+        let missing: Vec<String> = session
+            .client
+            .query(
+                &session.sql(
+                    "SELECT i FROM pg_catalog.unnest($2::bigint[]) AS i \
+                     WHERE NOT EXISTS (SELECT 1 FROM @extschema@.outbox_dead_letters d \
+                                       WHERE d.event_id = i AND ($1::text IS NULL OR d.subscription = $1)) ORDER BY 1",
+                ),
+                &[&subscription, ids],
+            )?
+            .iter()
+            .map(|r| r.get::<_, i64>(0).to_string())
+            .collect();
         if !missing.is_empty() {
             return Err(CliError::Failed(format!("no dead letter with id {}; nothing was requeued", missing.join(", "))));
         }
     }
-    confirm("requeueing", found.len(), threshold, yes)?;
+    // Counted as outbox_requeue_dead moves them, one per subscription and event: an event dead
+    // in two subscriptions is two dead letters, and --id without --subscription takes it from
+    // every subscription where it is dead, which the messages name.
+    let counts: Vec<(String, i64)> = session
+        .client
+        .query(
+            &session.sql(
+                "SELECT d.subscription, pg_catalog.count(*) FROM @extschema@.outbox_dead_letters d \
+                 JOIN @extschema@.outbox_subscriptions s ON s.name = d.subscription \
+                 WHERE ($1::text IS NULL OR d.subscription = $1) AND ($2::bigint[] IS NULL OR d.event_id = ANY ($2)) \
+                 GROUP BY d.subscription ORDER BY d.subscription",
+            ),
+            &[&subscription, &ids],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let count: i64 = counts.iter().map(|(_, n)| n).sum();
+    let names: Vec<String> = counts.iter().map(|(name, _)| format!("\"{}\"", printable(name))).collect();
+    let scope = match names.as_slice() {
+        [] => String::new(),
+        [name] => format!(" of subscription {name}"),
+        names => format!(" of subscriptions {}", names.join(", ")),
+    };
+    confirm(&format!("requeueing dead letters{scope}"), count as usize, threshold, yes)?;
     let requeued: i64 = session
         .client
         .query_one(&session.sql("SELECT @extschema@.outbox_requeue_dead(subscription => $1, ids => $2)"), &[&subscription, &ids])?
         .get(0);
     if json {
-        print_json(&json!({"requeued": requeued}));
-    } else {
-        println!("requeued {requeued} dead letters");
+        let subscriptions: Vec<&str> = counts.iter().map(|(name, _)| name.as_str()).collect();
+        return print_json(&json!({"requeued": requeued, "subscriptions": subscriptions}));
     }
-    Ok(())
+    // those whose row has a newer event stay dead (see outbox_requeue_dead)
+    let stay = match count - requeued {
+        stay if stay > 0 => format!("; {stay} stay dead, their row having a newer event"),
+        _ => String::new(),
+    };
+    print_out(&format!("requeued {requeued} dead letters{scope}{stay}\n"))
 }
 
 pub fn dead_letters_purge(
@@ -337,7 +394,8 @@ pub fn dead_letters_purge(
     threshold: usize,
     yes: bool,
 ) -> Result<()> {
-    let seconds = parse_duration(older_than).map_err(CliError::Usage)?;
+    let seconds =
+        parse_duration(older_than).and_then(|s| duration_within_limit("--older-than", older_than, s)).map_err(CliError::Usage)?;
     if let Some(name) = subscription {
         subscription_exists(session, name)?;
     }
@@ -363,11 +421,10 @@ pub fn dead_letters_purge(
         )?
         .get(0);
     if json {
-        print_json(&json!({"purged": purged}));
+        print_json(&json!({"purged": purged}))
     } else {
-        println!("purged {purged} dead letters");
+        print_out(&format!("purged {purged} dead letters\n"))
     }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -377,6 +434,7 @@ pub fn dead_letters_purge(
 /// timestamp Postgres reads.
 fn since_timestamp(session: &mut Session, since: &str) -> Result<String> {
     if let Ok(seconds) = parse_duration(since) {
+        let seconds = duration_within_limit("--since", since, seconds).map_err(CliError::Usage)?;
         let row = session.client.query_one(
             "SELECT pg_catalog.to_json(pg_catalog.now() - pg_catalog.make_interval(secs => $1)) #>> '{}'",
             &[&seconds],
@@ -425,35 +483,63 @@ pub fn replay(
             .get::<_, i64>(0);
         if show_progress {
             let bar = progress((done * REPLAY_CHUNK + chunk.len()).min(replayable.len()), replayable.len());
-            if stderr_is_terminal {
-                eprint!("\r{bar}");
-            } else {
-                eprintln!("{bar}");
-            }
+            // a progress bar nobody reads (`2>&1 | head`) is no reason to stop a replay halfway
+            let _ = if stderr_is_terminal { write!(std::io::stderr(), "\r{bar}") } else { writeln!(std::io::stderr(), "{bar}") };
         }
     }
     if show_progress && stderr_is_terminal {
-        eprintln!();
+        let _ = writeln!(std::io::stderr());
     }
     if json {
-        print_json(&json!({"subscription": subscription, "replayed": replayed}));
+        print_json(&json!({"subscription": subscription, "replayed": replayed}))
     } else {
-        println!("replayed {replayed} events of subscription \"{subscription}\"");
+        print_out(&format!("replayed {replayed} events of subscription \"{subscription}\"\n"))
     }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
 // subscriptions, attach, detach
 
-/// Header values of http sinks are credentials as often as not: show only their names.
+const REDACTED: &str = "<redacted>";
+
+/// Header values of http sinks are credentials as often as not, and so are the user
+/// information and query values of their URL (`http://svc:pw@host/v1?api_key=...`): show only
+/// the names.
 fn redact_options(mut options: Value) -> Value {
     if let Some(headers) = options.get_mut("headers").and_then(Value::as_object_mut) {
         for value in headers.values_mut() {
-            *value = Value::String("<redacted>".into());
+            *value = Value::String(REDACTED.into());
+        }
+    }
+    if let Some(url) = options.get_mut("url") {
+        if let Some(redacted) = url.as_str().map(redact_url) {
+            *url = Value::String(redacted);
         }
     }
     options
+}
+
+fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let (authority, rest) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    // all of the user information: a token is often given as the user name
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{REDACTED}@{host}"),
+        None => authority.to_string(),
+    };
+    let Some((path, query)) = rest.split_once('?') else { return format!("{scheme}{authority}{rest}") };
+    let parameters: Vec<String> = query
+        .split('&')
+        .map(|parameter| match parameter.split_once('=') {
+            Some((name, _)) => format!("{name}={REDACTED}"),
+            None if parameter.is_empty() => String::new(),
+            None => REDACTED.into(),
+        })
+        .collect();
+    format!("{scheme}{authority}{path}?{}", parameters.join("&"))
 }
 
 pub fn subscriptions_list(session: &mut Session, json: bool) -> Result<()> {
@@ -471,8 +557,7 @@ pub fn subscriptions_list(session: &mut Session, json: bool) -> Result<()> {
         })
         .collect();
     if json {
-        print_json(&Value::Array(subscriptions));
-        return Ok(());
+        return print_json(&Value::Array(subscriptions));
     }
     let mut table = Table::new(&[("NAME", false), ("SINK", false), ("OPTIONS", false), ("CREATED AT", false)]);
     for s in subscriptions {
@@ -483,8 +568,7 @@ pub fn subscriptions_list(session: &mut Session, json: bool) -> Result<()> {
             s["created_at"].as_str().unwrap_or_default().into(),
         ]);
     }
-    print!("{}", table.render());
-    Ok(())
+    print_out(&table.render())
 }
 
 pub fn subscriptions_add(session: &mut Session, json: bool, name: &str, sink: &str, options: &str, from_start: bool) -> Result<()> {
@@ -495,11 +579,10 @@ pub fn subscriptions_add(session: &mut Session, json: bool, name: &str, sink: &s
         &[&name, &sink, &options, &from_start],
     )?;
     if json {
-        print_json(&json!({"subscribed": name}));
+        print_json(&json!({"subscribed": name}))
     } else {
-        println!("subscription \"{name}\" added");
+        print_out(&format!("subscription \"{name}\" added\n"))
     }
-    Ok(())
 }
 
 pub fn subscriptions_remove(session: &mut Session, json: bool, name: &str, yes: bool) -> Result<()> {
@@ -517,11 +600,10 @@ pub fn subscriptions_remove(session: &mut Session, json: bool, name: &str, yes: 
     confirm(&format!("removing subscription \"{name}\" with its undelivered events"), backlog as usize, 0, yes)?;
     session.client.execute(&session.sql("SELECT @extschema@.outbox_unsubscribe(name => $1)"), &[&name])?;
     if json {
-        print_json(&json!({"unsubscribed": name}));
+        print_json(&json!({"unsubscribed": name}))
     } else {
-        println!("subscription \"{name}\" removed");
+        print_out(&format!("subscription \"{name}\" removed\n"))
     }
-    Ok(())
 }
 
 pub struct Attach<'a> {
@@ -550,21 +632,19 @@ pub fn attach(session: &mut Session, json: bool, attach: Attach<'_>) -> Result<(
     }
     session.client.execute(&session.sql(&format!("SELECT @extschema@.outbox_attach({})", named.join(", "))), &args)?;
     if json {
-        print_json(&json!({"attached": attach.table}));
+        print_json(&json!({"attached": attach.table}))
     } else {
-        println!("capturing changes of {}", attach.table);
+        print_out(&format!("capturing changes of {}\n", attach.table))
     }
-    Ok(())
 }
 
 pub fn detach(session: &mut Session, json: bool, table: &str) -> Result<()> {
     session.client.execute(&session.sql("SELECT @extschema@.outbox_detach($1::text::pg_catalog.regclass)"), &[&table])?;
     if json {
-        print_json(&json!({"detached": table}));
+        print_json(&json!({"detached": table}))
     } else {
-        println!("no longer capturing changes of {table}");
+        print_out(&format!("no longer capturing changes of {table}\n"))
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -581,8 +661,22 @@ mod tests {
     }
 
     #[test]
-    fn sink_states() {
-        let mut row = Backlog {
+    fn url_credentials_and_query_values_are_redacted() {
+        let shown = redact_options(json!({"url": "http://svc:hunter2@host:8080/v1?api_key=TOPSECRET&x=1&bare#f"}));
+        assert_eq!(shown["url"], "http://<redacted>@host:8080/v1?api_key=<redacted>&x=<redacted>&<redacted>");
+        for (url, shown) in [
+            ("http://token@host/v1", "http://<redacted>@host/v1"),
+            ("http://u:p@ss@host", "http://<redacted>@host"),
+            ("http://host/v1/upsert", "http://host/v1/upsert"),
+            ("http://host?", "http://host?"),
+            ("http://[::1]:80/a@b", "http://[::1]:80/a@b"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    fn backlog(sink: &str) -> Backlog {
+        Backlog {
             subscription: "s".into(),
             pending: 0,
             in_flight: 0,
@@ -591,21 +685,59 @@ mod tests {
             oldest_pending_age: None,
             avg_latency: None,
             p99_latency: None,
-            sink: "pull".into(),
+            sink: sink.into(),
             backing_off: false,
+            sink_down: false,
             backing_off_for: None,
             last_error: None,
+            since_last_error: None,
             since_last_success: None,
-        };
+        }
+    }
+
+    #[test]
+    fn sink_states() {
+        let mut row = backlog("pull");
         assert_eq!(row.sink_state(), "-");
+        assert_eq!(row.to_json()["sink_up"], Value::Null);
         row.sink = "http".into();
         assert_eq!(row.sink_state(), "up, nothing delivered yet");
         row.since_last_success = Some(3.0);
         assert_eq!(row.sink_state(), "up, delivered 3.0s ago");
-        row.backing_off = true;
-        row.backing_off_for = Some(30.0);
+        assert_eq!(row.to_json()["sink_up"], json!(true));
+        // an error older than the last success is past
         row.last_error = Some("HTTP 503".into());
+        row.since_last_error = Some(10.0);
+        assert_eq!(row.sink_state(), "up, delivered 3.0s ago");
+        // every batch since the last success failed
+        row.since_last_error = Some(1.0);
+        row.since_last_success = Some(6.6);
+        assert_eq!(row.sink_state(), "failing: HTTP 503");
+        row.since_last_success = None;
+        assert_eq!(row.sink_state(), "failing: HTTP 503");
+        assert_eq!(row.to_json()["sink_up"], json!(true));
+        row.backing_off = true;
+        row.sink_down = true;
+        row.backing_off_for = Some(30.0);
         assert_eq!(row.sink_state(), "down, retry in 30.0s: HTTP 503");
         assert_eq!(row.to_json()["sink_up"], json!(false));
+        assert_eq!(row.to_json()["backing_off_seconds"], json!(30.0));
+        // the backoff ran out and the worker is trying the sink again
+        row.backing_off = false;
+        row.backing_off_for = Some(-2.0);
+        assert_eq!(row.sink_state(), "down, probing: HTTP 503");
+        assert_eq!(row.to_json()["sink_up"], json!(false));
+        assert_eq!(row.to_json()["backing_off_seconds"], Value::Null);
+    }
+
+    #[test]
+    fn the_status_table_escapes_control_characters() {
+        let mut row = backlog("http");
+        row.subscription = "s\x1b[8m".into();
+        row.last_error = Some("\x1b]0;owned\x07HTTP 500\u{9b}2J".into());
+        row.since_last_error = Some(1.0);
+        let table = status_table(&[row]);
+        assert!(!table.chars().any(|c| c.is_control() && c != '\n'), "{table:?}");
+        assert!(table.contains("s\\u{1b}[8m") && table.contains("failing: \\u{1b}]0;owned\\u{7}HTTP 500\\u{9b}2J"), "{table}");
     }
 }

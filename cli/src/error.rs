@@ -16,11 +16,16 @@ pub enum CliError {
     /// The operator did not confirm a large change (exit 4).
     #[error("{0}")]
     Declined(String),
+    /// The reader of the output went away, as `head` does when it has its lines: the command
+    /// ends quietly (exit 0), as `status --watch` does.
+    #[error("the output was closed")]
+    OutputClosed,
 }
 
 impl CliError {
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
+            CliError::OutputClosed => 0,
             CliError::Failed(_) => 1,
             CliError::Usage(_) => 2,
             CliError::Connect(_) => 3,

@@ -1,5 +1,9 @@
-//! Plain text for people: durations, aligned tables, a progress bar; and the duration syntax
-//! the commands accept.
+//! Plain text for people: durations, aligned tables, a progress bar, text made safe for a
+//! terminal; and the duration syntax the commands accept.
+
+/// The longest duration an argument may give: a hundred years. Longer is a typo, and past
+/// Postgres' timestamps it would fail in the database as "timestamp out of range".
+const MAX_DURATION_SECONDS: f64 = 100.0 * 365.25 * 86_400.0;
 
 /// A duration as an operator reads it: `850ms`, `12.3s`, `5m03s`, `2h10m`, `3d04h`; `-` when absent.
 pub fn duration(seconds: Option<f64>) -> String {
@@ -39,6 +43,15 @@ pub fn parse_duration(text: &str) -> Result<f64, String> {
     Ok(number * scale)
 }
 
+/// `seconds`, parsed from `text` given to `flag`, when it is at most a hundred years.
+pub fn duration_within_limit(flag: &str, text: &str, seconds: f64) -> Result<f64, String> {
+    if seconds <= MAX_DURATION_SECONDS {
+        Ok(seconds)
+    } else {
+        Err(format!("{flag} {text:?} is too long: at most 100 years"))
+    }
+}
+
 /// Columns whose values line up on the right (counts) or the left (everything else).
 pub struct Table {
     headers: Vec<&'static str>,
@@ -52,9 +65,10 @@ impl Table {
         Table { headers: columns.iter().map(|c| c.0).collect(), numeric: columns.iter().map(|c| c.1).collect(), rows: Vec::new() }
     }
 
+    /// Adds a row, its cells made printable: they hold text stored by others.
     pub fn push(&mut self, row: Vec<String>) {
         debug_assert_eq!(row.len(), self.headers.len());
-        self.rows.push(row);
+        self.rows.push(row.iter().map(|cell| printable(cell)).collect());
     }
 
     pub fn render(&self) -> String {
@@ -91,9 +105,33 @@ pub fn progress(done: usize, total: usize) -> String {
     format!("[{}{}] {done}/{total} {:>3}%", "#".repeat(filled), ".".repeat(WIDTH - filled), (fraction * 100.0).floor() as u32)
 }
 
-/// Cuts `text` to `max` characters, marking the cut.
+/// `text` safe to show on a terminal: the control characters (C0 with ESC, DEL, C1) that text
+/// stored by consumers and sinks could use to move the cursor, retitle the window or rewrite
+/// what is shown are printed escaped, as `\u{1b}`.
+pub fn printable(text: &str) -> String {
+    escape_controls(text, false)
+}
+
+/// As `printable`, but keeping line breaks, for a field shown on lines of its own.
+pub fn printable_lines(text: &str) -> String {
+    escape_controls(text, true)
+}
+
+fn escape_controls(text: &str, keep_line_breaks: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && !(keep_line_breaks && c == '\n') {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Cuts `text` to `max` characters on one line, marking the cut, printable.
 pub fn clip(text: &str, max: usize) -> String {
-    let one_line = text.replace(['\n', '\r'], " ");
+    let one_line = printable(&text.replace(['\n', '\r', '\t'], " "));
     if one_line.chars().count() <= max {
         one_line
     } else {
@@ -129,6 +167,14 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_at_most_a_hundred_years() {
+        assert_eq!(duration_within_limit("--since", "36500d", 36_500.0 * 86_400.0), Ok(36_500.0 * 86_400.0));
+        let huge = "99999999999999999999999d";
+        let error = duration_within_limit("--older-than", huge, parse_duration(huge).unwrap()).unwrap_err();
+        assert_eq!(error, format!("--older-than {huge:?} is too long: at most 100 years"));
+    }
+
+    #[test]
     fn tables_align_counts_right_and_text_left() {
         let mut table = Table::new(&[("NAME", false), ("COUNT", true)]);
         table.push(vec!["default".into(), "7".into()]);
@@ -147,5 +193,17 @@ mod tests {
     fn clipping_keeps_one_line() {
         assert_eq!(clip("short", 10), "short");
         assert_eq!(clip("line one\nline two", 10), "line one …");
+        assert_eq!(clip("a\tb\x1b[2Jc", 40), "a b\\u{1b}[2Jc");
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let hostile = "ok\x1b]0;pwned\x07\x1b[2J\x7f\u{9b}31m\r\nnext";
+        assert_eq!(printable(hostile), "ok\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{7f}\\u{9b}31m\\u{d}\\u{a}next");
+        assert_eq!(printable_lines(hostile), "ok\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{7f}\\u{9b}31m\\u{d}\nnext");
+        assert_eq!(printable("naïve — 名前"), "naïve — 名前");
+        let mut table = Table::new(&[("NAME", false)]);
+        table.push(vec!["a\x1b[31mb".into()]);
+        assert_eq!(table.render(), "NAME\na\\u{1b}[31mb\n");
     }
 }

@@ -36,8 +36,8 @@ enum Command {
         /// Refresh in place until interrupted
         #[arg(long)]
         watch: bool,
-        /// Seconds between refreshes with --watch
-        #[arg(long, default_value_t = 2.0, value_parser = positive_seconds)]
+        /// Seconds between refreshes with --watch (at most a day)
+        #[arg(long, default_value_t = 2.0, value_parser = watch_interval)]
         interval: f64,
     },
     /// Events that exhausted their attempts
@@ -162,10 +162,13 @@ struct Confirm {
     confirm_above: usize,
 }
 
-fn positive_seconds(text: &str) -> std::result::Result<f64, String> {
+/// The longest refresh interval: longer is a typo, and too long for a sleep.
+const MAX_WATCH_INTERVAL_SECONDS: f64 = 86_400.0;
+
+fn watch_interval(text: &str) -> std::result::Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(seconds) if seconds > 0.0 && seconds.is_finite() => Ok(seconds),
-        _ => Err(format!("expected a positive number of seconds, got {text:?}")),
+        Ok(seconds) if seconds > 0.0 && seconds <= MAX_WATCH_INTERVAL_SECONDS => Ok(seconds),
+        _ => Err(format!("expected a positive number of seconds up to {MAX_WATCH_INTERVAL_SECONDS} (a day), got {text:?}")),
     }
 }
 
@@ -219,22 +222,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usage_errors_fit_on_one_line() {
-        let error = Cli::try_parse_from(["outbox", "replay", "--subscription", "s"]).err().unwrap();
-        assert_eq!(
-            usage_error_line(&error.to_string()),
-            "the following required arguments were not provided: --since <SINCE> (see --help)"
-        );
-        let error = Cli::try_parse_from(["outbox", "status", "--interval", "0"]).err().unwrap();
-        assert!(usage_error_line(&error.to_string()).contains("expected a positive number of seconds"));
-    }
-}
-
 fn main() -> ExitCode {
     // a bug must still read as one line, without a backtrace (CI sets RUST_BACKTRACE)
     std::panic::set_hook(Box::new(|info| {
@@ -255,10 +242,38 @@ fn main() -> ExitCode {
         }
     };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) | Err(CliError::OutputClosed) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("outbox: {error}");
+            // database messages can quote text stored by others
+            eprintln!("outbox: {}", format::printable(&error.to_string()));
             error.exit_code()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_fit_on_one_line() {
+        let error = Cli::try_parse_from(["outbox", "replay", "--subscription", "s"]).err().unwrap();
+        assert_eq!(
+            usage_error_line(&error.to_string()),
+            "the following required arguments were not provided: --since <SINCE> (see --help)"
+        );
+        let error = Cli::try_parse_from(["outbox", "status", "--interval", "0"]).err().unwrap();
+        assert!(usage_error_line(&error.to_string()).contains("expected a positive number of seconds"));
+    }
+
+    #[test]
+    fn watch_intervals_are_at_most_a_day() {
+        assert_eq!(watch_interval("86400"), Ok(86_400.0));
+        assert_eq!(watch_interval("0.2"), Ok(0.2));
+        for bad in ["1e30", "86401", "inf", "NaN", "0"] {
+            let error = Cli::try_parse_from(["outbox", "status", "--watch", "--interval", bad]).err().unwrap();
+            let line = usage_error_line(&error.to_string());
+            assert!(line.contains("--interval") && line.contains("up to 86400 (a day)"), "{bad}: {line}");
         }
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
@@ -76,7 +76,7 @@ fn status_of_an_empty_outbox() {
         json!([{"subscription": "default", "pending": 0, "in_flight": 0, "retrying": 0, "dead": 0,
                 "oldest_pending_age_seconds": null, "avg_latency_seconds": null, "p99_latency_seconds": null,
                 "sink": "pull", "sink_up": null, "backing_off_seconds": null, "last_error": null,
-                "last_success_seconds_ago": null}])
+                "last_error_seconds_ago": null, "last_success_seconds_ago": null}])
     );
     let table = outbox(&dsn, &["status"]);
     assert_eq!(table.code, 0);
@@ -170,12 +170,15 @@ fn dead_letters_list_show_requeue_purge() {
     assert!(outbox(&dsn, &["dead-letters", "show", &id]).stdout.contains("\"table\": \"public.chunks\""));
     refused(&dsn, &["dead-letters", "show", "424242"], 1, "no dead letter with id 424242");
 
-    assert_eq!(json_of(&dsn, &["dead-letters", "requeue", "--id", &id]), json!({"requeued": 1}));
+    assert_eq!(json_of(&dsn, &["dead-letters", "requeue", "--id", &id]), json!({"requeued": 1, "subscriptions": ["search"]}));
     assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(10, 'search')").len(), 1, "requeued and claimable");
     refused(&dsn, &["dead-letters", "requeue", "--id", "424242"], 1, "no dead letter with id 424242; nothing was requeued");
     refused(&dsn, &["dead-letters", "requeue", "--subscription", "search", "--confirm-above", "1"], 4, "rerun with --yes");
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters"), 2, "declining changed nothing");
-    assert_eq!(json_of(&dsn, &["dead-letters", "requeue", "--subscription", "search", "--confirm-above", "1", "--yes"]), json!({"requeued": 2}));
+    assert_eq!(
+        json_of(&dsn, &["dead-letters", "requeue", "--subscription", "search", "--confirm-above", "1", "--yes"]),
+        json!({"requeued": 2, "subscriptions": ["search"]})
+    );
 
     let again = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 'search')"));
     c.execute("SELECT outbox_fail($1, 'still bad', 'search')", &[&again]).unwrap();
@@ -185,6 +188,104 @@ fn dead_letters_list_show_requeue_purge() {
     assert_eq!(json_of(&dsn, &["dead-letters", "purge", "--older-than", "0s", "--yes"]), json!({"purged": dead_now}));
     refused(&dsn, &["dead-letters", "purge", "--older-than", "banana"], 2, "invalid duration \"banana\"");
     refused(&dsn, &["dead-letters", "list", "--subscription", "nope"], 1, "subscription \"nope\" does not exist");
+}
+
+/// Each of `ids` dead in `subscription` with `error`.
+fn kill(client: &mut Client, subscription: &str, error: &str) -> Vec<i64> {
+    let dead = ids(&claim(client, &format!("SELECT * FROM outbox_claim(10000, '{subscription}')")));
+    client.execute("SELECT outbox_fail($1, $2, $3)", &[&dead, &error, &subscription]).unwrap();
+    dead
+}
+
+#[test]
+fn requeue_counts_and_names_every_subscription_it_touches() {
+    let (dsn, mut c) = setup("cli_requeue_subscriptions");
+    c.batch_execute(
+        "SELECT outbox_subscribe('search', options => '{\"max_attempts\": 1}');
+         SELECT outbox_subscribe('archive', options => '{\"max_attempts\": 1}');",
+    )
+    .unwrap();
+    insert(&mut c, 1..=3);
+    let dead = kill(&mut c, "search", "HTTP 400");
+    assert_eq!(kill(&mut c, "archive", "HTTP 400"), dead);
+
+    // three events, six dead letters: more than --confirm-above 4
+    refused(
+        &dsn,
+        &["dead-letters", "requeue", "--confirm-above", "4"],
+        4,
+        "requeueing dead letters of subscriptions \"archive\", \"search\" would touch 6 events",
+    );
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters"), 6, "declining changed nothing");
+
+    let id = dead[0].to_string();
+    let run = outbox(&dsn, &["dead-letters", "requeue", "--id", &id]);
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, "requeued 2 dead letters of subscriptions \"archive\", \"search\"\n"),
+        "{}",
+        run.stderr
+    );
+    let id = dead[1].to_string();
+    assert_eq!(
+        json_of(&dsn, &["dead-letters", "requeue", "--id", &id]),
+        json!({"requeued": 2, "subscriptions": ["archive", "search"]})
+    );
+    let run = outbox(&dsn, &["dead-letters", "requeue", "--subscription", "archive"]);
+    assert_eq!((run.code, run.stdout.as_str()), (0, "requeued 1 dead letters of subscription \"archive\"\n"), "{}", run.stderr);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters"), 1);
+}
+
+#[test]
+fn text_stored_by_others_reaches_the_terminal_escaped() {
+    let (dsn, mut c) = setup("cli_control_characters");
+    c.batch_execute(
+        "CREATE TABLE notes (id text PRIMARY KEY);
+         SELECT outbox_attach('notes');
+         SELECT outbox_subscribe('search', options => '{\"max_attempts\": 1}');",
+    )
+    .unwrap();
+    c.execute("INSERT INTO notes VALUES ($1)", &[&"a\u{9b}2Jb\x1b[8m"]).unwrap();
+    let dead = kill(&mut c, "search", "\x1b]0;pwned\x07HTTP 500\r\x1b[2K\nbody: \u{9b}31m");
+
+    let terminal_safe = |text: &str, line_breaks: bool| !text.chars().any(|c| c.is_control() && !(line_breaks && c == '\n'));
+    let list = outbox(&dsn, &["dead-letters", "list"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(terminal_safe(&list.stdout, true), "{:?}", list.stdout);
+    assert!(list.stdout.contains("\\u{1b}]0;pwned\\u{7}HTTP 500 \\u{1b}[2K body: \\u{9b}31m"), "{}", list.stdout);
+    let show = outbox(&dsn, &["dead-letters", "show", &dead[0].to_string()]);
+    assert_eq!(show.code, 0, "{}", show.stderr);
+    assert!(terminal_safe(&show.stdout, true), "{:?}", show.stdout);
+    assert!(show.stdout.contains("last_error   \\u{1b}]0;pwned\\u{7}HTTP 500\\u{d}\\u{1b}[2K\nbody: \\u{9b}31m\n"), "{}", show.stdout);
+    assert!(show.stdout.contains(r#""id": "a\u{9b}2Jb\u001b[8m""#), "{}", show.stdout);
+    // JSON keeps the text as it is, escaped by JSON's rules
+    let shown = json_of(&dsn, &["dead-letters", "show", &dead[0].to_string()]);
+    assert_eq!(shown[0]["payload"]["key"]["id"], "a\u{9b}2Jb\x1b[8m");
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    let (dsn, mut c) = setup("cli_closed_pipe");
+    c.batch_execute("SELECT outbox_subscribe('search', options => '{\"max_attempts\": 1}')").unwrap();
+    insert(&mut c, 1..=5000);
+    kill(&mut c, "search", "HTTP 400: bad vector");
+    // as `outbox dead-letters list --limit 5000 | head -1`: far more than a pipe holds
+    for (args, heading) in [(&["dead-letters", "list", "--limit", "5000"][..], "SUBSCRIPTION"), (&["status", "--watch", "--interval", "0.05"], "outbox status")] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["--dsn", &dsn])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        assert!(first.contains(heading), "{args:?}: {first}");
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!((out.status.code(), stderr.as_ref()), (Some(0), ""), "{args:?}");
+    }
 }
 
 #[test]
@@ -222,9 +323,58 @@ fn replay_confirms_large_replays_and_shows_progress() {
 }
 
 #[test]
+fn status_tells_a_failing_sink_from_a_working_one() {
+    let (dsn, mut c) = setup("cli_status_sink_state");
+    c.batch_execute(
+        "CREATE FUNCTION public.mirror(jsonb) RETURNS void LANGUAGE sql AS '';
+         SELECT outbox_subscribe('mirror', 'function', '{\"function\": \"public.mirror\"}');",
+    )
+    .unwrap();
+    // what the delivery worker (not running here) records of the sink
+    let record = |c: &mut Client, success_ago: &str, error_ago: &str, backing_off_until: &str| {
+        c.batch_execute(&format!(
+            "INSERT INTO outbox_sink_state (subscription_id, last_success_at, last_error, last_error_at, backing_off_until)
+             SELECT id, now() - interval '{success_ago}', 'HTTP 503', now() - interval '{error_ago}', {backing_off_until}
+             FROM outbox_subscriptions WHERE name = 'mirror'
+             ON CONFLICT (subscription_id) DO UPDATE SET last_success_at = excluded.last_success_at,
+                 last_error = excluded.last_error, last_error_at = excluded.last_error_at,
+                 backing_off_until = excluded.backing_off_until"
+        ))
+        .unwrap();
+    };
+    let state = || {
+        let table = outbox(&dsn, &["status"]).stdout;
+        let line = table.lines().find(|l| l.starts_with("mirror")).unwrap_or_else(|| panic!("{table}")).to_string();
+        let status = json_of(&dsn, &["status"]);
+        (line, row_of(&status, "mirror")["sink_up"].clone())
+    };
+
+    // it delivered a while ago and has failed every batch since
+    record(&mut c, "7 seconds", "1 second", "NULL");
+    let (line, up) = state();
+    assert!(line.ends_with("failing: HTTP 503"), "{line}");
+    assert_eq!(up, json!(true));
+    // backing off
+    record(&mut c, "7 seconds", "1 second", "now() + interval '30 seconds'");
+    let (line, up) = state();
+    assert!(line.contains("down, retry in ") && line.ends_with(": HTTP 503"), "{line}");
+    assert_eq!(up, json!(false));
+    // the backoff ran out and the worker probes the sink
+    record(&mut c, "7 seconds", "1 second", "now() - interval '1 second'");
+    let (line, up) = state();
+    assert!(line.ends_with("down, probing: HTTP 503"), "{line}");
+    assert_eq!(up, json!(false), "as the extension's outbox_sink_up");
+    // it recovered: the error is older than the last success
+    record(&mut c, "1 second", "7 seconds", "NULL");
+    let (line, up) = state();
+    assert!(line.contains("up, delivered 1."), "{line}");
+    assert_eq!(up, json!(true));
+}
+
+#[test]
 fn subscriptions_list_add_remove() {
     let (dsn, mut c) = setup("cli_subscriptions");
-    let options = r#"{"url": "http://127.0.0.1:9/v1/upsert", "headers": {"Authorization": "Bearer s3cret"}}"#;
+    let options = r#"{"url": "http://svc:hunter2@127.0.0.1:9/v1/upsert?api_key=TOPSECRET", "headers": {"Authorization": "Bearer s3cret"}}"#;
     assert_eq!(json_of(&dsn, &["subscriptions", "add", "search", "--sink", "http", "--options", options]), json!({"subscribed": "search"}));
     assert_eq!(json_of(&dsn, &["subscriptions", "add", "archive", "--from-start"]), json!({"subscribed": "archive"}));
     let listed = json_of(&dsn, &["subscriptions", "list"]);
@@ -233,8 +383,12 @@ fn subscriptions_list_add_remove() {
     let search = &listed[2];
     assert_eq!(search["sink"], "http");
     assert_eq!(search["options"]["headers"]["Authorization"], "<redacted>");
+    assert_eq!(search["options"]["url"], "http://<redacted>@127.0.0.1:9/v1/upsert?api_key=<redacted>");
     let table = outbox(&dsn, &["subscriptions", "list"]).stdout;
-    assert!(table.starts_with("NAME") && !table.contains("s3cret"), "{table}");
+    assert!(table.starts_with("NAME") && table.contains("127.0.0.1:9/v1/upsert?api_key="), "{table}");
+    for secret in ["s3cret", "hunter2", "TOPSECRET"] {
+        assert!(!table.contains(secret), "{secret} in {table}");
+    }
 
     refused(&dsn, &["subscriptions", "add", "search"], 1, "subscription \"search\" already exists");
     refused(&dsn, &["subscriptions", "add", "x", "--options", "{nope"], 2, "--options is not valid JSON");
@@ -283,30 +437,98 @@ fn bad_arguments_and_unreachable_databases_are_one_line_errors() {
     refused(&dsn, &["frobnicate"], 2, "unrecognized subcommand 'frobnicate'");
     refused(&dsn, &["status", "--interval", "0"], 2, "expected a positive number of seconds");
     refused(&dsn, &["dead-letters", "list", "--limit", "0"], 2, "--limit must be at least 1");
+    refused(&dsn, &["status", "--watch", "--interval", "1e30"], 2, "invalid value '1e30' for '--interval <INTERVAL>'");
+    let forever = "99999999999999999999999d";
+    refused(&dsn, &["dead-letters", "purge", "--older-than", forever], 2, &format!("--older-than \"{forever}\" is too long"));
+    refused(&dsn, &["replay", "--subscription", "default", "--since", forever], 2, &format!("--since \"{forever}\" is too long"));
+    refused(&format!("{dsn} sslmode=require"), &["status"], 2, "the outbox CLI does not speak TLS");
     refused("host=/nonexistent-dir port=5432 user=postgres", &["status"], 3, "cannot connect to the database");
     refused("port=notaport", &["status"], 2, "invalid connection string");
     refused(&shared().dsn("postgres"), &["status"], 1, "the outbox extension is not installed in database \"postgres\"");
 
     // without --dsn: DATABASE_URL, then the PG* variables
     let cluster = shared();
-    let by_env = |vars: &[(&str, String)]| {
+    let by_env = |args: &[&str], vars: &[(&str, String)]| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
-        command.args(["--json", "status"]).env_remove("DATABASE_URL").stdin(Stdio::null());
+        command.args(args).args(["--json", "status"]).env_remove("DATABASE_URL").env_remove("PGSSLMODE").stdin(Stdio::null());
         for (k, v) in vars {
             command.env(k, v);
         }
         command.output().unwrap()
     };
-    let out = by_env(&[("DATABASE_URL", dsn.clone())]);
+    let out = by_env(&[], &[("DATABASE_URL", dsn.clone())]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = by_env(&[
-        ("PGHOST", cluster.dir.display().to_string()),
-        ("PGPORT", cluster.port.to_string()),
-        ("PGUSER", "postgres".into()),
-        ("PGDATABASE", "cli_bad_arguments".into()),
-    ]);
+    let server = [("PGHOST", cluster.dir.display().to_string()), ("PGPORT", cluster.port.to_string()), ("PGUSER", "postgres".into())];
+    let out = by_env(&[], &[&server[..], &[("PGDATABASE", "cli_bad_arguments".into())]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()[0]["subscription"], "default");
+    // a DSN takes what it leaves unset from the environment, as libpq does
+    let out = by_env(&["--dsn", "dbname=cli_bad_arguments"], &server);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = by_env(&["--dsn", "dbname=cli_bad_arguments"], &[&server[..], &[("PGSSLMODE", "require".into())]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("outbox: sslmode=require from PGSSLMODE needs TLS") && stderr.contains("SSH tunnel"), "{stderr}");
+}
+
+/// An exporter on a free port, once it accepts connections.
+fn spawn_exporter(dsn: &str, stderr: Stdio) -> (Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let exporter = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["--dsn", dsn, "metrics", "serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    (exporter, port)
+}
+
+#[test]
+fn exporter_says_once_why_it_cannot_reach_the_database() {
+    let (exporter, port) = spawn_exporter("host=/nonexistent-dir port=5432 user=postgres dbname=x", Stdio::piped());
+    for _ in 0..3 {
+        let (status, body) = scrape(port).unwrap();
+        assert_eq!((status.as_str(), sample(&body, "outbox_up")), ("HTTP/1.1 200 OK", Some(0.0)));
+    }
+    let mut exporter = exporter;
+    exporter.kill().unwrap();
+    let stderr = String::from_utf8(exporter.wait_with_output().unwrap().stderr).unwrap();
+    let reasons: Vec<&str> = stderr.lines().filter(|line| line.contains("cannot connect to the database")).collect();
+    assert_eq!(reasons.len(), 1, "the first failure is logged, and only once while it lasts: {stderr}");
+    assert!(reasons[0].starts_with("outbox: cannot read the outbox: cannot connect to the database: "), "{stderr}");
+}
+
+#[test]
+fn exporter_serves_each_client_on_its_own_and_bounds_requests() {
+    let (dsn, _) = setup("cli_exporter_clients");
+    let (mut exporter, port) = spawn_exporter(&dsn, Stdio::null());
+
+    // half a request, and then nothing
+    let mut dawdler = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    dawdler.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let (status, body) = scrape(port).unwrap();
+    assert_eq!((status.as_str(), sample(&body, "outbox_up")), ("HTTP/1.1 200 OK", Some(1.0)));
+    assert!(started.elapsed() < Duration::from_secs(3), "a scrape waited {:?} behind a slow client", started.elapsed());
+
+    // a request line larger than any request: refused before it costs memory
+    let mut flooder = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    flooder.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    flooder.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let wrote = flooder.write_all(&vec![b'A'; 64 << 20]);
+    let mut response = Vec::new();
+    let _ = flooder.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    assert!(wrote.is_err() || response.starts_with("HTTP/1.1 431 "), "{wrote:?} {response}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    assert_eq!(scrape(port).map(|(status, _)| status).as_deref(), Some("HTTP/1.1 200 OK"));
+    drop(dawdler);
+    exporter.kill().unwrap();
+    exporter.wait().unwrap();
 }
 
 fn scrape(port: u16) -> Option<(String, String)> {
