@@ -41,6 +41,12 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
     // subscription whose transaction is still open: hold purges off until this one commits
     // (and wait for one under way), so that the events it is to see are not dropped under it.
     unsafe { pg_sys::LockRelationOid(extension.rotation, pg_sys::RowShareLock as pg_sys::LOCKMODE) };
+    if let Some(role) = crate::sink::consumer_role(options)? {
+        let exists = std::ffi::CString::new(role).is_ok_and(|name| unsafe { pg_sys::get_role_oid(name.as_ptr(), true) } != pg_sys::InvalidOid);
+        if !exists {
+            return Err(OutboxError::InvalidOptions(format!("consumer_role: role \"{role}\" does not exist")));
+        }
+    }
     Spi::connect_mut(|client| {
         if let Sink::Function { function, .. } = &parsed {
             let Some(target) = run(client, &extension, &q::FUNCTION_SINK, &[function.as_str().into()])?.into_iter().next() else {
@@ -69,13 +75,24 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
     })
 }
 
+/// Locks the subscription named, as its claims do (see LOCK_SUBSCRIPTIONS).
+fn lock_subscription(client: &mut pgrx::spi::SpiClient<'_>, extension: &Extension, name: &str) -> Result<i32, OutboxError> {
+    let locked = run(client, extension, &q::LOCK_SUBSCRIPTIONS, &[Some(name).into()])?;
+    match locked.into_iter().next() {
+        Some(row) => required(&row, 1),
+        None => Err(OutboxError::UnknownSubscription(name.to_string())),
+    }
+}
+
 pub fn unsubscribe(name: &str) -> Result<(), OutboxError> {
     let extension = Extension::current()?;
     Spi::connect_mut(|client| {
-        let removed = run(client, &extension, &q::UNSUBSCRIBE, &[name.into()])?.first().get::<i64>(1)?.unwrap_or(0);
-        if removed == 0 {
-            return Err(OutboxError::UnknownSubscription(name.to_string()));
-        }
+        // Locked first, so that the delivery state is deleted with a snapshot taken after a claim
+        // that held the lock committed (deleted together, its new claim was left behind, and kept
+        // its log segment from ever being retired). A fail committing meanwhile can still leave
+        // a retry behind; retention deletes such orphans.
+        let id = lock_subscription(client, &extension, name)?;
+        run(client, &extension, &q::UNSUBSCRIBE, &[id.into()])?;
         Ok(())
     })
 }
@@ -112,7 +129,10 @@ pub fn replay(
     let ids = replay_selection(since, ids)?;
     let extension = Extension::current()?;
     Spi::connect_mut(|client| {
-        let (sub, _) = subscription_by_name(client, &extension, subscription)?;
+        // Locked as a claim locks it: the candidates leave out events whose row has a newer one
+        // in flight, which only committed claims show, and a claim must see the replayed
+        // events as pending, not hand out a newer event of their row before them.
+        let sub = lock_subscription(client, &extension, subscription)?;
         let events = replay_candidates(client, &extension, sub, since, ids)?;
         add_pending(client, &extension, sub, &events)?;
         Ok(events.len() as i64)
@@ -185,8 +205,14 @@ pub fn requeue_dead(subscription: Option<&str>, ids: Option<Vec<Option<i64>>>) -
     let ids: Option<Vec<i64>> = ids.map(|ids| ids.into_iter().flatten().collect());
     let extension = Extension::current()?;
     Spi::connect_mut(|client| {
-        if let Some(name) = subscription {
-            subscription_by_name(client, &extension, name)?;
+        // for the reason replay locks it
+        match subscription {
+            Some(name) => {
+                lock_subscription(client, &extension, name)?;
+            }
+            None => {
+                run(client, &extension, &q::LOCK_SUBSCRIPTIONS, &[None::<&str>.into()])?;
+            }
         }
         let table = run(client, &extension, &q::REQUEUE_DEAD, &[subscription.into(), ids.into(), timestamp(now()).into()])?;
         Ok(table.first().get::<i64>(1)?.unwrap_or(0))
@@ -216,6 +242,7 @@ pub fn purge() -> Result<i64, OutboxError> {
         let rotation = single(run(client, &extension, &q::LOCK_ROTATION, &[])?)?;
         let current: i16 = required(&rotation, 1)?;
         let switched_at: TimestampWithTimeZone = required(&rotation, 2)?;
+        run(client, &extension, &q::DELETE_ORPHANS, &[])?;
         let in_use = |client: &mut pgrx::spi::SpiClient<'_>, slot: i16| -> Result<bool, OutboxError> {
             Ok(run(client, &extension, &q::SEGMENT_IN_USE, &[slot.into()])?.first().get::<bool>(1)?.unwrap_or(true))
         };

@@ -540,25 +540,53 @@ unsafe fn attachment_for(trigger: &pg_sys::TriggerData) -> Result<Rc<Attachment>
     Ok(attachment)
 }
 
+/// The attachment row of `relid` (or of its nearest attached ancestor): source, generation,
+/// event prefix, key columns, payload columns.
+type AttachmentConfig = (pg_sys::Oid, i64, String, Vec<String>, Option<Vec<String>>);
+
+/// Reads the attachment as committed now rather than as the transaction's snapshot has it. A
+/// REPEATABLE READ writer whose snapshot predates an `outbox_attach` fires the new triggers
+/// (the catalog is always read current) and must capture with their settings; through its own
+/// snapshot it found no attachment, and its write failed, or the previous settings. The
+/// writer's lock on the table waited for the attach to commit, so the latest row is the
+/// triggers' own. (Not a kept plan: a backend reads an attachment once per generation.)
+unsafe fn attachment_config(extension: &Extension, relid: pg_sys::Oid) -> Result<Option<AttachmentConfig>, OutboxError> {
+    let text = queries::ATTACHMENT_CONFIG.text.replace("@extschema@", &extension.schema);
+    let text = std::ffi::CString::new(text).expect("the query has no NUL");
+    Spi::connect_mut(|_client| unsafe {
+        let mut types = [pg_sys::OIDOID];
+        let plan = pg_sys::SPI_prepare(text.as_ptr(), 1, types.as_mut_ptr());
+        let mut values = [pg_sys::Datum::from(relid)];
+        let nulls = [b' ' as std::ffi::c_char];
+        let latest = pg_sys::GetLatestSnapshot();
+        let status = pg_sys::SPI_execute_snapshot(plan, values.as_mut_ptr(), nulls.as_ptr(), latest, std::ptr::null_mut(), true, false, 1);
+        if status != pg_sys::SPI_OK_SELECT as i32 {
+            return Err(OutboxError::Capture(qualified_name(relid), format!("reading its attachment failed (SPI status {status})")));
+        }
+        if pg_sys::SPI_processed == 0 {
+            return Ok(None);
+        }
+        let table = &*pg_sys::SPI_tuptable;
+        let (row, columns) = (*table.vals, table.tupdesc);
+        let mut isnull = false;
+        let mut column = |ordinal: i32| (pg_sys::SPI_getbinval(row, columns, ordinal, &mut isnull), isnull);
+        let (source, null) = column(1);
+        let source = pg_sys::Oid::from_datum(source, null).unwrap_or(relid);
+        let (generation, null) = column(2);
+        let generation = i64::from_datum(generation, null).unwrap_or_default();
+        let (prefix, null) = column(3);
+        let prefix = String::from_datum(prefix, null).unwrap_or_default();
+        let (keys, null) = column(4);
+        let keys = Vec::<String>::from_datum(keys, null).unwrap_or_default();
+        let (payload, null) = column(5);
+        Ok(Some((source, generation, prefix, keys, Vec::<String>::from_datum(payload, null))))
+    })
+}
+
 unsafe fn load_attachment(relation: pg_sys::Relation) -> Result<Attachment, OutboxError> {
     let relid = unsafe { (*relation).rd_id };
     let extension = Extension::current()?;
-    let config = extension.as_owner(|| {
-        Spi::connect_mut(|client| {
-            let row = queries::run(client, &extension, &queries::ATTACHMENT_CONFIG, &[relid.into()])?;
-            if row.is_empty() {
-                return Ok(None);
-            }
-            let row = row.first();
-            Ok::<_, OutboxError>(Some((
-                row.get::<pg_sys::Oid>(1)?.unwrap_or(relid),
-                row.get::<i64>(2)?.unwrap_or_default(),
-                row.get::<String>(3)?.unwrap_or_default(),
-                row.get::<Vec<String>>(4)?.unwrap_or_default(),
-                row.get::<Vec<String>>(5)?,
-            )))
-        })
-    })?;
+    let config = extension.as_owner(|| unsafe { attachment_config(&extension, relid) })?;
     let Some((source, generation, prefix, key_columns, payload_columns)) = config else {
         return Err(OutboxError::NotAttached(unsafe { qualified_name(relid) }));
     };

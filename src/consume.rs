@@ -129,7 +129,21 @@ fn consumable_subscription(
     if sink != "pull" && !is_worker() {
         return Err(OutboxError::NotPull(name.to_string(), sink));
     }
+    if let Some(role) = crate::sink::consumer_role(&options.0)? {
+        // as LOCK_SUBSCRIPTION checks it for claims
+        let role_oid = std::ffi::CString::new(role)
+            .map(|name| unsafe { pg_sys::get_role_oid(name.as_ptr(), true) })
+            .unwrap_or(pg_sys::InvalidOid);
+        if role_oid == pg_sys::InvalidOid || !unsafe { pg_sys::has_privs_of_role(caller(), role_oid) } {
+            return Err(OutboxError::NotConsumer(name.to_string(), role.to_string()));
+        }
+    }
     Ok((id, options))
+}
+
+/// The role calling the API: the session's, since the API functions run as their owner.
+fn caller() -> pg_sys::Oid {
+    unsafe { pg_sys::GetOuterUserId() }
 }
 
 /// An open window claim and the events it handed out.
@@ -468,19 +482,23 @@ fn backend_number() -> i32 {
     number.max(0)
 }
 
-/// Closes the claim when its last event is resolved.
+/// Closes the claim when its last event is resolved; otherwise records how many are left and
+/// when the oldest of them was captured (the backlog's oldest pending age reads it).
 fn settle(
     client: &mut SpiClient<'_>,
     extension: &Extension,
     subscription: i32,
-    claim: &OpenClaim,
-    resolved_now: usize,
+    holding: &Holding,
 ) -> Result<(), OutboxError> {
-    let open = claim.open_count - resolved_now as i32;
-    if open <= 0 {
-        run(client, extension, &q::CLOSE_CLAIM, &[subscription.into(), claim.claim_id.into()])?;
-    } else {
-        run(client, extension, &q::SET_OPEN_COUNT, &[subscription.into(), claim.claim_id.into(), open.into()])?;
+    let open = holding.claim.open_count - holding.hits.len() as i32;
+    match holding.oldest_left {
+        Some(oldest) if open > 0 => {
+            let args = [subscription.into(), holding.claim.claim_id.into(), open.into(), timestamp(oldest).into()];
+            run(client, extension, &q::SET_OPEN_COUNT, &args)?;
+        }
+        _ => {
+            run(client, extension, &q::CLOSE_CLAIM, &[subscription.into(), holding.claim.claim_id.into()])?;
+        }
     }
     Ok(())
 }
@@ -824,16 +842,21 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
         return Err(OutboxError::Lease(lease.to_string()));
     }
     let extension = Extension::current()?;
-    let now = now();
-    let expires = now.saturating_add(lease_micros);
     let batch = batch_size as usize;
     Spi::connect_mut(|client| {
-        let locked = run(client, &extension, q::LOCK_SUBSCRIPTION.pick(&extension), &[subscription.into(), is_worker().into()])?;
+        let locked =
+            run(client, &extension, q::LOCK_SUBSCRIPTION.pick(&extension), &[subscription.into(), is_worker().into(), caller().into()])?;
         let Some(row) = locked.into_iter().next() else {
-            // unknown, or one with a sink (which is the worker's and was not locked)
+            // unknown, one with a sink (which is the worker's), or one the caller may not consume:
+            // not locked
             consumable_subscription(client, &extension, subscription)?;
             return Err(OutboxError::UnknownSubscription(subscription.to_string()));
         };
+        // The lease runs from here: waiting for the lock behind another claim (one in an open
+        // transaction, or prepared) must not use it up, or the events would go out again
+        // while this consumer still works on them.
+        let now = now();
+        let expires = now.saturating_add(lease_micros);
         let sub: i32 = required(&row, 1)?;
         let options: pgrx::JsonB = required(&row, 2)?;
         let mut done_seq: i64 = required(&row, 3)?;
@@ -1072,15 +1095,23 @@ fn wanted_ids(ids: Option<Vec<Option<i64>>>) -> Result<IdSet, OutboxError> {
     Ok(ids.ok_or(OutboxError::NullArgument("ids"))?.into_iter().flatten().collect())
 }
 
-/// The open window claims holding any of `wanted`, locked, with the indexes of their still
-/// unresolved events among `wanted`.
+/// An open window claim holding some of the ids an ack or fail names.
+struct Holding {
+    claim: OpenClaim,
+    /// Indexes of its unresolved events among the ids named.
+    hits: Vec<usize>,
+    /// When the oldest of its other unresolved events was captured.
+    oldest_left: Option<Micros>,
+}
+
+/// The open window claims holding any of `wanted`, locked.
 fn claims_holding(
     client: &mut SpiClient<'_>,
     extension: &Extension,
     subscription: i32,
     wanted: &IdSet,
     now: Micros,
-) -> Result<Vec<(OpenClaim, Vec<usize>)>, OutboxError> {
+) -> Result<Vec<Holding>, OutboxError> {
     // Claims hand out ids in runs, so another consumer's claim rarely has an id in this range.
     let (lowest, highest) = (wanted.iter().min().copied(), wanted.iter().max().copied());
     let (Some(lowest), Some(highest)) = (lowest, highest) else { return Ok(Vec::new()) };
@@ -1112,15 +1143,14 @@ fn claims_holding(
     lock_holding(client, extension, subscription, wanted, candidates)
 }
 
-/// Locks the `candidates` still open, with the indexes of their unresolved events among
-/// `wanted`.
+/// Locks the `candidates` still open that hold unresolved events among `wanted`.
 fn lock_holding(
     client: &mut SpiClient<'_>,
     extension: &Extension,
     subscription: i32,
     wanted: &IdSet,
     mut candidates: Vec<OpenClaim>,
-) -> Result<Vec<(OpenClaim, Vec<usize>)>, OutboxError> {
+) -> Result<Vec<Holding>, OutboxError> {
     // locked in claim order, as a claim rescuing expired claims locks them (EXPIRED_CLAIMS)
     candidates.sort_unstable_by_key(|claim| claim.claim_id);
     let mut holding = Vec::new();
@@ -1129,12 +1159,11 @@ fn lock_holding(
         let locked = run(client, extension, &q::LOCK_CLAIM, &[subscription.into(), claim.claim_id.into()])?;
         let Some(locked) = locked.into_iter().next() else { continue };
         let claim = OpenClaim { open_count: required(&locked, 1)?, ..claim };
-        let hits: Vec<usize> = unresolved(client, extension, subscription, &claim)?
-            .into_iter()
-            .filter(|&i| wanted.contains(&claim.event_ids[i]))
-            .collect();
+        let (hits, left): (Vec<usize>, Vec<usize>) =
+            unresolved(client, extension, subscription, &claim)?.into_iter().partition(|&i| wanted.contains(&claim.event_ids[i]));
         if !hits.is_empty() {
-            holding.push((claim, hits));
+            let oldest_left = left.iter().map(|&i| micros_of(claim.created_ats[i])).min();
+            holding.push(Holding { claim, hits, oldest_left });
         }
     }
     Ok(holding)
@@ -1161,11 +1190,12 @@ pub fn ack_in(
     let now = now();
     let age = |created_at: TimestampWithTimeZone| (now - micros_of(created_at)) as f64 / 1e6;
     let mut stats = Stats::default();
-    for (claim, hits) in claims_holding(client, extension, sub, &wanted, now)? {
+    for holding in claims_holding(client, extension, sub, &wanted, now)? {
+        let Holding { claim, hits, .. } = &holding;
         let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
         record_resolution(client, extension, sub, Some(claim.claim_id), "a", ids, now)?;
-        settle(client, extension, sub, &claim, hits.len())?;
-        for &i in &hits {
+        settle(client, extension, sub, &holding)?;
+        for &i in hits {
             stats.acked_after(age(claim.created_ats[i]));
             // an event handed out by a window claim has no leased retry
             wanted.remove(&claim.event_ids[i]);
@@ -1248,12 +1278,13 @@ pub fn fail_in(
 
     // events of window claims have been handed out once
     let mut later = RetryBatch::default();
-    for (claim, hits) in claims_holding(client, extension, sub, &wanted, now)? {
+    for holding in claims_holding(client, extension, sub, &wanted, now)? {
+        let Holding { claim, hits, .. } = &holding;
         let ids = hits.iter().map(|&i| claim.event_ids[i]).collect();
         record_resolution(client, extension, sub, Some(claim.claim_id), "f", ids, now)?;
-        settle(client, extension, sub, &claim, hits.len())?;
+        settle(client, extension, sub, &holding)?;
         failed += hits.len() as i64;
-        for i in hits {
+        for &i in hits {
             if exhausted(1) {
                 dead.push(Dead { id: claim.event_ids[i], attempts: 1, key: claim.order_key(i) });
             } else {

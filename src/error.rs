@@ -12,6 +12,8 @@ pub enum OutboxError {
     UnknownSubscription(String),
     #[error("subscription \"{0}\" delivers to its {1} sink through the delivery worker; consumers claim, ack and fail only pull subscriptions")]
     NotPull(String, String),
+    #[error("permission denied for subscription \"{0}\": only roles with the privileges of its consumer_role \"{1}\" may claim, ack or fail its events")]
+    NotConsumer(String, String),
     #[error("subscription \"{0}\" already exists")]
     DuplicateSubscription(String),
     #[error("invalid subscription name {0:?}: {1}")]
@@ -77,7 +79,7 @@ impl OutboxError {
             NoKey(_) => ERRCODE_INVALID_TABLE_DEFINITION,
             UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             NotATable(_) => ERRCODE_WRONG_OBJECT_TYPE,
-            NotOwner(_) | NotFunctionOwner(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            NotOwner(_) | NotFunctionOwner(_) | NotConsumer(..) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             NeedsReadCommitted(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
             NotInSetContext(_) | NotUtf8(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             NotPull(..) => ERRCODE_WRONG_OBJECT_TYPE,

@@ -65,7 +65,10 @@ pub fn render(subscriptions: &[SubscriptionMetrics], worker_up: Option<bool>) ->
     let counter = |name, help| Family { name, kind: "counter", help };
     type Value = fn(&SubscriptionMetrics) -> Option<f64>;
     let simple: [(Family, Value); 10] = [
-        (gauge("outbox_backlog_events", "Events not yet processed: pending and in flight."), |m| Some((m.pending + m.in_flight) as f64)),
+        (
+            gauge("outbox_backlog_events", "Events not yet processed: pending, in flight and retrying."),
+            |m| Some((m.pending + m.in_flight + m.retrying) as f64),
+        ),
         (gauge("outbox_pending_events", "Events waiting to be handed out."), |m| Some(m.pending as f64)),
         (gauge("outbox_in_flight_events", "Events handed out and neither acked nor failed."), |m| Some(m.in_flight as f64)),
         (gauge("outbox_retrying_events", "Failed or expired events waiting for their next attempt."), |m| Some(m.retrying as f64)),
@@ -77,7 +80,7 @@ pub fn render(subscriptions: &[SubscriptionMetrics], worker_up: Option<bool>) ->
         (counter("outbox_delivered_total", "Events acknowledged."), |m| Some(m.delivered_total as f64)),
         (counter("outbox_failures_total", "Failed deliveries (fails and expired leases)."), |m| Some(m.failures_total as f64)),
         (counter("outbox_dead_lettered_total", "Events moved to the dead letters."), |m| Some(m.dead_lettered_total as f64)),
-        (gauge("outbox_sink_up", "1 while a subscription's sink is delivering, 0 while it backs off."), |m| {
+        (gauge("outbox_sink_up", "1 while a subscription's sink is delivering, 0 from when it is found down until it delivers again."), |m| {
             m.sink_up.map(|up| if up { 1.0 } else { 0.0 })
         }),
     ];
@@ -145,7 +148,7 @@ mod tests {
         assert!(text.starts_with("# HELP outbox_worker_up"));
         assert!(text.contains("\noutbox_worker_up 1\n"));
         assert!(text.contains("# TYPE outbox_backlog_events gauge\n"));
-        assert!(text.contains("outbox_backlog_events{subscription=\"search \\\"eu\\\"\"} 6\n"));
+        assert!(text.contains("outbox_backlog_events{subscription=\"search \\\"eu\\\"\"} 7\n"));
         assert!(text.contains("outbox_oldest_pending_age_seconds{subscription=\"search \\\"eu\\\"\"} 12.5\n"));
         assert!(text.contains("# TYPE outbox_delivered_total counter\n"));
         assert!(text.contains("outbox_sink_up{subscription=\"search \\\"eu\\\"\"} 0\n"));

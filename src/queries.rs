@@ -202,13 +202,21 @@ pub static SUBSCRIBE: ForRelease = ForRelease {
 };
 
 pub static UNSUBSCRIBE: Sql = Sql {
-    text: "WITH gone AS (DELETE FROM @extschema@.outbox_subscriptions WHERE name = $1 RETURNING id, name), \
+    text: "WITH gone AS (DELETE FROM @extschema@.outbox_subscriptions WHERE id = $1 RETURNING id, name), \
                 r AS (DELETE FROM @extschema@.outbox_retries USING gone WHERE subscription_id = gone.id), \
                 c AS (DELETE FROM @extschema@.outbox_claims USING gone WHERE subscription_id = gone.id), \
                 s AS (DELETE FROM @extschema@.outbox_stats USING gone WHERE subscription_id = gone.id), \
                 k AS (DELETE FROM @extschema@.outbox_sink_state USING gone WHERE subscription_id = gone.id), \
                 d AS (DELETE FROM @extschema@.outbox_dead_letters USING gone WHERE subscription = gone.name) \
            SELECT count(*) FROM gone",
+    args: &[INT4],
+};
+
+/// Locks a subscription (or, for NULL, every one) as a claim does, for the operations that
+/// must not interleave with claims: an unsubscribe, a replay, a requeue. Their next statements
+/// then see what the claims before them committed.
+pub static LOCK_SUBSCRIPTIONS: Sql = Sql {
+    text: "SELECT id FROM @extschema@.outbox_subscriptions WHERE $1::text IS NULL OR name = $1 ORDER BY id FOR NO KEY UPDATE",
     args: &[TEXT],
 };
 
@@ -226,16 +234,22 @@ macro_rules! lock_subscription {
             "SELECT id, options, done_seq, window_seq, window_cursor, ",
             $floor_columns,
             ", pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
-             FROM @extschema@.outbox_subscriptions WHERE name = $1 AND (sink = 'pull' OR $2) FOR NO KEY UPDATE"
+             FROM @extschema@.outbox_subscriptions WHERE name = $1 AND (sink = 'pull' OR $2) \
+               AND (NOT options ? 'consumer_role' OR pg_catalog.pg_has_role($3, \
+                      pg_catalog.to_regrole(pg_catalog.quote_ident(options ->> 'consumer_role')), 'USAGE') IS TRUE) \
+             FOR NO KEY UPDATE"
         )
     };
 }
 
 /// Serializes claims of one subscription; acks and fails do not take this lock.
-/// `$2`: whether a subscription with a sink may be locked (by the delivery worker).
+/// `$2`: whether a subscription with a sink may be locked (by the delivery worker). `$3`: the
+/// caller, who must have the privileges of the subscription's `consumer_role` when it names
+/// one (consume.rs checks the same for acks and fails). A caller without them does not get the
+/// lock, which an aborted transaction would otherwise hold until it rolls back.
 pub static LOCK_SUBSCRIPTION: ForRelease = ForRelease {
-    current: Sql { text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids"), args: &[TEXT, BOOL] },
-    before_0_4: Sql { text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]"), args: &[TEXT, BOOL] },
+    current: Sql { text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids"), args: &[TEXT, BOOL, OID] },
+    before_0_4: Sql { text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]"), args: &[TEXT, BOOL, OID] },
 };
 
 /// The expired claims of a subscription with everything the ledger keeps of the events they
@@ -448,8 +462,8 @@ pub static RECORD_RESOLUTION: Sql = Sql {
 };
 
 pub static SET_OPEN_COUNT: Sql = Sql {
-    text: "UPDATE @extschema@.outbox_claims SET open_count = $3 WHERE subscription_id = $1 AND claim_id = $2",
-    args: &[INT4, INT8, INT4],
+    text: "UPDATE @extschema@.outbox_claims SET open_count = $3, oldest_created_at = $4 WHERE subscription_id = $1 AND claim_id = $2",
+    args: &[INT4, INT8, INT4, TIME],
 };
 
 pub static CLOSE_CLAIM: Sql = Sql {
@@ -559,7 +573,7 @@ pub static METRICS: Sql = Sql {
                   ARRAY(SELECT sum(u.v)::int8 FROM @extschema@.outbox_stats x, \
                         pg_catalog.unnest(x.latency_buckets) WITH ORDINALITY AS u(v, i) \
                         WHERE x.subscription_id = s.id GROUP BY u.i ORDER BY u.i), \
-                  CASE WHEN b.sink = 'pull' THEN NULL ELSE NOT b.backing_off END \
+                  CASE WHEN b.sink = 'pull' THEN NULL ELSE b.backing_off_until IS NULL END \
            FROM @extschema@.outbox_backlog b \
            JOIN @extschema@.outbox_subscriptions s ON s.name = b.subscription \
            LEFT JOIN LATERAL (SELECT sum(acked) AS acked, sum(failed) AS failed, sum(dead) AS dead, \
@@ -651,6 +665,20 @@ pub static PURGE_DEAD_LETTERS: Sql = Sql {
 
 pub static LOCK_ROTATION: Sql = Sql {
     text: "SELECT current_slot, switched_at FROM @extschema@.outbox_rotation FOR UPDATE",
+    args: &[],
+};
+
+/// Delivery state of subscriptions that no longer exist: a fail that committed while its
+/// subscription was being removed (see admin::unsubscribe). Left, it would keep its segments.
+pub static DELETE_ORPHANS: Sql = Sql {
+    text: "WITH c AS (DELETE FROM @extschema@.outbox_claims x WHERE NOT EXISTS \
+                        (SELECT 1 FROM @extschema@.outbox_subscriptions s WHERE s.id = x.subscription_id)), \
+                r AS (DELETE FROM @extschema@.outbox_retries x WHERE NOT EXISTS \
+                        (SELECT 1 FROM @extschema@.outbox_subscriptions s WHERE s.id = x.subscription_id)), \
+                t AS (DELETE FROM @extschema@.outbox_stats x WHERE NOT EXISTS \
+                        (SELECT 1 FROM @extschema@.outbox_subscriptions s WHERE s.id = x.subscription_id)) \
+           DELETE FROM @extschema@.outbox_sink_state x WHERE NOT EXISTS \
+             (SELECT 1 FROM @extschema@.outbox_subscriptions s WHERE s.id = x.subscription_id)",
     args: &[],
 };
 

@@ -15,8 +15,9 @@ const POLICY_KEYS: [&str; 3] = ["max_attempts", "backoff_base", "backoff_max"];
 pub enum Sink {
     /// External consumers call outbox_claim; the worker leaves it alone.
     Pull,
-    /// A SQL function `function(jsonb)` called with the batch, in the transaction that acks it.
-    Function { function: String, batch_size: Option<i32> },
+    /// A SQL function `function(jsonb)` called with the batch, in the transaction that acks it,
+    /// and cancelled after `timeout`.
+    Function { function: String, timeout: Duration, batch_size: Option<i32> },
     Http(HttpSink),
 }
 
@@ -28,8 +29,19 @@ pub struct HttpSink {
     pub batch_size: Option<i32>,
 }
 
-/// How long an HTTP request may take unless the subscription says otherwise.
+/// How long an HTTP request or a function call may take unless the subscription says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn timeout_option(options: &Value) -> Result<Duration, OutboxError> {
+    let timeout = match options.get("timeout") {
+        None => DEFAULT_TIMEOUT,
+        Some(value) => duration_option("timeout", value)?,
+    };
+    if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(3600) {
+        return Err(invalid("timeout must be between 1s and 1h".into()));
+    }
+    Ok(timeout)
+}
 
 fn invalid(message: String) -> OutboxError {
     OutboxError::InvalidOptions(message)
@@ -69,23 +81,38 @@ fn check_header(name: &str, value: &str) -> Result<(), OutboxError> {
     Ok(())
 }
 
+/// The role whose members alone may claim, ack and fail a pull subscription, when its options
+/// name one; without it, whoever may call the API consumes every pull subscription.
+pub fn consumer_role(options: &Value) -> Result<Option<&str>, OutboxError> {
+    match options.get("consumer_role") {
+        None => Ok(None),
+        Some(Value::String(role)) if !role.is_empty() => Ok(Some(role)),
+        Some(other) => Err(invalid(format!("consumer_role must be the name of a role, got {other}"))),
+    }
+}
+
 impl Sink {
     /// Parses and checks a sink and its options, naming whatever is wrong.
     pub fn parse(sink: &str, options: &Value) -> Result<Sink, OutboxError> {
         as_object(options)?;
         match sink {
             "pull" => {
-                reject_unknown_keys(options, &[], sink)?;
+                reject_unknown_keys(options, &["consumer_role"], sink)?;
+                consumer_role(options)?;
                 Ok(Sink::Pull)
             }
             "function" => {
-                reject_unknown_keys(options, &["function", "batch_size"], sink)?;
+                reject_unknown_keys(options, &["function", "timeout", "batch_size"], sink)?;
                 let function = options
                     .get("function")
                     .and_then(Value::as_str)
                     .filter(|f| !f.trim().is_empty())
                     .ok_or_else(|| invalid("a function sink needs {\"function\": \"schema.name\"}".into()))?;
-                Ok(Sink::Function { function: function.to_string(), batch_size: batch_size_option(options)? })
+                Ok(Sink::Function {
+                    function: function.to_string(),
+                    timeout: timeout_option(options)?,
+                    batch_size: batch_size_option(options)?,
+                })
             }
             "http" => {
                 reject_unknown_keys(options, &["url", "headers", "timeout", "batch_size"], sink)?;
@@ -111,14 +138,12 @@ impl Sink {
                         headers.push((name.clone(), value.to_string()));
                     }
                 }
-                let timeout = match options.get("timeout") {
-                    None => DEFAULT_TIMEOUT,
-                    Some(value) => duration_option("timeout", value)?,
-                };
-                if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(3600) {
-                    return Err(invalid("timeout must be between 1s and 1h".into()));
-                }
-                Ok(Sink::Http(HttpSink { url: url.to_string(), headers, timeout, batch_size: batch_size_option(options)? }))
+                Ok(Sink::Http(HttpSink {
+                    url: url.to_string(),
+                    headers,
+                    timeout: timeout_option(options)?,
+                    batch_size: batch_size_option(options)?,
+                }))
             }
             other => Err(OutboxError::UnknownSink(other.to_string())),
         }
@@ -258,9 +283,16 @@ mod tests {
     #[test]
     fn sinks_parse_with_their_options() {
         assert_eq!(Sink::parse("pull", &json!({"max_attempts": 3})).unwrap(), Sink::Pull);
+        assert_eq!(Sink::parse("pull", &json!({"consumer_role": "Team B"})).unwrap(), Sink::Pull);
+        assert_eq!(consumer_role(&json!({"consumer_role": "Team B"})).unwrap(), Some("Team B"));
+        assert_eq!(consumer_role(&json!({})).unwrap(), None);
         assert_eq!(
             Sink::parse("function", &json!({"function": "app.apply", "batch_size": 50})).unwrap(),
-            Sink::Function { function: "app.apply".into(), batch_size: Some(50) }
+            Sink::Function { function: "app.apply".into(), timeout: DEFAULT_TIMEOUT, batch_size: Some(50) }
+        );
+        assert_eq!(
+            Sink::parse("function", &json!({"function": "app.apply", "timeout": "2 min"})).unwrap(),
+            Sink::Function { function: "app.apply".into(), timeout: Duration::from_secs(120), batch_size: None }
         );
         let http = Sink::parse(
             "http",
@@ -284,6 +316,7 @@ mod tests {
         let cases = [
             ("function", json!({}), "a function sink needs"),
             ("function", json!({"function": "f", "url": "x"}), "unknown option \"url\" for a function sink"),
+            ("function", json!({"function": "f", "timeout": "2h"}), "timeout must be between 1s and 1h"),
             ("http", json!({}), "an http sink needs"),
             ("http", json!({"url": "ftp://x"}), "url must start with http://"),
             ("http", json!({"url": "http:///path"}), "names no host"),
@@ -295,6 +328,9 @@ mod tests {
             ("http", json!({"url": "http://h", "batch_size": 0}), "batch_size must be an integer between 1 and 10000"),
             ("http", json!({"url": "http://h", "retries": 3}), "unknown option \"retries\""),
             ("pull", json!({"url": "http://h"}), "unknown option \"url\" for a pull sink"),
+            ("pull", json!({"consumer_role": ""}), "consumer_role must be the name of a role"),
+            ("pull", json!({"consumer_role": ["a"]}), "consumer_role must be the name of a role"),
+            ("http", json!({"url": "http://h", "consumer_role": "a"}), "unknown option \"consumer_role\" for a http sink"),
         ];
         for (sink, options, expected) in cases {
             let message = Sink::parse(sink, &options).unwrap_err().to_string();

@@ -183,6 +183,28 @@ struct SinkRunner {
     last_success_recorded: Option<Instant>,
 }
 
+impl SinkRunner {
+    /// The sink is at fault, not the events (it is down, or too slow): gives `ids` back without
+    /// using an attempt and backs the whole sink off.
+    fn back_off(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        extension: &Extension,
+        subscription: i32,
+        ids: impl IntoIterator<Item = i64>,
+        reason: &str,
+        retry_after: Option<Duration>,
+    ) -> Result<(), OutboxError> {
+        consume::fail_in(client, extension, ids, Some(reason), &self.name, Some(0), false)?;
+        let transition = self.breaker.unavailable(Instant::now(), retry_after, &self.policy, random_unit());
+        let until = self.breaker.open_until().map(|u| u.saturating_duration_since(Instant::now()));
+        if let Transition::BackingOff { delay } = transition {
+            log!("outbox: sink of subscription \"{}\" is unavailable ({reason}); backing off for {delay:?}", self.name);
+        }
+        record_error(client, extension, subscription, reason, until)
+    }
+}
+
 struct Worker {
     /// When the worker next runs retention (`outbox_purge`) for this database.
     next_retention: Instant,
@@ -295,10 +317,10 @@ impl Worker {
                 }
                 busy |= events.len() == batch_size as usize;
                 match runner.sink.clone() {
-                    Sink::Function { function, .. } => {
+                    Sink::Function { function, timeout, .. } => {
                         let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
                         let rendered: HashMap<i64, String> = events.into_iter().collect();
-                        apply_function(client, &extension, id, runner, &function, &rendered, ids)?;
+                        apply_function(client, &extension, id, runner, (&function, timeout), &rendered, ids)?;
                     }
                     Sink::Http(_) => {
                         let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
@@ -421,16 +443,8 @@ impl Worker {
                     }
                 },
                 Outcome::Unavailable { reason, retry_after } => {
-                    // the sink is at fault, not the events: give every piece back, uncounted
-                    let mut back = result.ids.clone();
-                    back.extend(in_flight.queue.drain(..).flatten());
-                    consume::fail_in(client, &extension, back, Some(reason), &runner.name, Some(0), false)?;
-                    let transition = runner.breaker.unavailable(Instant::now(), *retry_after, &runner.policy, random_unit());
-                    let until = runner.breaker.open_until().map(|u| u.saturating_duration_since(Instant::now()));
-                    if let Transition::BackingOff { delay } = transition {
-                        log!("outbox: sink of subscription \"{}\" is unavailable ({reason}); backing off for {delay:?}", runner.name);
-                    }
-                    record_error(client, &extension, result.subscription, reason, until)?;
+                    let back = result.ids.iter().copied().chain(in_flight.queue.drain(..).flatten());
+                    runner.back_off(client, &extension, result.subscription, back, reason, *retry_after)?;
                 }
             }
             let Some(piece) = in_flight.queue.pop_front() else { return Ok(None) };
@@ -480,13 +494,15 @@ fn claim_rendered(client: &mut SpiClient<'_>, extension: &Extension, subscriptio
 
 /// Calls a function sink with `ids` and acks them; on an error, splits the batch until the
 /// failing event is alone and fails it. Each call runs in a subtransaction, as its function's
-/// owner, so the function neither aborts the worker's transaction nor runs as superuser.
+/// owner, so the function neither aborts the worker's transaction nor runs as superuser. A call
+/// that outlasts the sink's timeout is cancelled and handled like an HTTP timeout: the worker
+/// serves every sink from one loop, so a stuck function must not hold the others up.
 fn apply_function(
     client: &mut SpiClient<'_>,
     extension: &Extension,
     subscription: i32,
     runner: &mut SinkRunner,
-    function: &str,
+    (function, timeout): (&str, Duration),
     events: &HashMap<i64, String>,
     ids: Vec<i64>,
 ) -> Result<(), OutboxError> {
@@ -502,12 +518,12 @@ fn apply_function(
     let mut pending = VecDeque::from([ids]);
     while let Some(piece) = pending.pop_front() {
         let body = batch_body(piece.iter().map(|id| events[id].as_str()));
-        match call_in_subtransaction(function_oid, owner, &body) {
+        match call_in_subtransaction(function_oid, owner, &body, timeout) {
             Ok(()) => {
                 consume::ack_in(client, extension, piece, &runner.name)?;
                 record_success(client, extension, subscription, runner)?;
             }
-            Err(reason) => match halves(&piece) {
+            Err(CallFailed::Raised(reason)) => match halves(&piece) {
                 Some((first, second)) => {
                     pending.push_front(second);
                     pending.push_front(first);
@@ -517,20 +533,85 @@ fn apply_function(
                     record_error(client, extension, subscription, &reason, None)?;
                 }
             },
+            Err(CallFailed::Cancelled(message)) => {
+                let reason = format!("{message} (function {function}, timeout {timeout:?})");
+                let back = piece.into_iter().chain(pending.drain(..).flatten());
+                return runner.back_off(client, extension, subscription, back, &reason, None);
+            }
         }
     }
     Ok(())
 }
 
-/// Runs `function(batch)` as `owner` in a subtransaction; an ERROR rolls the subtransaction
-/// back and comes back as its message.
-fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str) -> Result<(), String> {
+enum CallFailed {
+    /// The function raised this error.
+    Raised(String),
+    /// It was cancelled: its timeout passed (or someone cancelled the worker's query). The
+    /// message says which.
+    Cancelled(String),
+}
+
+/// What bounds a function sink's call. The timeout is the statement timeout's timer, which a
+/// background worker has registered (InitPostgres does it for every backend), with SIGINT
+/// handled as a query cancel, so it ends the call with the usual "canceling statement due to
+/// statement timeout". And SIGTERM ends the worker at once during the call (Postgres' own
+/// handler, as for a backend running the function): the worker's own handler only sets a flag
+/// it reads between rounds, which would have a stop or `pg_terminate_backend` wait out the
+/// call. The call's subtransaction and the batch's claim then roll back with the worker's
+/// transaction, so the batch is delivered again.
+mod call_limits {
+    use std::ffi::c_int;
+    use std::time::Duration;
+
+    use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+    use pgrx::pg_sys;
+
+    /// `STATEMENT_TIMEOUT` of `TimeoutId`, the same in PostgreSQL 13 to 18.
+    const STATEMENT_TIMEOUT: c_int = 3;
+
+    // not bound by pgrx (timeout.h), or bound only as a Rust function (die)
+    unsafe extern "C-unwind" {
+        fn enable_timeout_after(id: c_int, delay_ms: c_int);
+        fn disable_timeout(id: c_int, keep_indicator: bool);
+        fn get_timeout_indicator(id: c_int, reset_indicator: bool) -> bool;
+        fn die(signal: c_int);
+    }
+
+    pub fn begin(timeout: Duration) {
+        let ms = timeout.as_millis().clamp(1, c_int::MAX as u128) as c_int;
+        unsafe {
+            #[cfg(not(feature = "pg18"))]
+            pg_sys::pqsignal(pg_sys::SIGTERM as c_int, Some(die));
+            #[cfg(feature = "pg18")]
+            pg_sys::pqsignal_be(pg_sys::SIGTERM as c_int, Some(die));
+            pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_after(STATEMENT_TIMEOUT, ms));
+        }
+    }
+
+    /// Stops the timer (a cancel it asked for after the call returned is dropped) and gives
+    /// SIGTERM back to the worker's handler.
+    pub fn end() {
+        unsafe {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                disable_timeout(STATEMENT_TIMEOUT, false);
+                if get_timeout_indicator(STATEMENT_TIMEOUT, true) {
+                    pg_sys::QueryCancelPending = 0;
+                }
+            });
+        }
+        BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    }
+}
+
+/// Runs `function(batch)` as `owner` in a subtransaction, cancelled after `timeout`; an ERROR
+/// rolls the subtransaction back and comes back as its message.
+fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str, timeout: Duration) -> Result<(), CallFailed> {
     unsafe {
+        let batch = std::ffi::CString::new(batch).map_err(|e| CallFailed::Raised(e.to_string()))?;
         let memory = pg_sys::CurrentMemoryContext;
         let resources = pg_sys::CurrentResourceOwner;
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(memory);
-        let batch = std::ffi::CString::new(batch).map_err(|e| e.to_string())?;
         PgTryBuilder::new(|| {
             let mut user = pg_sys::InvalidOid;
             let mut context = 0;
@@ -540,8 +621,11 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
                 context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
             );
             // The worker pins search_path for its own queries; the function gets the database's
-            // default, as when its owner calls it. AtEOXact_GUC below puts the pin back, and so
-            // does rolling the subtransaction back after an error.
+            // default, as when its owner calls it. Nothing the function sets outlives the call,
+            // a session-level `set_config(…, false)` included: AtEOXact_GUC below undoes every
+            // setting made since, as rolling the subtransaction back after an error does. A
+            // search_path left behind would have the worker's own queries, run as superuser,
+            // call the owner's operators.
             let nest_level = pg_sys::NewGUCNestLevel();
             let default_path = pg_sys::pstrdup(pg_sys::GetConfigOptionResetString(c"search_path".as_ptr()));
             pg_sys::set_config_option(
@@ -556,8 +640,10 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
             );
             let jsonb = pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(batch.as_ptr()))])
                 .expect("jsonb_in returns a value");
+            call_limits::begin(timeout);
             call_ignoring_result(function, jsonb);
-            pg_sys::AtEOXact_GUC(true, nest_level);
+            call_limits::end();
+            pg_sys::AtEOXact_GUC(false, nest_level);
             pg_sys::SetUserIdAndSecContext(user, context);
             pg_sys::ReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(memory);
@@ -565,6 +651,7 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
             Ok(())
         })
         .catch_others(|error| {
+            call_limits::end();
             pg_sys::MemoryContextSwitchTo(memory);
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(memory);
@@ -572,7 +659,13 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
             Err(match error {
                 pg_sys::panic::CaughtError::PostgresError(report)
                 | pg_sys::panic::CaughtError::ErrorReport(report)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => report.message().to_string(),
+                | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => {
+                    if report.sql_error_code() == pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
+                        CallFailed::Cancelled(report.message().to_string())
+                    } else {
+                        CallFailed::Raised(report.message().to_string())
+                    }
+                }
             })
         })
         .execute()

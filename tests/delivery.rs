@@ -857,6 +857,146 @@ fn backlog_reports_every_state_and_latency() {
     c.execute("SELECT outbox_fail($1, 'again', 's', retry_after => '1 hour')", &[&vec![claimed[2]]]).unwrap();
 }
 
+/// A claim that waited for its turn behind a claim in an open transaction gets its whole
+/// lease: the lease starts when it has the subscription, not when it was asked for.
+#[test]
+fn a_lease_runs_from_when_the_claim_gets_its_turn() {
+    let (db, mut first) = setup("lease_turn", "");
+    insert(&mut first, 1..=3);
+    first.batch_execute("BEGIN; SELECT * FROM outbox_claim(1)").unwrap();
+    let waiting_db = db.clone();
+    let waiting = std::thread::spawn(move || {
+        let mut c = shared().connect(&waiting_db);
+        let claimed = claim(&mut c, "SELECT * FROM outbox_claim(1, lease => '2 seconds')");
+        (ids(&claimed), Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(2500)); // longer than the waiting claim's lease
+    first.batch_execute("COMMIT").unwrap();
+    let (leased, at) = waiting.join().unwrap();
+    assert_eq!(leased.len(), 1);
+    let mut third = shared().connect(&db);
+    let others = ids(&claim(&mut third, "SELECT * FROM outbox_claim(10)"));
+    assert!(at.elapsed() < Duration::from_secs(2), "the check ran within the lease");
+    assert!(!others.contains(&leased[0]), "event {} went out again under a valid lease", leased[0]);
+}
+
+/// An unsubscribe that waited for an open claim deletes what that claim recorded; retention
+/// deletes what a fail committing meanwhile can still leave behind.
+#[test]
+fn unsubscribing_leaves_no_delivery_state_behind() {
+    let (db, mut c) = setup("unsubscribe_open_claim", "");
+    c.batch_execute("SELECT outbox_subscribe('leaving', from_start => true)").unwrap();
+    insert(&mut c, 1..=3);
+    c.batch_execute("BEGIN; SELECT * FROM outbox_claim(2, 'leaving')").unwrap();
+    let removing_db = db.clone();
+    let removing = std::thread::spawn(move || shared().connect(&removing_db).batch_execute("SELECT outbox_unsubscribe('leaving')"));
+    std::thread::sleep(Duration::from_millis(500));
+    c.batch_execute("COMMIT").unwrap();
+    removing.join().unwrap().unwrap();
+    let orphans = "SELECT (SELECT count(*) FROM outbox_claims WHERE subscription_id NOT IN (SELECT id FROM outbox_subscriptions)) \
+                        + (SELECT count(*) FROM outbox_retries WHERE subscription_id NOT IN (SELECT id FROM outbox_subscriptions))";
+    assert_eq!(scalar_i64(&mut c, orphans), 0);
+    // such a row, as a racing fail leaves it, is gone after the next purge
+    c.batch_execute(
+        "INSERT INTO outbox_claims (subscription_id, claim_id, ledger_slot, expires_at, event_count, open_count, oldest_created_at) \
+         VALUES (987654, 987654, 0, now() + interval '1 hour', 1, 1, now())",
+    )
+    .unwrap();
+    c.batch_execute("SELECT outbox_purge()").unwrap();
+    assert_eq!(scalar_i64(&mut c, orphans), 0);
+}
+
+/// Replay and requeue take the subscription as claims do: a newer event of the row that a
+/// claim has in hand, or is about to hand out, is never followed by an older one.
+#[test]
+fn replay_and_requeue_racing_claims_never_put_an_older_event_after_a_newer_one() {
+    let (db, mut c) = setup("replay_race", "");
+    c.batch_execute("SELECT outbox_subscribe('r', options => '{\"max_attempts\": 1}', from_start => true)").unwrap();
+    insert(&mut c, 1..=1);
+    let first = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 'r')"));
+    c.execute("SELECT outbox_ack($1, 'r')", &[&first]).unwrap();
+    c.batch_execute("UPDATE chunks SET content = 'v2' WHERE id = 1").unwrap();
+
+    // a replay of the older event while a claim of the newer one is not yet committed
+    c.batch_execute("BEGIN; SELECT * FROM outbox_claim(10, 'r')").unwrap();
+    let replay_db = db.clone();
+    let older = first.clone();
+    let replay = std::thread::spawn(move || {
+        shared().connect(&replay_db).query_one("SELECT outbox_replay('r', ids => $1)", &[&older]).unwrap().get::<_, i64>(0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.batch_execute("COMMIT").unwrap();
+    assert_eq!(replay.join().unwrap(), 0, "the row has a newer event in flight");
+    let newer: Vec<i64> = c.query("SELECT id FROM outbox_events WHERE id > $1", &[&first[0]]).unwrap().iter().map(|r| r.get(0)).collect();
+    c.execute("SELECT outbox_ack($1, 'r')", &[&newer]).unwrap();
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10, 'r')").is_empty());
+
+    // a requeue of a dead older event, still uncommitted while a newer one is written and claimed
+    c.batch_execute("UPDATE chunks SET content = 'v3' WHERE id = 1").unwrap();
+    let v3 = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 'r')"));
+    c.execute("SELECT outbox_fail($1, 'rejected', 'r')", &[&v3]).unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_dead_letters WHERE subscription = 'r'"), 1);
+    c.batch_execute("BEGIN; SELECT outbox_requeue_dead('r')").unwrap();
+    let claim_db = db.clone();
+    let claimer = std::thread::spawn(move || {
+        let mut other = shared().connect(&claim_db);
+        other.batch_execute("UPDATE chunks SET content = 'v4' WHERE id = 1").unwrap();
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            let got = ids(&claim(&mut other, "SELECT * FROM outbox_claim(10, 'r')"));
+            other.execute("SELECT outbox_ack($1, 'r')", &[&got]).unwrap();
+            order.extend(got);
+        }
+        order
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.batch_execute("COMMIT").unwrap();
+    let order = claimer.join().unwrap();
+    assert_eq!(order.first(), Some(&v3[0]), "the requeued event goes first: {order:?}");
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+}
+
+/// A REPEATABLE READ writer whose snapshot was taken before `outbox_attach` captures with the
+/// settings of the triggers it fires.
+#[test]
+fn a_repeatable_read_writer_captures_with_the_settings_attached_after_its_snapshot() {
+    let (db, mut c) = setup("attach_after_snapshot", "");
+    c.batch_execute("CREATE TABLE rr_docs (id int PRIMARY KEY, v int)").unwrap();
+    let mut writer = shared().connect(&db);
+    for (prefix, id) in [("FIRST", 1), ("SECOND", 2)] {
+        writer.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1").unwrap();
+        c.execute("SELECT outbox_attach('rr_docs', payload_columns => ARRAY['v'], event_prefix => $1)", &[&prefix]).unwrap();
+        writer.batch_execute(&format!("INSERT INTO rr_docs VALUES ({id}, {id}); COMMIT")).unwrap();
+        let row = c
+            .query_one("SELECT type, payload->'data' FROM outbox_events WHERE payload->>'table' = 'public.rr_docs' ORDER BY id DESC LIMIT 1", &[])
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), format!("{prefix}_UPSERT"));
+        assert_eq!(row.get::<_, serde_json::Value>(1), serde_json::json!({"v": id}));
+    }
+}
+
+/// The oldest pending age counts only events not yet processed, also within a claim that was
+/// acked or failed in part.
+#[test]
+fn oldest_pending_age_leaves_out_the_settled_part_of_a_claim() {
+    let (_, mut c) = setup("oldest_partial", "");
+    insert(&mut c, 1..=1);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    insert(&mut c, 2..=3);
+    let oldest = |c: &mut Client| -> f64 {
+        c.query_one("SELECT extract(epoch FROM oldest_pending_age)::float8 FROM outbox_backlog WHERE subscription = 'default'", &[])
+            .unwrap()
+            .get(0)
+    };
+    let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(3)"));
+    assert!(oldest(&mut c) >= 1.5);
+    c.execute("SELECT outbox_ack($1)", &[&vec![claimed[0]]]).unwrap();
+    let age = oldest(&mut c);
+    assert!(age < 1.0, "the acked event still counts: {age}");
+    c.execute("SELECT outbox_fail($1, 'x', retry_after => '1 hour')", &[&vec![claimed[1]]]).unwrap();
+    assert!(oldest(&mut c) < 1.0);
+}
+
 #[test]
 fn a_write_aimed_at_a_partition_is_captured_at_commit() {
     let cluster = shared();

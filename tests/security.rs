@@ -98,6 +98,47 @@ fn documented_consumer_grant_is_enough_and_no_more() {
     assert!(rows.iter().all(|r| !r.get::<_, String>(0).contains("embedding")));
 }
 
+/// A subscription with a consumer_role is consumed by that role's members alone; the others
+/// are refused without taking its lock.
+#[test]
+fn a_consumer_role_keeps_a_subscription_to_its_members() {
+    let (db, mut owner) = setup("consumer_role");
+    owner
+        .batch_execute(&format!(
+            "CREATE ROLE team_a_cr LOGIN; CREATE ROLE team_b_cr LOGIN; CREATE ROLE \"Team C cr\"; CREATE ROLE outbox_consumer_cr;
+             {}
+             GRANT outbox_consumer_cr TO team_a_cr, team_b_cr;
+             GRANT \"Team C cr\" TO team_a_cr;
+             SELECT outbox_subscribe('b_only', options => '{{\"consumer_role\": \"team_b_cr\"}}', from_start => true);
+             SELECT outbox_subscribe('c_only', options => '{{\"consumer_role\": \"Team C cr\"}}', from_start => true);",
+            documented_grant("outbox_consumer").replace("TO outbox_consumer;", "TO outbox_consumer_cr;")
+        ))
+        .unwrap();
+    let message = error_of(&mut owner, "SELECT outbox_subscribe('ghost', options => '{\"consumer_role\": \"no_such_role\"}')");
+    assert!(message.contains("role \"no_such_role\" does not exist"), "{message}");
+
+    let mut team_a = connect_as(&db, "team_a_cr");
+    let mut team_b = connect_as(&db, "team_b_cr");
+    for sql in ["SELECT * FROM outbox_claim(10, 'b_only')", "SELECT outbox_ack(ARRAY[1], 'b_only')", "SELECT outbox_fail(ARRAY[1], 'x', 'b_only')"] {
+        let message = error_of(&mut team_a, sql);
+        assert!(message.contains("permission denied for subscription \"b_only\"") && message.contains("team_b_cr"), "{sql}: {message}");
+    }
+    // a refused claim left in an aborted transaction holds nothing up
+    team_a.batch_execute("BEGIN").unwrap();
+    assert!(team_a.query("SELECT * FROM outbox_claim(10, 'b_only')", &[]).is_err());
+    team_b.batch_execute("SET statement_timeout = '5s'").unwrap();
+    let claimed = claim(&mut team_b, "SELECT * FROM outbox_claim(10, 'b_only')");
+    assert_eq!(claimed.len(), 1);
+    team_a.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(team_b.query_one("SELECT outbox_ack($1, 'b_only')", &[&ids(&claimed)]).unwrap().get::<_, i32>(0), 1);
+    // members of the role consume it too, whatever its name needs quoting for
+    let through_membership = claim(&mut team_a, "SELECT * FROM outbox_claim(10, 'c_only')");
+    assert_eq!(team_a.query_one("SELECT outbox_ack($1, 'c_only')", &[&ids(&through_membership)]).unwrap().get::<_, i32>(0), 1);
+    assert!(error_of(&mut team_b, "SELECT * FROM outbox_claim(10, 'c_only')").contains("permission denied for subscription \"c_only\""));
+    // without a consumer_role, every consumer consumes it
+    assert_eq!(claim(&mut team_b, "SELECT * FROM outbox_claim(10)").len(), 1);
+}
+
 #[test]
 fn documented_admin_grant_runs_the_outbox() {
     let (db, mut owner) = setup("admin_grant");

@@ -305,6 +305,77 @@ fn function_sink_errors_fail_only_the_poison_event() {
     assert!(error.contains("cannot embed document 7"), "{error}");
 }
 
+/// A function sink whose function sleeps until `hang_<name>` is emptied, applying the batch's
+/// keys to `applied_<name>` once it returns.
+fn hanging_function_sink(c: &mut Client, name: &str, options: &str) {
+    c.batch_execute(&format!(
+        "CREATE TABLE hang_{name} (hang boolean); INSERT INTO hang_{name} VALUES (true);
+         CREATE TABLE applied_{name} (id bigint);
+         CREATE FUNCTION apply_{name}(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM hang_{name}) THEN PERFORM pg_sleep(600); END IF;
+             INSERT INTO applied_{name} SELECT (e->'payload'->'key'->>'id')::bigint FROM jsonb_array_elements(batch) e;
+         END $$;
+         SELECT outbox_subscribe('{name}', 'function', '{{\"function\": \"public.apply_{name}\"{options}}}');"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn a_function_sink_past_its_timeout_is_cancelled_and_backs_off_without_holding_up_the_others() {
+    let fast = Recorder::start(|_| Reply::status(200));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_hang");
+    hanging_function_sink(&mut c, "hung", ", \"timeout\": \"1s\", \"backoff_base\": \"2s\", \"backoff_max\": \"3s\", \"max_attempts\": 1");
+    http_sink(&mut c, "beside_hung", &fast, "");
+    std::thread::sleep(Duration::from_millis(500));
+    for id in 1..=5i64 {
+        c.execute("INSERT INTO docs_hang VALUES ($1, 'x')", &[&id]).unwrap();
+        // a round calls the function for at most its timeout, then the sink backs off
+        assert!(eventually(Duration::from_millis(2500), || fast.delivered_keys().contains(&id)), "event {id} held up");
+    }
+    // down from the first timeout until it delivers again, during its probes too
+    let mut samples = Vec::new();
+    while samples.len() < 40 {
+        let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+        samples.push(sample(&metrics, "outbox_sink_up{subscription=\"hung\"}").unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(samples.iter().all(|&up| up == 0.0), "{samples:?}");
+    let hung = backlog(&mut c, "hung");
+    let error: String = hung.get("last_error");
+    assert!(error.contains("statement timeout") && error.contains("apply_hung"), "{error}");
+    assert_eq!(hung.get::<_, i64>("dead"), 0, "a timeout uses no attempt (max_attempts is 1)");
+    c.batch_execute("DELETE FROM hang_hung").unwrap();
+    assert!(eventually(Duration::from_secs(15), || settled(&mut c, "hung")), "delivered once the function is quick again");
+    let applied: HashSet<i64> = c.query("SELECT id FROM applied_hung", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(applied, (1..=5).collect::<HashSet<_>>());
+    assert_eq!(backlog(&mut c, "hung").get::<_, i64>("dead"), 0);
+    let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+    assert_eq!(sample(&metrics, "outbox_sink_up{subscription=\"hung\"}"), Some(1.0), "up again");
+}
+
+#[test]
+fn the_worker_can_be_terminated_while_a_function_sink_runs() {
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_busy");
+    hanging_function_sink(&mut c, "busy", ", \"timeout\": \"1h\"");
+    c.batch_execute("INSERT INTO docs_busy SELECT g, 'x' FROM generate_series(1, 3) g").unwrap();
+    let in_call = || "SELECT count(*) FROM pg_locks l JOIN pg_class t ON t.oid = l.relation \
+                      WHERE t.relname = 'hang_busy' AND l.pid = (SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox delivery worker')";
+    assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut c, in_call()) > 0), "the worker is in the function");
+    // (the call already sleeps; the next worker's call will not)
+    c.batch_execute("DELETE FROM hang_busy").unwrap();
+    let before = worker_pid(&mut c).unwrap();
+    c.batch_execute(&format!("SELECT pg_terminate_backend({before})")).unwrap();
+    assert!(eventually(Duration::from_secs(10), || worker_pid(&mut c).is_some_and(|p| p != before)), "restarted");
+    assert!(eventually(Duration::from_secs(15), || settled(&mut c, "busy")), "the batch in the call is delivered again");
+    let applied: HashSet<i64> = c.query("SELECT id FROM applied_busy", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(applied, (1..=3).collect::<HashSet<_>>());
+}
+
 /// A cluster of its own, for tests that measure time or CPU and must not share the worker.
 fn own_cluster() -> Cluster {
     own_cluster_with(&PRELOAD)
@@ -447,6 +518,37 @@ fn the_worker_ignores_hostile_objects_on_the_database_search_path() {
     assert!(eventually(Duration::from_secs(15), || scalar_i64(&mut c, "SELECT count(*)::bigint FROM outbox_events") <= 1));
     let calls: Vec<String> = c.query("SELECT what FROM public.attack_log", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert!(calls.is_empty(), "hostile objects were called: {calls:?}");
+}
+
+/// A function sink runs as its owner, and what it sets must not stay set in the worker: with
+/// the database's search_path left behind, the worker's next queries, run as superuser, called
+/// the owner's operators.
+#[test]
+fn settings_a_function_sink_makes_do_not_outlive_its_call() {
+    let recorder = Recorder::start(|_| Reply::status(200));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    plant_hostile_objects(&mut c);
+    table(&mut c, "docs_meddle");
+    c.batch_execute(
+        "CREATE TABLE public.applied_meddle (event_id bigint);
+         CREATE FUNCTION public.meddle(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_catalog.set_config('search_path', 'evil, public, pg_catalog', false);
+             INSERT INTO public.applied_meddle SELECT (e->>'id')::bigint FROM pg_catalog.jsonb_array_elements(batch) e;
+         END $$;
+         SELECT outbox_subscribe('meddled', 'function', '{\"function\": \"public.meddle\"}');",
+    )
+    .unwrap();
+    http_sink(&mut c, "beside_meddled", &recorder, "");
+    for round in 0..3i32 {
+        c.execute("INSERT INTO docs_meddle SELECT g, 'x' FROM pg_catalog.generate_series($1 * 10 + 1, $1 * 10 + 10) g", &[&round])
+            .unwrap();
+        assert!(eventually(Duration::from_secs(10), || settled(&mut c, "meddled") && settled(&mut c, "beside_meddled")));
+    }
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*)::bigint FROM public.applied_meddle"), 30);
+    let calls: Vec<String> = c.query("SELECT what FROM public.attack_log", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(calls.is_empty(), "the worker called the sink owner's objects: {calls:?}");
 }
 
 /// Separate clusters: these stop and restart the server.
