@@ -304,7 +304,10 @@ impl Worker {
             let now = Instant::now();
             let mut jobs = Vec::new();
             let mut busy = false;
-            let ids: Vec<i32> = self.sinks.keys().copied().collect();
+            // in id order, as a requeue of every subscription locks them, so the two never
+            // wait for each other's locks in a circle
+            let mut ids: Vec<i32> = self.sinks.keys().copied().collect();
+            ids.sort_unstable();
             for id in ids {
                 let runner = self.sinks.get_mut(&id).expect("listed");
                 if runner.in_flight.is_some() || !runner.breaker.allows(now) {
