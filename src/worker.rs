@@ -112,7 +112,19 @@ pub static IS_DELIVERY_WORKER: AtomicBool = AtomicBool::new(false);
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     IS_DELIVERY_WORKER.store(true, Ordering::Relaxed);
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SIGTERM (a server stop, pg_terminate_backend) ends the worker at its next interrupt check,
+    // as it ends a backend (Postgres' own handler): also while it waits for a lock (a replay
+    // or requeue held open in a transaction, or prepared) or runs a function sink. Whatever
+    // its transaction did rolls back, and the next worker gives back what this one had in
+    // flight.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(die));
+        pg_sys::before_shmem_exit(Some(unpublish_worker), pg_sys::Datum::from(0));
+    }
     let database = guc::worker_database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // Nothing the worker commits needs to wait for its WAL flush: a claim or ack lost in a
@@ -125,12 +137,9 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     log!("outbox worker started for database \"{database}\"");
     let mut worker = Worker::new();
     loop {
-        // Barriers (DROP DATABASE waits on every backend to absorb one) are taken here; the
-        // worker's own SIGTERM handler only sets a flag, so this does not end it.
+        // SIGTERM ends the worker here, and barriers (DROP DATABASE waits on every backend to
+        // absorb one) are taken
         pgrx::check_for_interrupts!();
-        if BackgroundWorker::sigterm_received() {
-            break;
-        }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             if guc::worker_database() != database {
@@ -141,10 +150,20 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
         let wait = if guc::worker_enabled() { worker.round() } else { worker.pause() };
         worker.wait(wait);
     }
+    // exit code 1: the postmaster starts the worker again
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+// Postgres' SIGTERM handler for backends; pgrx binds it only as a Rust function.
+unsafe extern "C-unwind" {
+    fn die(signal: std::ffi::c_int);
+}
+
+/// Committers stop waking the worker once it is gone, however it ends.
+#[pg_guard]
+unsafe extern "C-unwind" fn unpublish_worker(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     WORKER_LATCH.get().store(0, Ordering::Release);
     WORKER_HAS_SINKS.get().store(false, Ordering::Release);
-    // exit code 1: the postmaster starts the worker again, unless it is shutting down
-    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// What a sink's HTTP thread is asked to post.
@@ -554,55 +573,45 @@ enum CallFailed {
     Cancelled(String),
 }
 
-/// What bounds a function sink's call. The timeout is the statement timeout's timer, which a
-/// background worker has registered (InitPostgres does it for every backend), with SIGINT
-/// handled as a query cancel, so it ends the call with the usual "canceling statement due to
-/// statement timeout". And SIGTERM ends the worker at once during the call (Postgres' own
-/// handler, as for a backend running the function): the worker's own handler only sets a flag
-/// it reads between rounds, which would have a stop or `pg_terminate_backend` wait out the
-/// call. The call's subtransaction and the batch's claim then roll back with the worker's
-/// transaction, so the batch is delivered again.
-mod call_limits {
+/// A function sink's call is cancelled after its timeout by the statement timeout's timer,
+/// which a background worker has registered (InitPostgres does it for every backend), with
+/// SIGINT handled as a query cancel, so it ends with the usual "canceling statement due to
+/// statement timeout".
+mod call_timer {
     use std::ffi::c_int;
     use std::time::Duration;
 
-    use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
     use pgrx::pg_sys;
 
     /// `STATEMENT_TIMEOUT` of `TimeoutId`, the same in PostgreSQL 13 to 18.
     const STATEMENT_TIMEOUT: c_int = 3;
 
-    // not bound by pgrx (timeout.h), or bound only as a Rust function (die)
+    // timeout.h, which pgrx does not bind
     unsafe extern "C-unwind" {
         fn enable_timeout_after(id: c_int, delay_ms: c_int);
         fn disable_timeout(id: c_int, keep_indicator: bool);
         fn get_timeout_indicator(id: c_int, reset_indicator: bool) -> bool;
-        fn die(signal: c_int);
     }
 
-    pub fn begin(timeout: Duration) {
+    pub fn start(timeout: Duration) {
         let ms = timeout.as_millis().clamp(1, c_int::MAX as u128) as c_int;
-        unsafe {
-            #[cfg(not(feature = "pg18"))]
-            pg_sys::pqsignal(pg_sys::SIGTERM as c_int, Some(die));
-            #[cfg(feature = "pg18")]
-            pg_sys::pqsignal_be(pg_sys::SIGTERM as c_int, Some(die));
-            pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_after(STATEMENT_TIMEOUT, ms));
-        }
+        unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_after(STATEMENT_TIMEOUT, ms)) };
     }
 
-    /// Stops the timer (a cancel it asked for after the call returned is dropped) and gives
-    /// SIGTERM back to the worker's handler.
-    pub fn end() {
+    /// Stops the timer; returns whether it fired with its cancel not yet acted on (the call
+    /// was in code that checks for none), and drops that cancel, which would otherwise stop the
+    /// worker's own next query.
+    pub fn stop() -> bool {
         unsafe {
             pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                disable_timeout(STATEMENT_TIMEOUT, false);
-                if get_timeout_indicator(STATEMENT_TIMEOUT, true) {
+                disable_timeout(STATEMENT_TIMEOUT, true);
+                let fired = get_timeout_indicator(STATEMENT_TIMEOUT, true);
+                if fired {
                     pg_sys::QueryCancelPending = 0;
                 }
-            });
+                fired
+            })
         }
-        BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     }
 }
 
@@ -643,19 +652,32 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
             );
             let jsonb = pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(batch.as_ptr()))])
                 .expect("jsonb_in returns a value");
-            call_limits::begin(timeout);
+            let started = std::time::Instant::now();
+            call_timer::start(timeout);
             call_ignoring_result(function, jsonb);
-            call_limits::end();
+            // (a call that caught the cancel has had it acted on: only its time tells)
+            let late = call_timer::stop() || started.elapsed() >= timeout;
             pg_sys::AtEOXact_GUC(false, nest_level);
             pg_sys::SetUserIdAndSecContext(user, context);
+            // nor do session advisory locks it took (which a rollback keeps too)
+            pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
+            if late {
+                // past its timeout (it caught the cancel, or ran on where it checks for none):
+                // the batch goes back as if it had been cancelled
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+                pg_sys::MemoryContextSwitchTo(memory);
+                pg_sys::CurrentResourceOwner = resources;
+                return Err(CallFailed::Cancelled("the call ran past its timeout".into()));
+            }
             pg_sys::ReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(memory);
             pg_sys::CurrentResourceOwner = resources;
             Ok(())
         })
         .catch_others(|error| {
-            call_limits::end();
+            call_timer::stop();
             pg_sys::MemoryContextSwitchTo(memory);
+            pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             pg_sys::MemoryContextSwitchTo(memory);
             pg_sys::CurrentResourceOwner = resources;

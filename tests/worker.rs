@@ -356,6 +356,74 @@ fn a_function_sink_past_its_timeout_is_cancelled_and_backs_off_without_holding_u
     assert_eq!(sample(&metrics, "outbox_sink_up{subscription=\"hung\"}"), Some(1.0), "up again");
 }
 
+/// A call that goes past its timeout without being stopped by it (it catches the cancel, or
+/// is in code that checks for none when the timer fires) is handled as cancelled: its work
+/// rolls back and the sink backs off, and the worker carries on.
+#[test]
+fn a_function_sink_past_its_timeout_is_given_back_even_if_the_cancel_did_not_stop_it() {
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_late");
+    c.batch_execute(
+        "CREATE TABLE late_mode (mode text); INSERT INTO late_mode VALUES ('catch');
+         CREATE TABLE applied_late (id bigint);
+         CREATE FUNCTION apply_late(batch jsonb) RETURNS text LANGUAGE plpgsql AS $$
+         DECLARE n int := 200000000;
+         BEGIN
+             INSERT INTO applied_late SELECT (e->'payload'->'key'->>'id')::bigint FROM jsonb_array_elements(batch) e;
+             IF (SELECT mode FROM late_mode) = 'catch' THEN
+                 BEGIN PERFORM pg_sleep(3); EXCEPTION WHEN query_canceled THEN NULL; END;
+             ELSIF (SELECT mode FROM late_mode) = 'uninterrupted' THEN
+                 -- lpad checks for no interrupt, and takes about 2 s: the timer fires inside
+                 -- it, and the call returns with the cancel pending (n is a variable, or the
+                 -- planner would run lpad while planning, and check for interrupts after)
+                 RETURN lpad('', n, 'x');
+             END IF;
+             RETURN NULL;
+         END $$;
+         SELECT outbox_subscribe('late', 'function', '{\"function\": \"public.apply_late\", \"timeout\": \"1s\", \"backoff_base\": \"1s\", \"backoff_max\": \"2s\", \"max_attempts\": 1}');",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let worker = worker_pid(&mut c).unwrap();
+    c.batch_execute("INSERT INTO docs_late VALUES (1, 'x')").unwrap();
+    for mode in ["catch", "uninterrupted"] {
+        c.execute("UPDATE late_mode SET mode = $1", &[&mode]).unwrap();
+        let error = || backlog(&mut cluster.connect("postgres"), "late").get::<_, Option<String>>("last_error").unwrap_or_default();
+        assert!(eventually(Duration::from_secs(10), || error().contains("ran past its timeout")), "{mode}: {}", error());
+        c.batch_execute("UPDATE outbox_sink_state SET last_error = NULL").unwrap();
+        assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM applied_late"), 0, "{mode}: the late call's work rolls back");
+        assert_eq!(backlog(&mut c, "late").get::<_, i64>("dead"), 0);
+        assert_eq!(worker_pid(&mut c), Some(worker), "{mode}: the worker carried on");
+    }
+    c.batch_execute("UPDATE late_mode SET mode = 'quick'").unwrap();
+    assert!(eventually(Duration::from_secs(10), || settled(&mut c, "late")));
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM applied_late"), 1);
+    assert_eq!(worker_pid(&mut c), Some(worker));
+}
+
+/// A replay or requeue held open locks the subscriptions the worker claims from; SIGTERM must
+/// still end the worker at once.
+#[test]
+fn the_worker_can_be_terminated_while_it_waits_for_a_subscription() {
+    let recorder = Recorder::start(|_| Reply::status(200));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_wait");
+    http_sink(&mut c, "search_wait", &recorder, "");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let mut admin = cluster.connect("postgres");
+    admin.batch_execute("BEGIN; SELECT outbox_requeue_dead()").unwrap();
+    c.batch_execute("INSERT INTO docs_wait VALUES (1, 'x')").unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox delivery worker' AND wait_event_type = 'Lock'";
+    assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut c, waiting) == 1), "the worker waits for the lock");
+    let before = worker_pid(&mut c).unwrap();
+    c.batch_execute(&format!("SELECT pg_terminate_backend({before})")).unwrap();
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_none_or(|p| p != before)), "the worker ended");
+    admin.batch_execute("ROLLBACK").unwrap();
+    assert!(eventually(Duration::from_secs(10), || recorder.delivered_keys().contains(&1)));
+}
+
 #[test]
 fn the_worker_can_be_terminated_while_a_function_sink_runs() {
     let cluster = own_cluster();
