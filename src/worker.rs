@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +41,9 @@ use crate::sink::{batch_body, halves, idempotency_key, judge, Breaker, HttpSink,
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"outbox_worker_latch") };
 /// Whether the worker has sinks to serve: capture wakes it only then.
 static WORKER_HAS_SINKS: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"outbox_worker_has_sinks") };
+/// The function sink whose call the worker was last ended to stop (subscription id, high 32
+/// bits) and how many times running (low 32 bits): the next worker backs it off that much.
+static STUCK_SINK: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"outbox_stuck_sink") };
 /// Set in the postmaster when the library is preloaded; backends inherit it.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -71,6 +74,7 @@ pub fn init() {
     PRELOADED.store(true, Ordering::SeqCst);
     pg_shmem_init!(WORKER_LATCH = AtomicUsize::new(0));
     pg_shmem_init!(WORKER_HAS_SINKS = AtomicBool::new(false));
+    pg_shmem_init!(STUCK_SINK = AtomicU64::new(0));
     BackgroundWorkerBuilder::new("outbox delivery worker")
         .set_type("outbox delivery worker")
         .set_library("outbox")
@@ -405,6 +409,19 @@ impl Worker {
                     _ => None,
                 };
                 log!("outbox: delivering subscription \"{name}\" to its {sink_name} sink");
+                let mut breaker = Breaker::default();
+                let overruns = Watchdog::overruns(id);
+                if overruns > 0 {
+                    // a worker before this one was ended to stop a call of this sink: calling it
+                    // again at once would hold up every other sink as long again
+                    for _ in 0..overruns {
+                        breaker.unavailable(Instant::now(), None, &policy, random_unit());
+                    }
+                    let until = breaker.open_until().map(|u| u.saturating_duration_since(Instant::now()));
+                    let reason = "a call ran past twice its timeout, and the worker was restarted to end it";
+                    warning!("outbox: sink of subscription \"{name}\": {reason}; backing off for {until:?}");
+                    record_error(client, extension, id, reason, until)?;
+                }
                 self.sinks.insert(
                     id,
                     SinkRunner {
@@ -412,7 +429,7 @@ impl Worker {
                         name,
                         sink,
                         policy,
-                        breaker: Breaker::default(),
+                        breaker,
                         lane,
                         in_flight: None,
                         last_success_recorded: None,
@@ -540,8 +557,9 @@ fn apply_function(
     let mut pending = VecDeque::from([ids]);
     while let Some(piece) = pending.pop_front() {
         let body = batch_body(piece.iter().map(|id| events[id].as_str()));
-        match call_in_subtransaction(function_oid, owner, &body, timeout) {
+        match call_in_subtransaction(function_oid, owner, &body, timeout, subscription) {
             Ok(()) => {
+                Watchdog::forgive(subscription);
                 consume::ack_in(client, extension, piece, &runner.name)?;
                 record_success(client, extension, subscription, runner)?;
             }
@@ -615,9 +633,78 @@ mod call_timer {
     }
 }
 
-/// Runs `function(batch)` as `owner` in a subtransaction, cancelled after `timeout`; an ERROR
-/// rolls the subtransaction back and comes back as its message.
-fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str, timeout: Duration) -> Result<(), CallFailed> {
+/// Ends the worker (SIGTERM to itself, which `die` handles) when a function sink's call
+/// outlives its timeout by as much again: a function that catches the cancel (`EXCEPTION WHEN
+/// query_canceled`) in a loop stops for nothing less, and would hold up every other sink for
+/// as long as it ran. The next worker backs that sink off (see `Worker::refresh`) rather than
+/// calling it again at once.
+struct Watchdog {
+    disarm: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Watchdog {
+    fn arm(subscription: i32, after: Duration) -> Watchdog {
+        let (disarm, disarmed) = mpsc::channel::<()>();
+        let thread = spawn_without_signals(move || {
+            if disarmed.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout) {
+                let stuck = STUCK_SINK.get();
+                let times = match stuck.load(Ordering::Acquire) {
+                    last if (last >> 32) as i32 == subscription => (last & u64::from(u32::MAX)) + 1,
+                    _ => 1,
+                };
+                stuck.store(((subscription as u32 as u64) << 32) | times, Ordering::Release);
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            }
+        });
+        Watchdog { disarm, thread }
+    }
+
+    fn disarm(self) {
+        let _ = self.disarm.send(());
+        let _ = self.thread.join();
+    }
+
+    /// The sink returned in time: its earlier overruns no longer count.
+    fn forgive(subscription: i32) {
+        let stuck = STUCK_SINK.get();
+        let last = stuck.load(Ordering::Acquire);
+        if last != 0 && (last >> 32) as i32 == subscription {
+            let _ = stuck.compare_exchange(last, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// How many times running the worker was ended to stop a call of `subscription`'s sink.
+    fn overruns(subscription: i32) -> u32 {
+        let last = STUCK_SINK.get().load(Ordering::Acquire);
+        if (last >> 32) as i32 == subscription { (last & u64::from(u32::MAX)) as u32 } else { 0 }
+    }
+}
+
+/// Runs `function(batch)` as `owner` in a subtransaction, cancelled after `timeout` (and the
+/// worker ended at twice that); an ERROR rolls the subtransaction back and comes back as its
+/// message.
+fn call_in_subtransaction(
+    function: pg_sys::Oid,
+    owner: pg_sys::Oid,
+    batch: &str,
+    timeout: Duration,
+    subscription: i32,
+) -> Result<(), CallFailed> {
+    let started = std::time::Instant::now();
+    let watchdog = Watchdog::arm(subscription, timeout.saturating_mul(2));
+    let outcome = unsafe { call_as_owner(function, owner, batch, timeout, started) };
+    watchdog.disarm();
+    outcome
+}
+
+unsafe fn call_as_owner(
+    function: pg_sys::Oid,
+    owner: pg_sys::Oid,
+    batch: &str,
+    timeout: Duration,
+    started: std::time::Instant,
+) -> Result<(), CallFailed> {
     unsafe {
         let batch = std::ffi::CString::new(batch).map_err(|e| CallFailed::Raised(e.to_string()))?;
         let memory = pg_sys::CurrentMemoryContext;
@@ -652,7 +739,6 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
             );
             let jsonb = pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(batch.as_ptr()))])
                 .expect("jsonb_in returns a value");
-            let started = std::time::Instant::now();
             call_timer::start(timeout);
             call_ignoring_result(function, jsonb);
             // (a call that caught the cancel has had it acted on: only its time tells)
@@ -687,6 +773,9 @@ fn call_in_subtransaction(function: pg_sys::Oid, owner: pg_sys::Oid, batch: &str
                 | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => {
                     if report.sql_error_code() == pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
                         CallFailed::Cancelled(report.message().to_string())
+                    } else if started.elapsed() >= timeout {
+                        // (it caught the cancel, then failed: the sink was too slow all the same)
+                        CallFailed::Cancelled(format!("the call ran past its timeout, then failed: {}", report.message()))
                     } else {
                         CallFailed::Raised(report.message().to_string())
                     }
@@ -714,29 +803,35 @@ unsafe fn call_ignoring_result(function: pg_sys::Oid, argument: pg_sys::Datum) {
     }
 }
 
-/// Starts the thread that posts a sink's batches. Signals stay with the main thread: the
-/// thread is spawned with every signal blocked.
+/// Starts the thread that posts a sink's batches.
 fn spawn_lane(http: HttpSink, results: mpsc::Sender<HttpResult>, mut wake: UnixStream) -> mpsc::Sender<HttpJob> {
     let (sender, jobs) = mpsc::channel::<HttpJob>();
     let http = Arc::new(http);
+    spawn_without_signals(move || {
+        for job in jobs {
+            let outcome = post_batch(&http, &job);
+            let result = HttpResult { subscription: job.subscription, generation: job.generation, ids: job.ids, outcome };
+            if results.send(result).is_err() {
+                break;
+            }
+            let _ = wake.write(&[1]);
+        }
+    });
+    sender
+}
+
+/// A thread of the worker that never calls Postgres, spawned with every signal blocked, so
+/// that signals reach the main thread, whose handlers Postgres expects to run.
+fn spawn_without_signals(work: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
-        std::thread::spawn(move || {
-            for job in jobs {
-                let outcome = post_batch(&http, &job);
-                let result = HttpResult { subscription: job.subscription, generation: job.generation, ids: job.ids, outcome };
-                if results.send(result).is_err() {
-                    break;
-                }
-                let _ = wake.write(&[1]);
-            }
-        });
+        let thread = std::thread::spawn(work);
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        thread
     }
-    sender
 }
 
 /// How much of a response body the worker reads (`judge` keeps 200 characters of it).

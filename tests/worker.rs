@@ -368,15 +368,20 @@ fn a_function_sink_past_its_timeout_is_given_back_even_if_the_cancel_did_not_sto
         "CREATE TABLE late_mode (mode text); INSERT INTO late_mode VALUES ('catch');
          CREATE TABLE applied_late (id bigint);
          CREATE FUNCTION apply_late(batch jsonb) RETURNS text LANGUAGE plpgsql AS $$
-         DECLARE n int := 200000000;
+         DECLARE started timestamptz := clock_timestamp(); n int := 30000000;
          BEGIN
              INSERT INTO applied_late SELECT (e->'payload'->'key'->>'id')::bigint FROM jsonb_array_elements(batch) e;
              IF (SELECT mode FROM late_mode) = 'catch' THEN
                  BEGIN PERFORM pg_sleep(3); EXCEPTION WHEN query_canceled THEN NULL; END;
+             ELSIF (SELECT mode FROM late_mode) = 'catch, then fail' THEN
+                 BEGIN PERFORM pg_sleep(3); EXCEPTION WHEN query_canceled THEN NULL; END;
+                 RAISE EXCEPTION 'gave up late';
              ELSIF (SELECT mode FROM late_mode) = 'uninterrupted' THEN
-                 -- lpad checks for no interrupt, and takes about 2 s: the timer fires inside
-                 -- it, and the call returns with the cancel pending (n is a variable, or the
-                 -- planner would run lpad while planning, and check for interrupts after)
+                 -- lpad checks for no interrupt, and takes about 0.3 s: started at 0.9 s, the
+                 -- timer fires inside it, and the call returns with the cancel pending, before
+                 -- twice its timeout (n is a variable, or the planner would run lpad while
+                 -- planning, and check for interrupts after)
+                 PERFORM pg_sleep(greatest(0, 0.9 - extract(epoch FROM clock_timestamp() - started)::float8));
                  RETURN lpad('', n, 'x');
              END IF;
              RETURN NULL;
@@ -387,19 +392,61 @@ fn a_function_sink_past_its_timeout_is_given_back_even_if_the_cancel_did_not_sto
     assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
     let worker = worker_pid(&mut c).unwrap();
     c.batch_execute("INSERT INTO docs_late VALUES (1, 'x')").unwrap();
-    for mode in ["catch", "uninterrupted"] {
+    for mode in ["catch", "catch, then fail", "uninterrupted"] {
         c.execute("UPDATE late_mode SET mode = $1", &[&mode]).unwrap();
         let error = || backlog(&mut cluster.connect("postgres"), "late").get::<_, Option<String>>("last_error").unwrap_or_default();
-        assert!(eventually(Duration::from_secs(10), || error().contains("ran past its timeout")), "{mode}: {}", error());
+        // (under load the timer may fire before lpad, and the cancel stop the call as usual)
+        let expected = if mode == "uninterrupted" { "timeout" } else { "ran past its timeout" };
+        assert!(eventually(Duration::from_secs(10), || error().contains(expected)), "{mode}: {}", error());
         c.batch_execute("UPDATE outbox_sink_state SET last_error = NULL").unwrap();
         assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM applied_late"), 0, "{mode}: the late call's work rolls back");
-        assert_eq!(backlog(&mut c, "late").get::<_, i64>("dead"), 0);
+        assert_eq!(backlog(&mut c, "late").get::<_, i64>("dead"), 0, "{mode}: a late call uses no attempt");
         assert_eq!(worker_pid(&mut c), Some(worker), "{mode}: the worker carried on");
     }
     c.batch_execute("UPDATE late_mode SET mode = 'quick'").unwrap();
     assert!(eventually(Duration::from_secs(10), || settled(&mut c, "late")));
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM applied_late"), 1);
     assert_eq!(worker_pid(&mut c), Some(worker));
+}
+
+/// A function that catches every cancel is stopped the only way left, by ending the worker;
+/// the next worker backs its sink off instead of calling it again at once, and the other
+/// sinks are held up for no more than twice its timeout.
+#[test]
+fn a_function_sink_that_keeps_catching_the_cancel_is_ended_with_the_worker() {
+    let fast = Recorder::start(|_| Reply::status(200));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_stubborn");
+    c.batch_execute(
+        "CREATE TABLE stubborn_flag (on_ boolean); INSERT INTO stubborn_flag VALUES (true);
+         CREATE TABLE applied_stubborn (id bigint);
+         CREATE FUNCTION apply_stubborn(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             WHILE EXISTS (SELECT 1 FROM stubborn_flag) LOOP
+                 BEGIN PERFORM pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN NULL; END;
+             END LOOP;
+             INSERT INTO applied_stubborn SELECT (e->'payload'->'key'->>'id')::bigint FROM jsonb_array_elements(batch) e;
+         END $$;
+         SELECT outbox_subscribe('stubborn', 'function', '{\"function\": \"public.apply_stubborn\", \"timeout\": \"1s\", \"backoff_base\": \"3s\", \"backoff_max\": \"5s\"}');",
+    )
+    .unwrap();
+    http_sink(&mut c, "beside_stubborn", &fast, "");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let first = worker_pid(&mut c).unwrap();
+    c.batch_execute("INSERT INTO docs_stubborn VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(8), || fast.delivered_keys().contains(&1)), "the other sink was held up");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some_and(|p| p != first)), "the worker was ended to stop the call");
+    let stubborn = backlog(&mut c, "stubborn");
+    let error: String = stubborn.get("last_error");
+    assert!(error.contains("restarted"), "{error}");
+    // backing off: the next insert reaches the other sink at once
+    c.batch_execute("INSERT INTO docs_stubborn VALUES (2, 'x')").unwrap();
+    assert!(eventually(Duration::from_millis(1500), || fast.delivered_keys().contains(&2)), "held up again");
+    c.batch_execute("DELETE FROM stubborn_flag").unwrap();
+    assert!(eventually(Duration::from_secs(20), || settled(&mut c, "stubborn")), "{:?}", backlog(&mut c, "stubborn"));
+    let applied: HashSet<i64> = c.query("SELECT id FROM applied_stubborn", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(applied, HashSet::from([1, 2]));
 }
 
 /// A replay or requeue held open locks the subscriptions the worker claims from; SIGTERM must

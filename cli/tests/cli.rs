@@ -471,22 +471,33 @@ fn bad_arguments_and_unreachable_databases_are_one_line_errors() {
     assert!(stderr.starts_with("outbox: sslmode=require from PGSSLMODE needs TLS") && stderr.contains("SSH tunnel"), "{stderr}");
 }
 
-/// An exporter on a free port, once it accepts connections.
-fn spawn_exporter(dsn: &str, stderr: Stdio) -> (Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let exporter = Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(["--dsn", dsn, "metrics", "serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    assert!(eventually(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok()));
-    (exporter, port)
+/// An exporter on a free port, once it accepts connections. The port is free when chosen, but
+/// tests running at once (and the servers they start) choose ports too: an exporter that could
+/// not listen on it is started again on another.
+fn spawn_exporter(dsn: &str, piped_stderr: bool) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut exporter = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["--dsn", dsn, "metrics", "serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(if piped_stderr { Stdio::piped() } else { Stdio::null() })
+            .spawn()
+            .unwrap();
+        let listening = eventually(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok() || exporter.try_wait().unwrap().is_some()
+        });
+        if listening && exporter.try_wait().unwrap().is_none() {
+            return (exporter, port);
+        }
+        let _ = exporter.kill();
+        let _ = exporter.wait();
+    }
+    panic!("the exporter did not listen on any of five free ports");
 }
 
 #[test]
 fn exporter_says_once_why_it_cannot_reach_the_database() {
-    let (exporter, port) = spawn_exporter("host=/nonexistent-dir port=5432 user=postgres dbname=x", Stdio::piped());
+    let (exporter, port) = spawn_exporter("host=/nonexistent-dir port=5432 user=postgres dbname=x", true);
     for _ in 0..3 {
         let (status, body) = scrape(port).unwrap();
         assert_eq!((status.as_str(), sample(&body, "outbox_up")), ("HTTP/1.1 200 OK", Some(0.0)));
@@ -502,7 +513,7 @@ fn exporter_says_once_why_it_cannot_reach_the_database() {
 #[test]
 fn exporter_serves_each_client_on_its_own_and_bounds_requests() {
     let (dsn, _) = setup("cli_exporter_clients");
-    let (mut exporter, port) = spawn_exporter(&dsn, Stdio::null());
+    let (mut exporter, port) = spawn_exporter(&dsn, false);
 
     // half a request, and then nothing
     let mut dawdler = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -560,14 +571,7 @@ fn exporter_serves_outbox_up_0_while_the_database_is_away_and_recovers() {
     .unwrap();
     drop(c);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut exporter = Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(["--dsn", &cluster.dsn(&db), "metrics", "serve", "--listen", &listen])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut exporter, port) = spawn_exporter(&cluster.dsn(&db), false);
     let mut last = None;
     assert!(eventually(Duration::from_secs(10), || {
         last = scrape(port);
