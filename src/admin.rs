@@ -42,8 +42,7 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
     // (and wait for one under way), so that the events it is to see are not dropped under it.
     unsafe { pg_sys::LockRelationOid(extension.rotation, pg_sys::RowShareLock as pg_sys::LOCKMODE) };
     if let Some(role) = crate::sink::consumer_role(options)? {
-        let exists = std::ffi::CString::new(role).is_ok_and(|name| unsafe { pg_sys::get_role_oid(name.as_ptr(), true) } != pg_sys::InvalidOid);
-        if !exists {
+        if crate::consume::role_oid(role).is_none() {
             return Err(OutboxError::InvalidOptions(format!("consumer_role: role \"{role}\" does not exist")));
         }
     }

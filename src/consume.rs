@@ -131,14 +131,17 @@ fn consumable_subscription(
     }
     if let Some(role) = crate::sink::consumer_role(&options.0)? {
         // as LOCK_SUBSCRIPTION checks it for claims
-        let role_oid = std::ffi::CString::new(role)
-            .map(|name| unsafe { pg_sys::get_role_oid(name.as_ptr(), true) })
-            .unwrap_or(pg_sys::InvalidOid);
-        if role_oid == pg_sys::InvalidOid || !unsafe { pg_sys::has_privs_of_role(caller(), role_oid) } {
+        if !role_oid(role).is_some_and(|role| unsafe { pg_sys::has_privs_of_role(caller(), role) }) {
             return Err(OutboxError::NotConsumer(name.to_string(), role.to_string()));
         }
     }
     Ok((id, options))
+}
+
+/// The role named, if it exists.
+pub fn role_oid(name: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(name).ok()?;
+    Some(unsafe { pg_sys::get_role_oid(name.as_ptr(), true) }).filter(|oid| *oid != pg_sys::InvalidOid)
 }
 
 /// The role calling the API: the session's, since the API functions run as their owner.

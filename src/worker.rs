@@ -237,6 +237,9 @@ struct Worker {
     results_sender: mpsc::Sender<HttpResult>,
     wake_read: UnixStream,
     wake_write: UnixStream,
+    /// The function sink a worker before this one was ended to stop, and how many times
+    /// running: backed off once, when its first runner is made.
+    overrun: Option<(i32, u32)>,
 }
 
 fn extension_created() -> bool {
@@ -266,7 +269,16 @@ impl Worker {
         let (results_sender, results) = mpsc::channel();
         let (wake_read, wake_write) = UnixStream::pair().expect("socket pair");
         wake_read.set_nonblocking(true).expect("non-blocking socket");
-        Worker { next_retention: Instant::now(), sinks: HashMap::new(), runners_made: 0, results, results_sender, wake_read, wake_write }
+        Worker {
+            next_retention: Instant::now(),
+            sinks: HashMap::new(),
+            runners_made: 0,
+            results,
+            results_sender,
+            wake_read,
+            wake_write,
+            overrun: Watchdog::overrun(),
+        }
     }
 
     /// With the worker disabled: forget the sinks and let capture stop waking us.
@@ -410,11 +422,10 @@ impl Worker {
                 };
                 log!("outbox: delivering subscription \"{name}\" to its {sink_name} sink");
                 let mut breaker = Breaker::default();
-                let overruns = Watchdog::overruns(id);
-                if overruns > 0 {
+                if let Some((_, overruns)) = self.overrun.take_if(|(stuck, _)| *stuck == id) {
                     // a worker before this one was ended to stop a call of this sink: calling it
                     // again at once would hold up every other sink as long again
-                    for _ in 0..overruns {
+                    for _ in 0..overruns.min(32) {
                         breaker.unavailable(Instant::now(), None, &policy, random_unit());
                     }
                     let until = breaker.open_until().map(|u| u.saturating_duration_since(Instant::now()));
@@ -501,6 +512,7 @@ impl Worker {
 }
 
 fn record_success(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32, runner: &mut SinkRunner) -> Result<(), OutboxError> {
+    Watchdog::forgive(subscription);
     if let Transition::Recovered = runner.breaker.delivered() {
         log!("outbox: sink of subscription \"{}\" is delivering again", runner.name);
         runner.last_success_recorded = None;
@@ -559,7 +571,6 @@ fn apply_function(
         let body = batch_body(piece.iter().map(|id| events[id].as_str()));
         match call_in_subtransaction(function_oid, owner, &body, timeout, subscription) {
             Ok(()) => {
-                Watchdog::forgive(subscription);
                 consume::ack_in(client, extension, piece, &runner.name)?;
                 record_success(client, extension, subscription, runner)?;
             }
@@ -650,7 +661,7 @@ impl Watchdog {
             if disarmed.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout) {
                 let stuck = STUCK_SINK.get();
                 let times = match stuck.load(Ordering::Acquire) {
-                    last if (last >> 32) as i32 == subscription => (last & u64::from(u32::MAX)) + 1,
+                    last if (last >> 32) as i32 == subscription => ((last & u64::from(u32::MAX)) + 1).min(u64::from(u32::MAX)),
                     _ => 1,
                 };
                 stuck.store(((subscription as u32 as u64) << 32) | times, Ordering::Release);
@@ -665,7 +676,7 @@ impl Watchdog {
         let _ = self.thread.join();
     }
 
-    /// The sink returned in time: its earlier overruns no longer count.
+    /// The sink delivered: its earlier overruns no longer count.
     fn forgive(subscription: i32) {
         let stuck = STUCK_SINK.get();
         let last = stuck.load(Ordering::Acquire);
@@ -674,10 +685,10 @@ impl Watchdog {
         }
     }
 
-    /// How many times running the worker was ended to stop a call of `subscription`'s sink.
-    fn overruns(subscription: i32) -> u32 {
+    /// The sink whose call a worker was last ended to stop, and how many times running.
+    fn overrun() -> Option<(i32, u32)> {
         let last = STUCK_SINK.get().load(Ordering::Acquire);
-        if (last >> 32) as i32 == subscription { (last & u64::from(u32::MAX)) as u32 } else { 0 }
+        (last != 0).then_some(((last >> 32) as i32, (last & u64::from(u32::MAX)) as u32))
     }
 }
 
@@ -763,8 +774,9 @@ unsafe fn call_as_owner(
         .catch_others(|error| {
             call_timer::stop();
             pg_sys::MemoryContextSwitchTo(memory);
-            pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            // (after the rollback, which releases the LWLocks an error may have left held)
+            pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
             pg_sys::MemoryContextSwitchTo(memory);
             pg_sys::CurrentResourceOwner = resources;
             Err(match error {
