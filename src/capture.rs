@@ -551,8 +551,7 @@ type AttachmentConfig = (pg_sys::Oid, i64, String, Vec<String>, Option<Vec<Strin
 /// writer's lock on the table waited for the attach to commit, so the latest row is the
 /// triggers' own. (Not a kept plan: a backend reads an attachment once per generation.)
 unsafe fn attachment_config(extension: &Extension, relid: pg_sys::Oid) -> Result<Option<AttachmentConfig>, OutboxError> {
-    let text = queries::ATTACHMENT_CONFIG.text.replace("@extschema@", &extension.schema);
-    let text = std::ffi::CString::new(text).expect("the query has no NUL");
+    let text = std::ffi::CString::new(queries::ATTACHMENT_CONFIG.text_in(extension)).expect("the query has no NUL");
     Spi::connect_mut(|_client| unsafe {
         let mut types = [pg_sys::OIDOID];
         let plan = pg_sys::SPI_prepare(text.as_ptr(), 1, types.as_mut_ptr());

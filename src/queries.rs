@@ -21,6 +21,13 @@ pub struct Sql {
     pub args: &'static [Oid],
 }
 
+impl Sql {
+    /// The text with `@extschema@` replaced by the extension's schema.
+    pub fn text_in(&self, extension: &Extension) -> String {
+        self.text.replace("@extschema@", &extension.schema)
+    }
+}
+
 /// A statement in two versions: for databases whose SQL has the straddle floor (0.4.0), and for
 /// those still at an older release, which this library keeps claiming from until they are
 /// updated (there the floor stays at the bottom, which holds for any history). Remove the
@@ -92,7 +99,7 @@ fn prepared(
     if let Some(plan) = PLANS.with(|p| p.borrow().get(&key).cloned()) {
         return Ok(plan);
     }
-    let mut text = sql.text.replace("@extschema@", &extension.schema);
+    let mut text = sql.text_in(extension);
     if let Some(segment) = segment {
         text = text.replace("@segment@", &segment.to_string());
     }

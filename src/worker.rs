@@ -722,7 +722,7 @@ unsafe fn call_as_owner(
         let resources = pg_sys::CurrentResourceOwner;
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(memory);
-        PgTryBuilder::new(|| {
+        let outcome = PgTryBuilder::new(|| {
             let mut user = pg_sys::InvalidOid;
             let mut context = 0;
             pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
@@ -758,18 +758,7 @@ unsafe fn call_as_owner(
             pg_sys::SetUserIdAndSecContext(user, context);
             // nor do session advisory locks it took (which a rollback keeps too)
             pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
-            if late {
-                // past its timeout (it caught the cancel, or ran on where it checks for none):
-                // the batch goes back as if it had been cancelled
-                pg_sys::RollbackAndReleaseCurrentSubTransaction();
-                pg_sys::MemoryContextSwitchTo(memory);
-                pg_sys::CurrentResourceOwner = resources;
-                return Err(CallFailed::Cancelled("the call ran past its timeout".into()));
-            }
-            pg_sys::ReleaseCurrentSubTransaction();
-            pg_sys::MemoryContextSwitchTo(memory);
-            pg_sys::CurrentResourceOwner = resources;
-            Ok(())
+            Ok(late)
         })
         .catch_others(|error| {
             call_timer::stop();
@@ -794,7 +783,23 @@ unsafe fn call_as_owner(
                 }
             })
         })
-        .execute()
+        .execute();
+        // The subtransaction is finished outside the try: an error in finishing it is the
+        // worker's own, and the catch above must not roll back a second time, the level above.
+        let late = outcome?;
+        if late {
+            // past its timeout (it caught the cancel, or ran on where it checks for none): the
+            // batch goes back as if it had been cancelled
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::ReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(memory);
+        pg_sys::CurrentResourceOwner = resources;
+        if late {
+            return Err(CallFailed::Cancelled("the call ran past its timeout".into()));
+        }
+        Ok(())
     }
 }
 
