@@ -42,7 +42,8 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
     // (and wait for one under way), so that the events it is to see are not dropped under it.
     unsafe { pg_sys::LockRelationOid(extension.rotation, pg_sys::RowShareLock as pg_sys::LOCKMODE) };
     if let Some(role) = crate::sink::consumer_role(options)? {
-        if crate::consume::role_oid(role).is_none() {
+        let exists = std::ffi::CString::new(role).is_ok_and(|name| unsafe { pg_sys::get_role_oid(name.as_ptr(), true) } != pg_sys::InvalidOid);
+        if !exists {
             return Err(OutboxError::InvalidOptions(format!("consumer_role: role \"{role}\" does not exist")));
         }
     }
@@ -74,13 +75,15 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
     })
 }
 
-/// Locks the subscription named, as its claims do (see LOCK_SUBSCRIPTIONS).
+/// Locks the subscription named, or every one, as claims do (see LOCK_SUBSCRIPTIONS); returns
+/// the first one's id, if any.
+fn lock_subscriptions(client: &mut pgrx::spi::SpiClient<'_>, extension: &Extension, name: Option<&str>) -> Result<Option<i32>, OutboxError> {
+    let locked = run(client, extension, &q::LOCK_SUBSCRIPTIONS, &[name.into()])?;
+    locked.into_iter().next().map(|row| required(&row, 1)).transpose()
+}
+
 fn lock_subscription(client: &mut pgrx::spi::SpiClient<'_>, extension: &Extension, name: &str) -> Result<i32, OutboxError> {
-    let locked = run(client, extension, &q::LOCK_SUBSCRIPTIONS, &[Some(name).into()])?;
-    match locked.into_iter().next() {
-        Some(row) => required(&row, 1),
-        None => Err(OutboxError::UnknownSubscription(name.to_string())),
-    }
+    lock_subscriptions(client, extension, Some(name))?.ok_or_else(|| OutboxError::UnknownSubscription(name.to_string()))
 }
 
 pub fn unsubscribe(name: &str) -> Result<(), OutboxError> {
@@ -205,13 +208,9 @@ pub fn requeue_dead(subscription: Option<&str>, ids: Option<Vec<Option<i64>>>) -
     let extension = Extension::current()?;
     Spi::connect_mut(|client| {
         // for the reason replay locks it
-        match subscription {
-            Some(name) => {
-                lock_subscription(client, &extension, name)?;
-            }
-            None => {
-                run(client, &extension, &q::LOCK_SUBSCRIPTIONS, &[None::<&str>.into()])?;
-            }
+        let locked = lock_subscriptions(client, &extension, subscription)?;
+        if let (Some(name), None) = (subscription, locked) {
+            return Err(OutboxError::UnknownSubscription(name.to_string()));
         }
         let table = run(client, &extension, &q::REQUEUE_DEAD, &[subscription.into(), ids.into(), timestamp(now()).into()])?;
         Ok(table.first().get::<i64>(1)?.unwrap_or(0))

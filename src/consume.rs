@@ -95,18 +95,27 @@ pub fn subscription_by_name(
     extension: &Extension,
     name: &str,
 ) -> Result<(i32, pgrx::JsonB), OutboxError> {
-    let (id, options, _) = subscription_with_sink(client, extension, name)?;
-    Ok((id, options))
+    let found = find_subscription(client, extension, name)?;
+    Ok((found.id, found.options))
 }
 
-fn subscription_with_sink(
-    client: &mut SpiClient<'_>,
-    extension: &Extension,
-    name: &str,
-) -> Result<(i32, pgrx::JsonB, String), OutboxError> {
-    let table = run(client, extension, &q::FIND_SUBSCRIPTION, &[name.into()])?;
+struct FoundSubscription {
+    id: i32,
+    options: pgrx::JsonB,
+    sink: String,
+    /// Whether the caller may claim, ack and fail it (its consumer_role).
+    consumable: bool,
+}
+
+fn find_subscription(client: &mut SpiClient<'_>, extension: &Extension, name: &str) -> Result<FoundSubscription, OutboxError> {
+    let table = run(client, extension, &q::FIND_SUBSCRIPTION, &[name.into(), caller().into()])?;
     match table.into_iter().next() {
-        Some(row) => Ok((required(&row, 1)?, required(&row, 2)?, required(&row, 3)?)),
+        Some(row) => Ok(FoundSubscription {
+            id: required(&row, 1)?,
+            options: required(&row, 2)?,
+            sink: required(&row, 3)?,
+            consumable: required(&row, 4)?,
+        }),
         None => Err(OutboxError::UnknownSubscription(name.to_string())),
     }
 }
@@ -125,23 +134,15 @@ fn consumable_subscription(
     extension: &Extension,
     name: &str,
 ) -> Result<(i32, pgrx::JsonB), OutboxError> {
-    let (id, options, sink) = subscription_with_sink(client, extension, name)?;
-    if sink != "pull" && !is_worker() {
-        return Err(OutboxError::NotPull(name.to_string(), sink));
+    let found = find_subscription(client, extension, name)?;
+    if found.sink != "pull" && !is_worker() {
+        return Err(OutboxError::NotPull(name.to_string(), found.sink));
     }
-    if let Some(role) = crate::sink::consumer_role(&options.0)? {
-        // as LOCK_SUBSCRIPTION checks it for claims
-        if !role_oid(role).is_some_and(|role| unsafe { pg_sys::has_privs_of_role(caller(), role) }) {
-            return Err(OutboxError::NotConsumer(name.to_string(), role.to_string()));
-        }
+    if !found.consumable {
+        let role = crate::sink::consumer_role(&found.options.0)?.unwrap_or_default();
+        return Err(OutboxError::NotConsumer(name.to_string(), role.to_string()));
     }
-    Ok((id, options))
-}
-
-/// The role named, if it exists.
-pub fn role_oid(name: &str) -> Option<pg_sys::Oid> {
-    let name = std::ffi::CString::new(name).ok()?;
-    Some(unsafe { pg_sys::get_role_oid(name.as_ptr(), true) }).filter(|oid| *oid != pg_sys::InvalidOid)
+    Ok((found.id, found.options))
 }
 
 /// The role calling the API: the session's, since the API functions run as their owner.
@@ -493,14 +494,15 @@ fn settle(
     subscription: i32,
     holding: &Holding,
 ) -> Result<(), OutboxError> {
-    let open = holding.claim.open_count - holding.hits.len() as i32;
-    match holding.oldest_left {
-        Some(oldest) if open > 0 => {
-            let args = [subscription.into(), holding.claim.claim_id.into(), open.into(), timestamp(oldest).into()];
+    let claim = &holding.claim;
+    match holding.left.iter().map(|&i| micros_of(claim.created_ats[i])).min() {
+        Some(oldest) => {
+            let open = holding.left.len() as i32;
+            let args = [subscription.into(), claim.claim_id.into(), open.into(), timestamp(oldest).into()];
             run(client, extension, &q::SET_OPEN_COUNT, &args)?;
         }
-        _ => {
-            run(client, extension, &q::CLOSE_CLAIM, &[subscription.into(), holding.claim.claim_id.into()])?;
+        None => {
+            run(client, extension, &q::CLOSE_CLAIM, &[subscription.into(), claim.claim_id.into()])?;
         }
     }
     Ok(())
@@ -1103,8 +1105,8 @@ struct Holding {
     claim: OpenClaim,
     /// Indexes of its unresolved events among the ids named.
     hits: Vec<usize>,
-    /// When the oldest of its other unresolved events was captured.
-    oldest_left: Option<Micros>,
+    /// Indexes of its other unresolved events.
+    left: Vec<usize>,
 }
 
 /// The open window claims holding any of `wanted`, locked.
@@ -1165,8 +1167,7 @@ fn lock_holding(
         let (hits, left): (Vec<usize>, Vec<usize>) =
             unresolved(client, extension, subscription, &claim)?.into_iter().partition(|&i| wanted.contains(&claim.event_ids[i]));
         if !hits.is_empty() {
-            let oldest_left = left.iter().map(|&i| micros_of(claim.created_ats[i])).min();
-            holding.push(Holding { claim, hits, oldest_left });
+            holding.push(Holding { claim, hits, left });
         }
     }
     Ok(holding)

@@ -213,9 +213,8 @@ pub static UNSUBSCRIBE: Sql = Sql {
                 r AS (DELETE FROM @extschema@.outbox_retries USING gone WHERE subscription_id = gone.id), \
                 c AS (DELETE FROM @extschema@.outbox_claims USING gone WHERE subscription_id = gone.id), \
                 s AS (DELETE FROM @extschema@.outbox_stats USING gone WHERE subscription_id = gone.id), \
-                k AS (DELETE FROM @extschema@.outbox_sink_state USING gone WHERE subscription_id = gone.id), \
-                d AS (DELETE FROM @extschema@.outbox_dead_letters USING gone WHERE subscription = gone.name) \
-           SELECT count(*) FROM gone",
+                k AS (DELETE FROM @extschema@.outbox_sink_state USING gone WHERE subscription_id = gone.id) \
+           DELETE FROM @extschema@.outbox_dead_letters USING gone WHERE subscription = gone.name",
     args: &[INT4],
 };
 
@@ -227,9 +226,22 @@ pub static LOCK_SUBSCRIPTIONS: Sql = Sql {
     args: &[TEXT],
 };
 
+/// Whether the role `$caller` may consume the subscription row at hand: with the privileges of
+/// its `consumer_role`, when its options name one.
+macro_rules! may_consume {
+    ($caller:literal) => {
+        concat!(
+            "(NOT options ? 'consumer_role' OR pg_catalog.pg_has_role(",
+            $caller,
+            ", pg_catalog.to_regrole(pg_catalog.quote_ident(options ->> 'consumer_role')), 'USAGE') IS TRUE)"
+        )
+    };
+}
+
+/// `$2`: the caller, for the fourth column (see may_consume).
 pub static FIND_SUBSCRIPTION: Sql = Sql {
-    text: "SELECT id, options, sink FROM @extschema@.outbox_subscriptions WHERE name = $1",
-    args: &[TEXT],
+    text: concat!("SELECT id, options, sink, ", may_consume!("$2"), " FROM @extschema@.outbox_subscriptions WHERE name = $1"),
+    args: &[TEXT, OID],
 };
 
 // ---------------------------------------------------------------------------------------
@@ -241,18 +253,16 @@ macro_rules! lock_subscription {
             "SELECT id, options, done_seq, window_seq, window_cursor, ",
             $floor_columns,
             ", pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
-             FROM @extschema@.outbox_subscriptions WHERE name = $1 AND (sink = 'pull' OR $2) \
-               AND (NOT options ? 'consumer_role' OR pg_catalog.pg_has_role($3, \
-                      pg_catalog.to_regrole(pg_catalog.quote_ident(options ->> 'consumer_role')), 'USAGE') IS TRUE) \
-             FOR NO KEY UPDATE"
+             FROM @extschema@.outbox_subscriptions WHERE name = $1 AND (sink = 'pull' OR $2) AND ",
+            may_consume!("$3"),
+            " FOR NO KEY UPDATE"
         )
     };
 }
 
 /// Serializes claims of one subscription; acks and fails do not take this lock.
 /// `$2`: whether a subscription with a sink may be locked (by the delivery worker). `$3`: the
-/// caller, who must have the privileges of the subscription's `consumer_role` when it names
-/// one (consume.rs checks the same for acks and fails). A caller without them does not get the
+/// caller, who must be one who may consume it (see may_consume): another does not get the
 /// lock, which an aborted transaction would otherwise hold until it rolls back.
 pub static LOCK_SUBSCRIPTION: ForRelease = ForRelease {
     current: Sql { text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids"), args: &[TEXT, BOOL, OID] },

@@ -63,6 +63,13 @@ fn worker_pid(c: &mut Client) -> Option<i32> {
     c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox delivery worker'", &[]).unwrap().map(|r| r.get(0))
 }
 
+/// Terminates the running worker; returns its pid.
+fn terminate_worker(c: &mut Client) -> i32 {
+    let pid = worker_pid(c).expect("a worker runs");
+    c.execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&pid]).unwrap();
+    pid
+}
+
 #[test]
 fn http_sink_gets_batches_with_idempotency_keys() {
     let _serial = serial();
@@ -468,8 +475,7 @@ fn the_worker_can_be_terminated_while_it_waits_for_a_subscription() {
     c.batch_execute("INSERT INTO docs_wait VALUES (1, 'x')").unwrap();
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox delivery worker' AND wait_event_type = 'Lock'";
     assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut c, waiting) == 1), "the worker waits for the lock");
-    let before = worker_pid(&mut c).unwrap();
-    c.batch_execute(&format!("SELECT pg_terminate_backend({before})")).unwrap();
+    let before = terminate_worker(&mut c);
     assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_none_or(|p| p != before)), "the worker ended");
     admin.batch_execute("ROLLBACK").unwrap();
     assert!(eventually(Duration::from_secs(10), || recorder.delivered_keys().contains(&1)));
@@ -487,8 +493,7 @@ fn the_worker_can_be_terminated_while_a_function_sink_runs() {
     assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut c, in_call()) > 0), "the worker is in the function");
     // (the call already sleeps; the next worker's call will not)
     c.batch_execute("DELETE FROM hang_busy").unwrap();
-    let before = worker_pid(&mut c).unwrap();
-    c.batch_execute(&format!("SELECT pg_terminate_backend({before})")).unwrap();
+    let before = terminate_worker(&mut c);
     assert!(eventually(Duration::from_secs(10), || worker_pid(&mut c).is_some_and(|p| p != before)), "restarted");
     assert!(eventually(Duration::from_secs(15), || settled(&mut c, "busy")), "the batch in the call is delivered again");
     let applied: HashSet<i64> = c.query("SELECT id FROM applied_busy", &[]).unwrap().iter().map(|r| r.get(0)).collect();
@@ -542,8 +547,7 @@ fn the_worker_comes_back_after_being_terminated() {
     table(&mut c, "docs_term");
     http_sink(&mut c, "search_term", &recorder, "");
     assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
-    let before = worker_pid(&mut c).unwrap();
-    c.batch_execute(&format!("SELECT pg_terminate_backend({before})")).unwrap();
+    let before = terminate_worker(&mut c);
     assert!(eventually(Duration::from_secs(10), || worker_pid(&mut c).is_some_and(|p| p != before)), "restarted");
     c.batch_execute("INSERT INTO docs_term VALUES (1, 'after restart')").unwrap();
     assert!(eventually(Duration::from_secs(10), || recorder.delivered_keys().contains(&1)));
@@ -603,8 +607,7 @@ fn the_worker_ignores_hostile_objects_on_the_database_search_path() {
     c.batch_execute("ALTER DATABASE postgres SET search_path = evil, public, pg_catalog").unwrap();
     // a new worker session starts with that search_path
     assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
-    let old = worker_pid(&mut c).unwrap();
-    c.execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&old]).unwrap();
+    let old = terminate_worker(&mut c);
     assert!(eventually(Duration::from_secs(10), || worker_pid(&mut c).is_some_and(|pid| pid != old)));
     table(&mut c, "docs_hostile");
     c.batch_execute(
