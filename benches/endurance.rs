@@ -237,10 +237,11 @@ fn consumer_process(spec: &str) {
     println!("{acked} {last_ack}");
 }
 
-/// Drains subscription `name` with `consumers` processes; returns events/s. The clock runs
-/// from when every consumer has connected to its last ack: starting processes and backends
-/// is not consuming, and it would weigh eight times as much with eight consumers.
-fn drain_with(cluster: &Cluster, name: &str, consumers: usize, batch: i32) -> f64 {
+/// Drains subscription `name` with `consumers` processes; returns events/s and how many of the
+/// machine's cores were busy meanwhile. The clock runs from when every consumer has connected
+/// to its last ack: starting processes and backends is not consuming, and it would weigh eight
+/// times as much with eight consumers.
+fn drain_with(cluster: &Cluster, name: &str, consumers: usize, batch: i32) -> (f64, f64) {
     use std::io::{BufRead, BufReader, Write};
     let mut children: Vec<_> = (0..consumers)
         .map(|_| {
@@ -257,6 +258,7 @@ fn drain_with(cluster: &Cluster, name: &str, consumers: usize, batch: i32) -> f6
             (child, output)
         })
         .collect();
+    let busy_before = busy_cpu_seconds();
     let go = unix_micros();
     for (child, _) in &mut children {
         child.stdin.take().unwrap().write_all(b"go\n").unwrap();
@@ -270,8 +272,18 @@ fn drain_with(cluster: &Cluster, name: &str, consumers: usize, batch: i32) -> f6
         acked += count.parse::<i64>().unwrap();
         last_ack = last_ack.max(at.parse().unwrap());
     }
+    // (until the last consumer has exited: its three empty claims 20 ms apart count too)
+    let busy = (busy_cpu_seconds() - busy_before) / ((unix_micros() - go) as f64 / 1e6);
     assert_eq!(acked, SCALE_EVENTS, "every event acked exactly once");
-    SCALE_EVENTS as f64 / ((last_ack - go) as f64 / 1e6)
+    (SCALE_EVENTS as f64 / ((last_ack - go) as f64 / 1e6), busy)
+}
+
+/// CPU seconds the machine's cores have spent busy since boot (/proc/stat: user, nice, system,
+/// irq, softirq, steal).
+fn busy_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let ticks: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|t| t.parse().unwrap()).collect();
+    [0, 1, 2, 5, 6, 7].iter().map(|&i| ticks[i]).sum::<f64>() / 100.0
 }
 
 fn scale(cluster: &Cluster) {
@@ -312,32 +324,37 @@ fn scale(cluster: &Cluster) {
     // runs go through every configuration in turn, so that a slow spell of the machine does
     // not land on one configuration only
     let mut rates = vec![vec![Vec::new(); SCALE_BATCHES.len()]; SCALE_CONSUMERS.len()];
+    let mut busy = rates.clone();
     for (name, i, j, batch) in &runs {
-        rates[*i][*j].push(drain_with(cluster, name, SCALE_CONSUMERS[*i], *batch));
+        let (rate, cores) = drain_with(cluster, name, SCALE_CONSUMERS[*i], *batch);
+        rates[*i][*j].push(rate);
+        busy[*i][*j].push(cores);
         c.execute("SELECT outbox_unsubscribe($1)", &[name]).unwrap();
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let medians: Vec<Vec<f64>> = rates.into_iter().map(|row| row.into_iter().map(median).collect()).collect();
+    let medians_of = |runs: Vec<Vec<Vec<f64>>>| -> Vec<Vec<f64>> { runs.into_iter().map(|row| row.into_iter().map(median).collect()).collect() };
+    let (medians, busy) = (medians_of(rates), medians_of(busy));
 
     println!("## Pull consumers on one subscription, each a process of its own\n");
     println!(
         "{SCALE_EVENTS} events captured by single-row transactions from four sessions, drained by N consumers \
          through a subscription of its own each run; median of {SCALE_REPEATS} interleaved runs. Each consumer \
          first makes {WARMUP_CLAIMS} claims and acks on a subscription of its own, and the clock runs from when \
-         all are ready to the last ack.\n"
+         all are ready to the last ack. Cores busy: the machine's, consumers included, while they drain.\n"
     );
-    println!("| consumers | batch_size 100 (events/s) | ÷ 1 consumer | batch_size 1000 (events/s) | ÷ 1 consumer |");
-    println!("|---|---|---|---|---|");
+    println!("| consumers | batch_size 100 (events/s) | ÷ 1 consumer | cores busy | batch_size 1000 (events/s) | ÷ 1 consumer | cores busy |");
+    println!("|---|---|---|---|---|---|---|");
     let mut worst = f64::MAX;
     for (i, consumers) in SCALE_CONSUMERS.into_iter().enumerate() {
         let ratio = |j: usize| medians[i][j] / medians[0][j];
         if i > 0 {
             worst = worst.min(medians[i][0] / medians[i - 1][0]).min(medians[i][1] / medians[i - 1][1]);
         }
-        println!("| {consumers} | {:.0} | {:.2} | {:.0} | {:.2} |", medians[i][0], ratio(0), medians[i][1], ratio(1));
+        let (rate, cores) = (&medians[i], &busy[i]);
+        println!("| {consumers} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |", rate[0], ratio(0), cores[0], rate[1], ratio(1), cores[1]);
     }
     println!("\nLowest ratio of a row to the one before (more consumers ÷ fewer): **{worst:.2}**\n");
 }
