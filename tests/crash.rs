@@ -142,7 +142,7 @@ fn only_a_claim_alone_commits_without_a_flush_and_a_crash_loses_no_event() {
     };
     // Each case is tried up to three times, so that a WAL writer round landing right after a
     // commit cannot decide it; a commit that waits or not does so every time.
-    let mut tries = |c: &mut Client, wanted: bool, case: &mut dyn FnMut(&mut Client) -> Vec<i64>| -> Vec<i64> {
+    let tries = |c: &mut Client, wanted: bool, case: &mut dyn FnMut(&mut Client) -> Vec<i64>| -> Vec<i64> {
         let mut ids = Vec::new();
         for _ in 0..3 {
             ids.extend(case(c));
