@@ -317,7 +317,11 @@ pub static RESOLVED_EVENTS: Sql = Sql {
 };
 
 /// The first pending event of each row (and no row event behind a pending TRUNCATE of its
-/// table, no TRUNCATE behind a pending event of its table), oldest first.
+/// table, no TRUNCATE behind a pending event of its table), oldest first, locked in id order
+/// as acks and fails lock them (RETRY_HAND_OUTS). Unlocked, a late ack or fail of an expired
+/// hand-out that committed while the claim ran was overridden: the claim buried an event the
+/// ack had processed (processed and dead at once), or handed out one the fail had put off.
+/// Locked, the claim waits for them and re-checks the row they left (or skips it if gone).
 pub static RETRY_CANDIDATES: Sql = Sql {
     text: "SELECT r.event_id, r.key_hash, r.table_hash, r.attempts, r.leased_until IS NOT NULL \
            FROM @extschema@.outbox_retries r \
@@ -330,7 +334,7 @@ pub static RETRY_CANDIDATES: Sql = Sql {
              AND (r.key_hash <> r.table_hash \
                   OR NOT EXISTS (SELECT 1 FROM @extschema@.outbox_retries p WHERE p.subscription_id = $1 \
                                  AND p.table_hash = r.table_hash AND p.event_id < r.event_id)) \
-           ORDER BY r.event_id LIMIT $3",
+           ORDER BY r.event_id LIMIT $3 FOR UPDATE OF r",
     args: &[INT4, TIME, INT4],
 };
 

@@ -904,6 +904,42 @@ fn a_statement_run_by_a_trigger_of_another_table_is_captured_at_commit() {
     assert_eq!(keys, [11, 12, 13, 21, 22, 23]);
 }
 
+/// A late ack or fail of a retry hand-out whose lease has ended, committing while a claim
+/// handles that hand-out, is not overridden by the claim: the claim waits for it, and then
+/// neither buries the event the ack processed nor hands out the event the fail put off.
+#[test]
+fn a_late_ack_or_fail_of_an_expired_retry_wins_over_a_claim_running_meanwhile() {
+    let (db, mut c) = setup("late_settle_vs_claim", "");
+    c.batch_execute(
+        "SELECT outbox_subscribe('acked', options => '{\"max_attempts\": 2}', from_start => true);
+         SELECT outbox_subscribe('failed', options => '{\"max_attempts\": 5}', from_start => true)",
+    )
+    .unwrap();
+    insert(&mut c, 1..=1);
+    let mut observer = shared().connect(&db);
+    for (subscription, settle) in [("acked", "SELECT outbox_ack($1, 'acked')"), ("failed", "SELECT outbox_fail($1, 'late', 'failed', '1 hour')")] {
+        let first = ids(&claim(&mut c, &format!("SELECT * FROM outbox_claim(10, '{subscription}')")));
+        c.execute("SELECT outbox_fail($1, 'boom', $2, '0')", &[&first, &subscription]).unwrap();
+        let retried = claim(&mut c, &format!("SELECT * FROM outbox_claim(10, '{subscription}', '200 ms')"));
+        assert_eq!((ids(&retried), retried[0].3), (first.clone(), 2));
+        std::thread::sleep(Duration::from_millis(300)); // the hand-out's lease ends
+        c.batch_execute("BEGIN").unwrap();
+        assert_eq!(c.query_one(settle, &[&first]).unwrap().get::<_, i32>(0), 1, "{subscription}: a late settle counts");
+        let claiming_db = db.clone();
+        let sql = format!("SELECT * FROM outbox_claim(10, '{subscription}')");
+        let claiming = std::thread::spawn(move || ids(&claim(&mut shared().connect(&claiming_db), &sql)));
+        let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%outbox_claim(10, %'";
+        assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut observer, waiting) == 1), "{subscription}: the claim waits");
+        c.batch_execute("COMMIT").unwrap();
+        assert_eq!(claiming.join().unwrap(), Vec::<i64>::new(), "{subscription}: nothing to hand out");
+        let dead = format!("SELECT count(*) FROM outbox_dead_letters WHERE subscription = '{subscription}'");
+        assert_eq!(scalar_i64(&mut c, &dead), 0, "{subscription}: not dead");
+    }
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_processed WHERE subscription = 'acked'"), 1);
+    let put_off = "SELECT count(*) FROM outbox_retries WHERE visible_at > now() + interval '50 minutes' AND leased_until IS NULL";
+    assert_eq!(scalar_i64(&mut c, put_off), 1, "the fail's retry_after holds");
+}
+
 /// An unsubscribe that waited for an open claim deletes what that claim recorded; retention
 /// deletes what a fail committing meanwhile can still leave behind.
 #[test]
