@@ -314,17 +314,6 @@ unsafe fn writing_command(trigger: &pg_sys::TriggerData, op: u32) -> pg_sys::Com
     }
 }
 
-/// The command id of the statement whose AFTER statement trigger is running: the one its
-/// snapshot was taken at. The current command id has moved past it when the statement's AFTER
-/// row triggers ran SQL, and the events of that SQL, which came after the statement's own
-/// changes, would then sort before them (see order_for_flush).
-unsafe fn statement_command() -> pg_sys::CommandId {
-    unsafe {
-        let current = pg_sys::GetCurrentCommandId(false);
-        if pg_sys::ActiveSnapshotSet() { current.min((*pg_sys::GetActiveSnapshot()).curcid) } else { current }
-    }
-}
-
 /// Every row of a statement's transition table, as events of `op`.
 unsafe fn capture_transition_table(
     trigger: &pg_sys::TriggerData,
@@ -335,7 +324,7 @@ unsafe fn capture_transition_table(
     let data = if op == Op::Upsert { attachment.data.as_ref() } else { None };
     unsafe {
         let rows = pg_sys::tuplestore_tuple_count(table) as usize;
-        let mut batch = Batch::new(&attachment, rows, statement_command());
+        let mut batch = Batch::new(&attachment, rows, pg_sys::GetCurrentCommandId(false));
         // Transition tables hold rows in the trigger table's row type, converted from a
         // partition's if need be. Another trigger may be reading the same table, so this
         // reader gets a read pointer of its own.
@@ -458,15 +447,9 @@ impl<'a> Batch<'a> {
 /// partition's row events, which wait for a statement), as rolling back to the savepoint would
 /// take their log row along; or of another table, which may be those of an enclosing
 /// statement still running (this one a trigger's), whose row events would be cut into runs
-/// `order_for_flush` keeps apart. Nor does a statement that a trigger ran write: the statement
-/// that fired the trigger may have changed rows of this table that it captures only when it
-/// ends (from its transition table, or with its row triggers still to fire), and those changes
-/// came first. Then everything waits for the next statement of that table, or the commit,
-/// and is written in the order of the statements that made the changes.
+/// `order_for_flush` keeps apart. Then everything waits for the next statement of that table,
+/// or the commit, as the log keeps capture order.
 fn flush_statement(source: u32) -> Result<(), OutboxError> {
-    if run_by_a_trigger() {
-        return Ok(());
-    }
     // subtransaction ids grow with time, and events are kept in capture order
     let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let others = PENDING.with(|p| {
@@ -480,15 +463,7 @@ fn flush_statement(source: u32) -> Result<(), OutboxError> {
     flush()
 }
 
-/// Whether the statement whose capture trigger is running was run by another trigger (this one
-/// is the first level).
-fn run_by_a_trigger() -> bool {
-    let depth = unsafe { pgrx::direct_function_call::<i32>(pg_sys::pg_trigger_depth, &[]) };
-    depth.unwrap_or(0) > 1
-}
-
-/// Writes everything captured so far as log rows, in the order of the statements that made
-/// the changes.
+/// Writes everything captured so far as log rows, in capture order.
 fn flush() -> Result<(), OutboxError> {
     let mut pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     if pending.events.is_empty() {

@@ -188,43 +188,32 @@ mod tests {
         assert_eq!(value("SELECT jsonb_agg(payload->'key') FROM outbox_events"), json!([{"id": 1}]));
     }
 
-    /// A statement that a user's AFTER row trigger runs on the same table changes its rows
-    /// after the statement that fired the trigger, and its events come after that statement's:
-    /// after a DELETE captured from its transition table, and after an UPDATE whose capture
-    /// row triggers fire after the user's (its name sorts first), the row it fired for included.
+    /// SQL that a BEFORE trigger runs on the same table changes its rows before the statement
+    /// that fired the trigger, and its events come first: a row replaced by a BEFORE INSERT
+    /// row trigger, or a table emptied by a BEFORE INSERT statement trigger, is deleted before
+    /// the insert (ordered by command id, the insert came first and the copy lost the row).
     #[pg_test]
-    fn a_triggers_statement_on_the_same_table_comes_after_the_statement_that_fired_it() {
-        run("CREATE TABLE tk (id int PRIMARY KEY, v text)");
-        run("SELECT outbox_attach('tk', payload_columns => ARRAY['v'])");
-        run("INSERT INTO tk VALUES (1, 'one'), (3, 'three'), (7, 'seven'), (9, 'nine')");
-        run("CREATE FUNCTION a_after() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF TG_OP = 'DELETE' AND OLD.id = 3 THEN INSERT INTO tk VALUES (1, 'again'); END IF;
-                 -- whichever of 1 and 7 comes first, the other is changed again before its capture
-                 IF TG_OP = 'UPDATE' AND NEW.id IN (1, 7) AND NEW.v LIKE '%+' THEN UPDATE tk SET v = v || '!' WHERE id = 8 - NEW.id; END IF;
-                 IF TG_OP = 'UPDATE' AND NEW.id = 9 AND NEW.v = 'x' THEN UPDATE tk SET v = 'y' WHERE id = 9; END IF;
-                 RETURN NULL;
-             END $$");
-        run("CREATE TRIGGER a_after AFTER DELETE OR UPDATE ON tk FOR EACH ROW EXECUTE FUNCTION a_after()");
+    fn a_before_triggers_statement_on_the_same_table_comes_before_the_statement_that_fired_it() {
+        run("CREATE TABLE tb (id int PRIMARY KEY, v text)");
+        run("SELECT outbox_attach('tb', payload_columns => ARRAY['v'])");
+        run("INSERT INTO tb VALUES (1, 'one'), (2, 'two')");
+        run("CREATE FUNCTION replace_row() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN DELETE FROM tb WHERE id = NEW.id; RETURN NEW; END $$");
+        run("CREATE FUNCTION empty_table() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN DELETE FROM tb WHERE v LIKE 'old%'; RETURN NULL; END $$");
+        run("CREATE TRIGGER replace_row BEFORE INSERT ON tb FOR EACH ROW EXECUTE FUNCTION replace_row()");
+        run("CREATE TRIGGER empty_table BEFORE INSERT ON tb FOR EACH STATEMENT EXECUTE FUNCTION empty_table()");
+        run("UPDATE tb SET v = 'old' WHERE id = 2");
         let since = count("SELECT max(id) FROM outbox_events");
-        run("DELETE FROM tk WHERE id IN (1, 3)");
-        run("UPDATE tk SET v = v || '+' WHERE id IN (1, 7)");
-        run("UPDATE tk SET v = 'x' WHERE id = 9");
-        let by_key = format!(
-            "SELECT jsonb_object_agg(k, e) FROM (SELECT payload->'key'->>'id' AS k, \
-                    jsonb_agg(jsonb_build_array(type, payload->'data'->'v') ORDER BY id) AS e \
-             FROM outbox_events WHERE id > {since} GROUP BY 1) s"
-        );
+        run("INSERT INTO tb VALUES (1, 'new'), (2, 'new')");
         assert_eq!(
-            value(&by_key),
-            json!({
-                "1": [["EMBED_DELETE", null], ["EMBED_UPSERT", "again"], ["EMBED_UPSERT", "again+"], ["EMBED_UPSERT", "again+!"]],
-                "3": [["EMBED_DELETE", null]],
-                "7": [["EMBED_UPSERT", "seven+"], ["EMBED_UPSERT", "seven+!"]],
-                "9": [["EMBED_UPSERT", "x"], ["EMBED_UPSERT", "y"]],
-            })
+            value(&format!(
+                "SELECT jsonb_agg(jsonb_build_array(type, payload->'key'->'id', payload->'data'->'v') ORDER BY id) \
+                 FROM outbox_events WHERE id > {since}"
+            )),
+            json!([["EMBED_DELETE", 2, null], ["EMBED_DELETE", 1, null], ["EMBED_UPSERT", 1, "new"], ["EMBED_UPSERT", 2, "new"]])
         );
-        assert_eq!(value("SELECT jsonb_object_agg(id, v) FROM tk"), json!({"1": "again+!", "7": "seven+!", "9": "y"}));
+        assert_eq!(value("SELECT jsonb_object_agg(id, v) FROM tb"), json!({"1": "new", "2": "new"}));
     }
 
     #[pg_test]
