@@ -78,7 +78,7 @@ pub fn render(subscriptions: &[SubscriptionMetrics], worker_up: Option<bool>) ->
             |m| Some(m.oldest_pending_age_seconds),
         ),
         (counter("outbox_delivered_total", "Events acknowledged."), |m| Some(m.delivered_total as f64)),
-        (counter("outbox_failures_total", "Failed deliveries (fails and expired leases)."), |m| Some(m.failures_total as f64)),
+        (counter("outbox_failures_total", "Failed deliveries (fails, and expired leases a claim has found)."), |m| Some(m.failures_total as f64)),
         (counter("outbox_dead_lettered_total", "Events moved to the dead letters."), |m| Some(m.dead_lettered_total as f64)),
         (gauge("outbox_sink_up", "1 while a subscription's sink answers, 0 from when it is found down until it answers again."), |m| {
             m.sink_up.map(|up| if up { 1.0 } else { 0.0 })

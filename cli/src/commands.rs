@@ -374,14 +374,15 @@ pub fn dead_letters_requeue(
         .client
         .query_one(&session.sql("SELECT @extschema@.outbox_requeue_dead(subscription => $1, ids => $2)"), &[&subscription, &ids])?
         .get(0);
+    // those whose row has a newer event stay dead (see outbox_requeue_dead)
+    let stay_dead = (count - requeued).max(0);
     if json {
         let subscriptions: Vec<&str> = counts.iter().map(|(name, _)| name.as_str()).collect();
-        return print_json(&json!({"requeued": requeued, "subscriptions": subscriptions}));
+        return print_json(&json!({"requeued": requeued, "stay_dead": stay_dead, "subscriptions": subscriptions}));
     }
-    // those whose row has a newer event stay dead (see outbox_requeue_dead)
-    let stay = match count - requeued {
-        stay if stay > 0 => format!("; {stay} stay dead, their row having a newer event"),
-        _ => String::new(),
+    let stay = match stay_dead {
+        0 => String::new(),
+        stay => format!("; {stay} stay dead, their row having a newer event"),
     };
     print_out(&format!("requeued {requeued} dead letters{scope}{stay}\n"))
 }

@@ -68,7 +68,10 @@ pub fn config(dsn: Option<&str>, lookup: impl Fn(&str) -> Option<String>) -> Res
             Err(warning) => eprintln!("outbox: warning: {warning}"),
         }
     }
-    let mut config = Config::from_str(&key_values(&settings)).map_err(|e| invalid(e.to_string()))?;
+    // (the client library's error says only "invalid connection string"; its source names
+    // the option or value)
+    let mut config = Config::from_str(&key_values(&settings))
+        .map_err(|e| invalid(std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
@@ -493,5 +496,9 @@ mod tests {
     fn bad_settings_are_usage_errors() {
         assert!(matches!(from_env(&[("PGPORT", "x")]), Err(CliError::Usage(m)) if m.contains("PGPORT")));
         assert!(matches!(config(Some("host=a port=b"), |_| None), Err(CliError::Usage(m)) if m.contains("invalid connection string")));
+        for (dsn, named) in [("host=a bogus=1", "bogus"), ("host=a port=notaport", "port")] {
+            let error = config(Some(dsn), |_| None).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains(named) && !error.ends_with("invalid connection string: invalid connection string"), "{dsn}: {error}");
+        }
     }
 }
