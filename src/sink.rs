@@ -78,8 +78,16 @@ fn check_header(name: &str, value: &str) -> Result<(), OutboxError> {
     if value.chars().any(|c| c == '\r' || c == '\n') {
         return Err(invalid(format!("the value of header {name:?} contains a line break")));
     }
+    // The sink sets these itself, and one given here replaced it: a fixed Idempotency-Key made
+    // a receiver that drops batches it has seen drop every batch after the first, and a
+    // Content-Length cut the body short.
+    if RESERVED_HEADERS.iter().any(|reserved| reserved.eq_ignore_ascii_case(name)) {
+        return Err(invalid(format!("header {name:?} is set by the HTTP sink itself and cannot be given")));
+    }
     Ok(())
 }
+
+const RESERVED_HEADERS: [&str; 6] = ["Host", "Content-Length", "Transfer-Encoding", "Connection", "Idempotency-Key", "Expect"];
 
 /// The role whose members alone may claim, ack and fail a pull subscription, when its options
 /// name one; without it, whoever may call the API consumes every pull subscription.
@@ -138,10 +146,15 @@ impl Sink {
                         headers.push((name.clone(), value.to_string()));
                     }
                 }
+                // (the HTTP client counts its timeout in whole seconds: 1.9 s was 1 s)
+                let timeout = timeout_option(options)?;
+                if timeout.subsec_nanos() != 0 {
+                    return Err(invalid(format!("timeout of an http sink must be whole seconds, got {timeout:?}")));
+                }
                 Ok(Sink::Http(HttpSink {
                     url: url.to_string(),
                     headers,
-                    timeout: timeout_option(options)?,
+                    timeout,
                     batch_size: batch_size_option(options)?,
                 }))
             }
@@ -180,19 +193,12 @@ fn check_url(url: &str) -> Result<(), OutboxError> {
              give them as a header instead, e.g. \"headers\": {{\"Authorization\": \"Basic …\"}}"
         )));
     }
-    let (host, port) = match authority.strip_prefix('[') {
-        Some(bracketed) => {
-            let (host, after) = bracketed.split_once(']').ok_or_else(|| invalid(format!("url {url:?} opens an IPv6 address with [ and does not close it")))?;
-            let port = match after {
-                "" => None,
-                _ => Some(after.strip_prefix(':').ok_or_else(|| invalid(format!("url {url:?} has {after:?} after its IPv6 address")))?),
-            };
-            (host, port)
-        }
-        None => match authority.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        },
+    if authority.starts_with('[') {
+        return Err(invalid(format!("url {url:?} names an IPv6 address, which the HTTP sink cannot connect to; use a host name")));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
     };
     if host.is_empty() {
         return Err(invalid(format!("url {url:?} names no host")));
@@ -223,8 +229,9 @@ pub fn judge(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
     let reason = if snippet.trim().is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {}", snippet.trim()) };
     match status {
         200..=299 => Outcome::Delivered,
-        408 | 429 | 300..=399 | 500..=599 => Outcome::Unavailable { reason, retry_after: retry_after.and_then(parse_retry_after) },
-        _ => Outcome::Rejected(reason),
+        400..=499 if status != 408 && status != 429 => Outcome::Rejected(reason),
+        // 1xx, 3xx, 5xx and anything outside the standard range: the sink is at fault
+        _ => Outcome::Unavailable { reason, retry_after: retry_after.and_then(parse_retry_after) },
     }
 }
 
@@ -295,7 +302,10 @@ impl Breaker {
     /// Records an unavailable sink. `unit` is a random number in [0, 1) for jitter.
     pub fn unavailable(&mut self, now: Instant, retry_after: Option<Duration>, policy: &RetryPolicy, unit: f64) -> Transition {
         self.failures = self.failures.saturating_add(1);
-        let delay = retry_after.unwrap_or_else(|| policy.backoff(self.failures as i32, unit)).min(policy.backoff_max);
+        // Retry-After lengthens the back-off, never shortens it: `Retry-After: 0` from a sink
+        // answering 503 had the worker ask it again at once, some 40 times a second.
+        let backoff = policy.backoff(self.failures as i32, unit);
+        let delay = retry_after.map_or(backoff, |asked| asked.max(backoff)).min(policy.backoff_max);
         self.open_until = Some(now + delay);
         if self.failures == 1 {
             Transition::BackingOff { delay }
@@ -313,14 +323,13 @@ mod tests {
     #[test]
     fn urls_the_worker_cannot_send_to_are_refused() {
         let error = |url: &str| Sink::parse("http", &json!({ "url": url })).unwrap_err().to_string();
-        for url in ["http://127.0.0.1:8080/v1", "http://h/", "http://[::1]:80/a@b?q=1#f", "http://[::1]", "http://h:1"] {
+        for url in ["http://127.0.0.1:8080/v1", "http://h/", "http://h:80/a@b?q=1#f", "http://h:1"] {
             assert!(Sink::parse("http", &json!({ "url": url })).is_ok(), "{url}");
         }
         assert!(error("http://127.0.0.1:8080/x y").contains("percent-encode"));
         assert!(error("http://h/x\ty").contains("control characters"));
         assert!(error("http://svc:pw@127.0.0.1/v1").contains("give them as a header"));
-        assert!(error("http://[::1/x").contains("does not close it"));
-        assert!(error("http://[::1]x/").contains("after its IPv6 address"));
+        assert!(error("http://[::1]:80/x").contains("use a host name"));
         for port in ["99999", "0", "x", ""] {
             assert!(error(&format!("http://h:{port}/")).contains("a port is a number from 1 to 65535"), "{port}");
         }
@@ -372,6 +381,10 @@ mod tests {
             ("http", json!({"url": "http://h", "headers": {"a b": "x"}}), "not a valid HTTP header name"),
             ("http", json!({"url": "http://h", "headers": {"X": "a\r\nb"}}), "contains a line break"),
             ("http", json!({"url": "http://h", "headers": {"X": 1}}), "must be a string"),
+            ("http", json!({"url": "http://h", "headers": {"idempotency-key": "fixed"}}), "set by the HTTP sink itself"),
+            ("http", json!({"url": "http://h", "headers": {"Content-Length": "5"}}), "set by the HTTP sink itself"),
+            ("http", json!({"url": "http://h", "headers": {"Host": "evil"}}), "set by the HTTP sink itself"),
+            ("http", json!({"url": "http://h", "timeout": "1500ms"}), "timeout of an http sink must be whole seconds"),
             ("http", json!({"url": "http://h", "timeout": "10ms"}), "timeout must be between 1s and 1h"),
             ("http", json!({"url": "http://h", "batch_size": 0}), "batch_size must be an integer between 1 and 10000"),
             ("http", json!({"url": "http://h", "retries": 3}), "unknown option \"retries\""),
@@ -397,7 +410,7 @@ mod tests {
             judge(429, Some("7"), "slow down"),
             Outcome::Unavailable { reason: "HTTP 429: slow down".into(), retry_after: Some(Duration::from_secs(7)) }
         );
-        for status in [408, 500, 502, 503, 301] {
+        for status in [408, 500, 502, 503, 301, 600, 999, 101] {
             assert!(matches!(judge(status, None, ""), Outcome::Unavailable { retry_after: None, .. }), "{status}");
         }
     }
@@ -441,12 +454,15 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_sets_the_pause_up_to_the_cap() {
+    fn retry_after_lengthens_the_pause_up_to_the_cap() {
         let now = Instant::now();
         let mut breaker = Breaker::default();
         breaker.unavailable(now, Some(Duration::from_secs(3)), &policy(), 0.5);
         assert_eq!(breaker.open_until(), Some(now + Duration::from_secs(3)));
         breaker.unavailable(now, Some(Duration::from_secs(60)), &policy(), 0.5);
         assert_eq!(breaker.open_until(), Some(now + Duration::from_secs(4)));
+        let mut breaker = Breaker::default();
+        breaker.unavailable(now, Some(Duration::ZERO), &policy(), 0.5);
+        assert_eq!(breaker.open_until(), Some(now + Duration::from_secs(1)), "Retry-After: 0 does not skip the back-off");
     }
 }
