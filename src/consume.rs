@@ -430,6 +430,20 @@ fn bury(
     count_stats(client, extension, subscription, now, Stats { dead: count, ..Stats::default() })
 }
 
+/// Buries the claim's retry candidates whose last hand-out's lease is over, as far as their
+/// rows still say so (see BURY_EXPIRED_RETRIES), and counts those buried.
+fn bury_expired_retries(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32, ids: Vec<i64>, now: Micros) -> Result<(), OutboxError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let args = [subscription.into(), ids.into(), "lease expired".into(), timestamp(now).into()];
+    let buried: i64 = required(&single(run(client, extension, &q::BURY_EXPIRED_RETRIES, &args)?)?, 1)?;
+    if buried == 0 {
+        return Ok(());
+    }
+    count_stats(client, extension, subscription, now, Stats { dead: buried, ..Stats::default() })
+}
+
 #[derive(Default)]
 struct Stats {
     acked: i64,
@@ -899,7 +913,7 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                 let attempts: i32 = required(&row, 4)?;
                 let lease_expired: bool = required(&row, 5)?;
                 if lease_expired && policy.exhausted(attempts) {
-                    dead.push(Dead { id, attempts, key });
+                    dead.push(id);
                     continue;
                 }
                 if !blocked.blocks(key) {
@@ -907,9 +921,14 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                 }
                 blocked.add(key);
             }
-            bury(client, &extension, sub, dead, Some("lease expired"), now)?;
+            bury_expired_retries(client, &extension, sub, dead, now)?;
             if !lease_ids.is_empty() {
-                let leased = run(client, &extension, &q::LEASE_RETRIES, &[sub.into(), lease_ids.into(), timestamp(expires).into()])?;
+                let leased = run(
+                    client,
+                    &extension,
+                    &q::LEASE_RETRIES,
+                    &[sub.into(), lease_ids.into(), timestamp(expires).into(), timestamp(now).into()],
+                )?;
                 let leased = leased
                     .into_iter()
                     .map(|row| Ok((required::<i64>(&row, 1)?, required::<i32>(&row, 2)?)))

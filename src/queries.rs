@@ -317,11 +317,9 @@ pub static RESOLVED_EVENTS: Sql = Sql {
 };
 
 /// The first pending event of each row (and no row event behind a pending TRUNCATE of its
-/// table, no TRUNCATE behind a pending event of its table), oldest first, locked in id order
-/// as acks and fails lock them (RETRY_HAND_OUTS). Unlocked, a late ack or fail of an expired
-/// hand-out that committed while the claim ran was overridden: the claim buried an event the
-/// ack had processed (processed and dead at once), or handed out one the fail had put off.
-/// Locked, the claim waits for them and re-checks the row they left (or skips it if gone).
+/// table, no TRUNCATE behind a pending event of its table), oldest first. Read unlocked: a
+/// late ack or fail of an expired hand-out may commit while the claim runs, so what the claim
+/// then does to a candidate (LEASE_RETRIES, BURY_EXPIRED_RETRIES) checks the row again.
 pub static RETRY_CANDIDATES: Sql = Sql {
     text: "SELECT r.event_id, r.key_hash, r.table_hash, r.attempts, r.leased_until IS NOT NULL \
            FROM @extschema@.outbox_retries r \
@@ -334,7 +332,7 @@ pub static RETRY_CANDIDATES: Sql = Sql {
              AND (r.key_hash <> r.table_hash \
                   OR NOT EXISTS (SELECT 1 FROM @extschema@.outbox_retries p WHERE p.subscription_id = $1 \
                                  AND p.table_hash = r.table_hash AND p.event_id < r.event_id)) \
-           ORDER BY r.event_id LIMIT $3 FOR UPDATE OF r",
+           ORDER BY r.event_id LIMIT $3",
     args: &[INT4, TIME, INT4],
 };
 
@@ -373,10 +371,15 @@ pub static RETRY_BLOCKERS: Sql = Sql {
     args: &[INT4, INT8S, INT8S],
 };
 
+/// Leases candidates that are still due at $4. Updated by id alone, a candidate that a late
+/// fail had just put off (retry_after '1 hour') was handed out at once; the update waits for
+/// such a fail, and re-checks the row it left.
 pub static LEASE_RETRIES: Sql = Sql {
     text: "UPDATE @extschema@.outbox_retries SET attempts = attempts + 1, leased_until = $3 \
-           WHERE subscription_id = $1 AND event_id = ANY ($2) RETURNING event_id, attempts",
-    args: &[INT4, INT8S, TIME],
+           WHERE subscription_id = $1 AND event_id = ANY ($2) \
+             AND visible_at <= $4 AND (leased_until IS NULL OR leased_until <= $4) \
+           RETURNING event_id, attempts",
+    args: &[INT4, INT8S, TIME, TIME],
 };
 
 /// Puts events into the per-event retry table: deferred ones (attempts 0) and failed or
@@ -535,10 +538,29 @@ pub static IN_FLIGHT_RETRIES: Sql = Sql {
     args: &[INT4],
 };
 
+/// The dead-letter insert of BURY and BURY_EXPIRED_RETRIES, from a CTE `dead` of the events.
+macro_rules! insert_dead_letters {
+    ($error:literal, $failed_at:literal) => {
+        concat!(
+            "INSERT INTO @extschema@.outbox_dead_letters \
+               (subscription, event_id, type, payload, attempts, last_error, failed_at, created_at, key_hash, table_hash) \
+             SELECT s.name, dead.id, dead.type, dead.payload, dead.attempts, ",
+            $error,
+            ", ",
+            $failed_at,
+            ", dead.created_at, dead.key_hash, dead.table_hash \
+             FROM dead, @extschema@.outbox_subscriptions s WHERE s.id = $1 \
+             ON CONFLICT (subscription, event_id) DO UPDATE SET type = EXCLUDED.type, payload = EXCLUDED.payload, \
+               attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, failed_at = EXCLUDED.failed_at"
+        )
+    };
+}
+
 /// Moves events to the dead letters, taking type and payload from the retry table's copy or
 /// from the log.
 pub static BURY: Sql = Sql {
-    text: "WITH dead AS ( \
+    text: concat!(
+        "WITH dead AS ( \
              SELECT d.id, d.attempts, d.key_hash, d.table_hash, \
                     coalesce(r.type, e.type) AS type, coalesce(r.payload, e.payload) AS payload, \
                     coalesce(r.created_at, e.created_at) AS created_at \
@@ -546,15 +568,30 @@ pub static BURY: Sql = Sql {
              LEFT JOIN @extschema@.outbox_retries r ON r.subscription_id = $1 AND r.event_id = d.id \
              LEFT JOIN @extschema@.outbox_events_for($2) e ON e.id = d.id), \
            gone AS (DELETE FROM @extschema@.outbox_retries r USING dead \
-                    WHERE r.subscription_id = $1 AND r.event_id = dead.id) \
-           INSERT INTO @extschema@.outbox_dead_letters \
-             (subscription, event_id, type, payload, attempts, last_error, failed_at, created_at, key_hash, table_hash) \
-           SELECT s.name, dead.id, dead.type, dead.payload, dead.attempts, $6, $7, dead.created_at, \
-                  dead.key_hash, dead.table_hash \
-           FROM dead, @extschema@.outbox_subscriptions s WHERE s.id = $1 \
-           ON CONFLICT (subscription, event_id) DO UPDATE SET type = EXCLUDED.type, payload = EXCLUDED.payload, \
-             attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, failed_at = EXCLUDED.failed_at",
+                    WHERE r.subscription_id = $1 AND r.event_id = dead.id) ",
+    insert_dead_letters!("$6", "$7")),
     args: &[INT4, INT8S, pg_sys::INT4ARRAYOID, INT8S, INT8S, TEXT, TIME],
+};
+
+/// Buries the retry hand-outs among $2 whose lease is still over at $4 (and that are still
+/// due: not processed meanwhile), with last error $3; returns how many. Buried by id alone,
+/// an event whose late ack committed while the claim ran was processed and dead at once (and
+/// a requeue sent it out again).
+pub static BURY_EXPIRED_RETRIES: Sql = Sql {
+    text: concat!(
+        "WITH gone AS (DELETE FROM @extschema@.outbox_retries r \
+                       WHERE r.subscription_id = $1 AND r.event_id = ANY ($2) AND r.leased_until <= $4 AND r.visible_at <= $4 \
+                       RETURNING r.event_id, r.attempts, r.key_hash, r.table_hash, r.type, r.payload, r.created_at), \
+              dead AS (SELECT g.event_id AS id, g.attempts, g.key_hash, g.table_hash, \
+                              coalesce(g.type, e.type) AS type, coalesce(g.payload, e.payload) AS payload, \
+                              coalesce(g.created_at, e.created_at) AS created_at \
+                       FROM gone g LEFT JOIN @extschema@.outbox_events_for($2) e ON e.id = g.event_id), \
+              buried AS (",
+        insert_dead_letters!("$3", "$4"),
+        " RETURNING 1) \
+         SELECT pg_catalog.count(*) FROM buried"
+    ),
+    args: &[INT4, INT8S, TEXT, TIME],
 };
 
 /// Adds to the counters of the minute of $2, in the row of shard $8 (`STATS_SHARDS`): the
