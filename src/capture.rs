@@ -256,7 +256,7 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
         let attachment = unsafe { attachment_for(trigger)? };
         match op {
             pg_sys::TRIGGER_EVENT_TRUNCATE => {
-                let mut batch = Batch::new(&attachment, 1, unsafe { pg_sys::GetCurrentCommandId(false) });
+                let mut batch = Batch::new(&attachment, 1, unsafe { statement_command() });
                 let key = batch.text("null");
                 batch.push(Op::Truncate, key, None);
                 batch.keep();
@@ -314,6 +314,22 @@ unsafe fn writing_command(trigger: &pg_sys::TriggerData, op: u32) -> pg_sys::Com
     }
 }
 
+/// The command id of the statement whose AFTER STATEMENT trigger fires, for events read from
+/// its transition table: that of its snapshot, taken when it started. The current command id
+/// has moved on if anything ran SQL since its rows were written (a foreign-key check, another
+/// AFTER trigger), which filed a statement's transition-table events apart from its row
+/// events, and a MERGE that deleted key 1 and updated key 2 to 1 was captured as DELETE 2,
+/// UPSERT 1, DELETE 1.
+unsafe fn statement_command() -> pg_sys::CommandId {
+    unsafe {
+        if pg_sys::ActiveSnapshotSet() {
+            (*pg_sys::GetActiveSnapshot()).curcid
+        } else {
+            pg_sys::GetCurrentCommandId(false)
+        }
+    }
+}
+
 /// Every row of a statement's transition table, as events of `op`.
 unsafe fn capture_transition_table(
     trigger: &pg_sys::TriggerData,
@@ -324,7 +340,7 @@ unsafe fn capture_transition_table(
     let data = if op == Op::Upsert { attachment.data.as_ref() } else { None };
     unsafe {
         let rows = pg_sys::tuplestore_tuple_count(table) as usize;
-        let mut batch = Batch::new(&attachment, rows, pg_sys::GetCurrentCommandId(false));
+        let mut batch = Batch::new(&attachment, rows, statement_command());
         // Transition tables hold rows in the trigger table's row type, converted from a
         // partition's if need be. Another trigger may be reading the same table, so this
         // reader gets a read pointer of its own.

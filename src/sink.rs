@@ -218,9 +218,12 @@ pub enum Outcome {
     Delivered,
     /// A 4xx other than 408 and 429: something in the batch is at fault.
     Rejected(String),
-    /// Transport errors, timeouts, 5xx, 408, 429 and redirects: the sink is at fault. The
-    /// events go back without using an attempt; the sink backs off as a whole.
+    /// Transport errors, 5xx, 408, 429 and redirects: the sink is at fault. The events go
+    /// back without using an attempt; the sink backs off as a whole.
     Unavailable { reason: String, retry_after: Option<Duration> },
+    /// No answer within the timeout. The sink may be down, or the batch too big to send or
+    /// process in time: handled as unavailable, and the next batches are smaller (BatchLimit).
+    TimedOut(String),
 }
 
 /// Judges an HTTP answer.
@@ -252,6 +255,32 @@ where
     I::IntoIter: Clone,
 {
     crate::shape::json_array(events)
+}
+
+/// How many events a sink is sent at once, cut below its batch size after a batch timed out.
+/// A batch whose upload or processing outlasts the timeout would time out every time and hold
+/// back every event behind it, and a timeout cannot tell a slow batch from a sink that is
+/// down: so each timeout halves the batches, and each batch delivered at the limit raises it
+/// by a quarter, back to the batch size.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimit(Option<i32>);
+
+impl BatchLimit {
+    /// The size of the next batch of a sink whose batch size is `batch_size`.
+    pub fn of(self, batch_size: i32) -> i32 {
+        self.0.map_or(batch_size, |limit| limit.min(batch_size))
+    }
+
+    pub fn timed_out(&mut self, sent: usize) {
+        self.0 = Some((sent / 2).max(1) as i32);
+    }
+
+    pub fn delivered(&mut self, sent: usize, batch_size: i32) {
+        if let Some(limit) = self.0.filter(|&limit| sent as i32 >= limit) {
+            let raised = limit + (limit / 4).max(1);
+            self.0 = (raised < batch_size).then_some(raised);
+        }
+    }
 }
 
 /// The halves a rejected batch is retried as. A single event is not split: it is failed.
@@ -319,6 +348,32 @@ impl Breaker {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn batches_shrink_after_a_timeout_and_grow_back_as_they_are_delivered() {
+        let mut limit = BatchLimit::default();
+        assert_eq!(limit.of(100), 100);
+        limit.delivered(100, 100);
+        assert_eq!(limit.of(100), 100);
+        limit.timed_out(100);
+        assert_eq!(limit.of(100), 50);
+        // a smaller batch (all there was) says nothing about a bigger one
+        limit.delivered(7, 100);
+        assert_eq!(limit.of(100), 50);
+        for expected in [62, 77, 96, 100] {
+            limit.delivered(limit.of(100) as usize, 100);
+            assert_eq!(limit.of(100), expected);
+        }
+        assert_eq!(limit, BatchLimit::default(), "back at the batch size, the limit is gone");
+        for _ in 0..10 {
+            limit.timed_out(limit.of(100) as usize);
+        }
+        assert_eq!(limit.of(100), 1, "a single event is as small as batches go");
+        limit.delivered(1, 100);
+        assert_eq!(limit.of(100), 2);
+        // a batch size lowered below the limit wins
+        assert_eq!(limit.of(1), 1);
+    }
 
     #[test]
     fn urls_the_worker_cannot_send_to_are_refused() {

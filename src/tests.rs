@@ -216,6 +216,44 @@ mod tests {
         assert_eq!(value("SELECT jsonb_object_agg(id, v) FROM tb"), json!({"1": "new", "2": "new"}));
     }
 
+    /// A statement that deletes key 1 and moves key 2 to 1 leaves a row 1: its deletes come
+    /// first, also when a foreign-key check or another AFTER trigger ran SQL between its rows
+    /// and its transition table (the deleted rows' events were filed under that SQL's later
+    /// command id, after the upsert, and the copy lost row 1).
+    #[pg_test]
+    fn a_statements_deletes_come_first_when_a_foreign_key_check_or_trigger_ran_sql_meanwhile() {
+        run("CREATE TABLE docs (id int PRIMARY KEY)");
+        run("INSERT INTO docs VALUES (1), (2)");
+        run("CREATE TABLE audit (op text)");
+        run("CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO audit VALUES (TG_OP); RETURN NULL; END $$");
+        run("CREATE TABLE m (id int PRIMARY KEY, doc int REFERENCES docs, a text)");
+        run("CREATE TABLE n (id int PRIMARY KEY, a text)");
+        run("CREATE TRIGGER audit AFTER UPDATE ON n FOR EACH ROW EXECUTE FUNCTION audit()");
+        run("SELECT outbox_attach('m', payload_columns => ARRAY['a'])");
+        run("SELECT outbox_attach('n', payload_columns => ARRAY['a'])");
+        let statements = [
+            // the update changes doc: its foreign-key check runs a query
+            "MERGE INTO m USING (VALUES (1, 'd'), (2, 'u')) s(k, v) ON m.id = s.k              WHEN MATCHED AND s.v = 'd' THEN DELETE WHEN MATCHED THEN UPDATE SET id = 1, doc = 2",
+            "MERGE INTO n USING (VALUES (1, 'd'), (2, 'u')) s(k, v) ON n.id = s.k              WHEN MATCHED AND s.v = 'd' THEN DELETE WHEN MATCHED THEN UPDATE SET id = 1",
+        ];
+        for (table, statement) in ["m", "n"].into_iter().zip(statements) {
+            let columns = if table == "m" { "1, 1, 'one'), (2, 1, 'two'" } else { "1, 'one'), (2, 'two'" };
+            run(&format!("INSERT INTO {table} VALUES ({columns})"));
+            let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
+            run(statement);
+            assert_eq!(
+                value(&format!(
+                    "SELECT jsonb_agg(jsonb_build_array(type, payload->'key'->'id', payload->'data'->'a') ORDER BY id) \
+                     FROM outbox_events WHERE id > {since}"
+                )),
+                json!([["EMBED_DELETE", 2, null], ["EMBED_DELETE", 1, null], ["EMBED_UPSERT", 1, "two"]]),
+                "{statement}"
+            );
+            assert_eq!(value(&format!("SELECT jsonb_agg(jsonb_build_array(id, a)) FROM {table}")), json!([[1, "two"]]));
+        }
+        assert_eq!(count("SELECT count(*) FROM audit"), 1, "the trigger ran");
+    }
+
     #[pg_test]
     fn other_triggers_read_the_same_transition_tables_whole() {
         chunks();

@@ -10,7 +10,8 @@
 //!   applies each batch exactly once.
 //! * A rejected batch (HTTP 4xx, or a function error) is split in halves until the poison
 //!   event is alone; an unavailable sink (transport error, timeout, 5xx, 429) gets its events
-//!   back without using an attempt and backs off as a whole.
+//!   back without using an attempt and backs off as a whole. After a timeout its batches are
+//!   smaller for a while, in case the batch was too big to finish in time.
 //! * It runs retention (`outbox_purge`) for its database, so nobody has to schedule it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -35,7 +36,7 @@ use crate::ext::Extension;
 use crate::guc;
 use crate::policy::{retention_interval, RetryPolicy};
 use crate::queries::{self as q, run};
-use crate::sink::{batch_body, halves, idempotency_key, judge, Breaker, HttpSink, Outcome, Sink, Transition};
+use crate::sink::{batch_body, halves, idempotency_key, judge, BatchLimit, Breaker, HttpSink, Outcome, Sink, Transition};
 
 /// The worker's latch, published while it runs; 0 otherwise.
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"outbox_worker_latch") };
@@ -201,12 +202,47 @@ struct SinkRunner {
     sink: Sink,
     policy: RetryPolicy,
     breaker: Breaker,
+    limit: BatchLimit,
     lane: Option<mpsc::Sender<HttpJob>>,
     in_flight: Option<InFlight>,
     last_success_recorded: Option<Instant>,
 }
 
 impl SinkRunner {
+    fn batch_size(&self) -> i32 {
+        self.sink.batch_size().unwrap_or_else(guc::worker_batch_size)
+    }
+
+    fn delivered(&mut self, client: &mut SpiClient<'_>, extension: &Extension, subscription: i32, sent: usize) -> Result<(), OutboxError> {
+        self.limit.delivered(sent, self.batch_size());
+        record_success(client, extension, subscription, self)
+    }
+
+    /// `piece` got no answer within the sink's timeout, and `rest` was still to be sent. The
+    /// sink backs off and its next batches are smaller, as after any timeout (BatchLimit). An
+    /// event that timed out alone waits `backoff_max` longer than the sink, without using an
+    /// attempt, so that the events behind it go first: one too big to ever finish in time
+    /// then holds back only its own row, and takes the sink's time once a `backoff_max`.
+    fn timed_out(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        extension: &Extension,
+        subscription: i32,
+        piece: Vec<i64>,
+        rest: impl IntoIterator<Item = i64>,
+        reason: &str,
+    ) -> Result<(), OutboxError> {
+        self.limit.timed_out(piece.len());
+        if piece.len() > 1 {
+            return self.back_off(client, extension, subscription, piece.into_iter().chain(rest), reason, None);
+        }
+        self.back_off(client, extension, subscription, rest, reason, None)?;
+        let sink_waits = self.breaker.open_until().map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()));
+        let aside = (sink_waits + self.policy.backoff_max).as_micros() as i64;
+        consume::fail_in(client, extension, piece, Some(reason), &self.name, Some(aside), false)?;
+        Ok(())
+    }
+
     /// The sink is at fault, not the events (it is down, or too slow): gives `ids` back without
     /// using an attempt and backs the whole sink off.
     fn back_off(
@@ -348,7 +384,7 @@ impl Worker {
                 if runner.in_flight.is_some() || !runner.breaker.allows(now) {
                     continue;
                 }
-                let batch_size = runner.sink.batch_size().unwrap_or_else(guc::worker_batch_size);
+                let batch_size = runner.limit.of(runner.batch_size());
                 let events = claim_rendered(client, &extension, &runner.name, batch_size)?;
                 if events.is_empty() {
                     continue;
@@ -441,6 +477,7 @@ impl Worker {
                         sink,
                         policy,
                         breaker,
+                        limit: BatchLimit::default(),
                         lane,
                         in_flight: None,
                         last_success_recorded: None,
@@ -480,7 +517,7 @@ impl Worker {
             match &result.outcome {
                 Outcome::Delivered => {
                     consume::ack_in(client, &extension, result.ids.clone(), &runner.name)?;
-                    record_success(client, &extension, result.subscription, runner)?;
+                    runner.delivered(client, &extension, result.subscription, result.ids.len())?;
                 }
                 Outcome::Rejected(reason) => match halves(&result.ids) {
                     Some((first, second)) => {
@@ -495,6 +532,10 @@ impl Worker {
                 Outcome::Unavailable { reason, retry_after } => {
                     let back = result.ids.iter().copied().chain(in_flight.queue.drain(..).flatten());
                     runner.back_off(client, &extension, result.subscription, back, reason, *retry_after)?;
+                }
+                Outcome::TimedOut(reason) => {
+                    let rest = in_flight.queue.drain(..).flatten();
+                    runner.timed_out(client, &extension, result.subscription, result.ids.clone(), rest, reason)?;
                 }
             }
             let Some(piece) = in_flight.queue.pop_front() else { return Ok(None) };
@@ -571,8 +612,9 @@ fn apply_function(
         let body = batch_body(piece.iter().map(|id| events[id].as_str()));
         match call_in_subtransaction(function_oid, owner, &body, timeout, subscription) {
             Ok(()) => {
+                let sent = piece.len();
                 consume::ack_in(client, extension, piece, &runner.name)?;
-                record_success(client, extension, subscription, runner)?;
+                runner.delivered(client, extension, subscription, sent)?;
             }
             Err(CallFailed::Raised(reason)) => match halves(&piece) {
                 Some((first, second)) => {
@@ -586,8 +628,7 @@ fn apply_function(
             },
             Err(CallFailed::Cancelled(message)) => {
                 let reason = format!("{message} (function {function}, timeout {timeout:?})");
-                let back = piece.into_iter().chain(pending.drain(..).flatten());
-                return runner.back_off(client, extension, subscription, back, &reason, None);
+                return runner.timed_out(client, extension, subscription, piece, pending.drain(..).flatten(), &reason);
             }
         }
     }
@@ -877,6 +918,9 @@ fn post_batch(http: &HttpSink, job: &HttpJob) -> Outcome {
             // (a body cut short by the sink still says what it says)
             let _ = std::io::Read::read_to_end(&mut std::io::Read::take(response, KEPT_BODY_BYTES), &mut body);
             judge(status, retry_after.as_deref(), &String::from_utf8_lossy(&body))
+        }
+        Err(minreq::Error::IoError(error)) if matches!(error.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
+            Outcome::TimedOut(format!("no answer within the timeout of {}s", http.timeout.as_secs()))
         }
         Err(error) => Outcome::Unavailable { reason: error.to_string(), retry_after: None },
     }

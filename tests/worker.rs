@@ -190,6 +190,55 @@ fn a_rejected_batch_is_split_until_the_poison_event_is_alone() {
     assert!(error.starts_with("HTTP 400"), "{error}");
 }
 
+/// A receiver that takes 400 ms an event answers a batch of three or more after the sink's
+/// one-second timeout. Sending the same batch again would time out every time.
+#[test]
+fn a_batch_too_slow_for_the_timeout_is_sent_again_in_smaller_batches() {
+    let _serial = serial();
+    let recorder = Recorder::start(|request| Reply { status: 200, headers: vec![], delay: Duration::from_millis(400) * request.keys().len() as u32 });
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_slowbatch");
+    http_sink(&mut c, "search_slowbatch", &recorder, ", \"timeout\": \"1s\", \"batch_size\": 8, \"backoff_base\": \"200ms\", \"backoff_max\": \"1s\", \"max_attempts\": 1");
+    c.batch_execute("INSERT INTO docs_slowbatch SELECT g, 'x' FROM generate_series(1, 8) g").unwrap();
+    assert!(eventually(Duration::from_secs(40), || settled(&mut c, "search_slowbatch")), "{:?}", backlog(&mut c, "search_slowbatch"));
+    let requests = recorder.received();
+    assert_eq!(requests[0].keys().len(), 8, "the first batch is whole");
+    let answered_in_time: HashSet<i64> = requests.iter().filter(|r| r.keys().len() <= 2).flat_map(|r| r.keys()).collect();
+    assert_eq!(answered_in_time, (1..=8).collect::<HashSet<_>>());
+    let sink = backlog(&mut c, "search_slowbatch");
+    assert_eq!(sink.get::<_, i64>("dead"), 0, "a timeout uses no attempt (max_attempts is 1)");
+    let error: String = sink.get("last_error");
+    assert!(error.contains("no answer within the timeout of 1s"), "{error}");
+    c.batch_execute("SELECT outbox_unsubscribe('search_slowbatch')").unwrap();
+}
+
+/// An event the receiver never answers in time (a payload too big to upload in the timeout,
+/// say) waits out back-offs of its own, and the events behind it are delivered meanwhile.
+#[test]
+fn an_event_that_times_out_alone_holds_back_only_its_own_row() {
+    let _serial = serial();
+    let recorder = Recorder::start(|request| Reply {
+        status: 200,
+        headers: vec![],
+        delay: if request.keys().contains(&13) { Duration::from_secs(2) } else { Duration::ZERO },
+    });
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_slowevent");
+    http_sink(&mut c, "search_slowevent", &recorder, ", \"timeout\": \"1s\", \"batch_size\": 10, \"backoff_base\": \"200ms\", \"backoff_max\": \"1s\", \"max_attempts\": 1");
+    c.batch_execute("INSERT INTO docs_slowevent SELECT g, 'x' FROM generate_series(11, 20) g").unwrap();
+    let others: HashSet<i64> = (11..=20).filter(|k| *k != 13).collect();
+    let delivered = || -> HashSet<i64> { recorder.received().iter().filter(|r| !r.keys().contains(&13)).flat_map(|r| r.keys()).collect() };
+    assert!(eventually(Duration::from_secs(40), || delivered() == others), "delivered {:?}", delivered());
+    assert!(eventually(Duration::from_secs(10), || {
+        let sink = backlog(&mut c, "search_slowevent");
+        sink.get::<_, i64>("pending") + sink.get::<_, i64>("in_flight") + sink.get::<_, i64>("retrying") == 1
+    }));
+    assert_eq!(backlog(&mut c, "search_slowevent").get::<_, i64>("dead"), 0, "a timeout uses no attempt (max_attempts is 1)");
+    let tried_alone = recorder.received().iter().filter(|r| r.keys() == [13]).count();
+    assert!(tried_alone >= 1, "{:?}", recorder.received());
+    c.batch_execute("SELECT outbox_unsubscribe('search_slowevent')").unwrap();
+}
+
 #[test]
 fn too_many_requests_waits_for_retry_after() {
     let _serial = serial();
@@ -361,6 +410,31 @@ fn a_function_sink_past_its_timeout_is_cancelled_and_backs_off_without_holding_u
     assert_eq!(backlog(&mut c, "hung").get::<_, i64>("dead"), 0);
     let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
     assert_eq!(sample(&metrics, "outbox_sink_up{subscription=\"hung\"}"), Some(1.0), "up again");
+}
+
+/// A function that takes 400 ms an event is cancelled on a batch of three or more: the
+/// worker hands it smaller batches until every event is applied.
+#[test]
+fn a_function_sink_too_slow_for_a_whole_batch_gets_smaller_ones() {
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_slowfn");
+    c.batch_execute(
+        "CREATE TABLE applied_slowfn (id bigint, batch_length integer);
+         CREATE FUNCTION apply_slowfn(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_sleep(0.4 * jsonb_array_length(batch));
+             INSERT INTO applied_slowfn SELECT (e->'payload'->'key'->>'id')::bigint, jsonb_array_length(batch) FROM jsonb_array_elements(batch) e;
+         END $$;
+         SELECT outbox_subscribe('slowfn', 'function', '{\"function\": \"public.apply_slowfn\", \"timeout\": \"1s\", \"batch_size\": 8, \"backoff_base\": \"200ms\", \"backoff_max\": \"1s\", \"max_attempts\": 1}');
+         INSERT INTO docs_slowfn SELECT g, 'x' FROM generate_series(1, 8) g;",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(40), || settled(&mut c, "slowfn")), "{:?}", backlog(&mut c, "slowfn"));
+    let applied: Vec<(i64, i32)> = c.query("SELECT id, batch_length FROM applied_slowfn ORDER BY id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(applied.iter().map(|(id, _)| *id).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>(), "each applied once");
+    assert!(applied.iter().all(|(_, length)| *length <= 2), "{applied:?}");
+    assert_eq!(backlog(&mut c, "slowfn").get::<_, i64>("dead"), 0);
 }
 
 /// A call that goes past its timeout without being stopped by it (it catches the cancel, or
