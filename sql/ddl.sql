@@ -86,3 +86,25 @@ $$;
 
 CREATE EVENT TRIGGER outbox_forget_dropped_tables ON sql_drop
     EXECUTE FUNCTION @extschema@.outbox_forget_dropped_tables();
+
+-- The extension's schema keeps its name. Its SECURITY DEFINER functions above name their
+-- tables and functions through it, and backends keep it for their queries: renamed, the name
+-- would resolve to whatever schema took it, where its owner (the database owner, for public)
+-- could put a same-named table or function and have it used with the extension owner's
+-- rights. Not SECURITY DEFINER: it only reads the catalog.
+CREATE FUNCTION @extschema@.outbox_keep_schema_name() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_extension e
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+               WHERE e.extname OPERATOR(pg_catalog.=) 'outbox'
+                 AND pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.<>) '@extschema@') THEN
+        RAISE EXCEPTION 'outbox: schema @extschema@ holds extension outbox and cannot be renamed'
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Drop the extension first (DROP EXTENSION outbox), or leave the schema its name.';
+    END IF;
+END
+$$;
+
+CREATE EVENT TRIGGER outbox_keep_schema_name ON ddl_command_end WHEN TAG IN ('ALTER SCHEMA')
+    EXECUTE FUNCTION @extschema@.outbox_keep_schema_name();

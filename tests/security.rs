@@ -310,3 +310,39 @@ fn create_extension_and_every_security_definer_function_ignore_hostile_objects()
         "every SECURITY DEFINER function pins its search_path"
     );
 }
+
+/// The owner of the extension's schema (for `public`, the database owner) renamed it and made
+/// a new schema of the old name, holding an `outbox_attach` and an `outbox_attachments` of its
+/// own: the DDL checks, SECURITY DEFINER and naming them through the schema's name, ran that
+/// `outbox_attach` as the extension owner, a superuser. Renaming the schema is refused.
+#[test]
+fn the_schema_owner_cannot_rename_the_extensions_schema_to_plant_objects() {
+    let cluster = shared();
+    let mut admin = cluster.connect("postgres");
+    admin.batch_execute("CREATE ROLE mallory LOGIN").unwrap();
+    admin.batch_execute("CREATE DATABASE schema_owner OWNER mallory").unwrap();
+    let mut c = cluster.connect("schema_owner");
+    c.batch_execute(
+        "CREATE SCHEMA s AUTHORIZATION mallory;
+         CREATE EXTENSION outbox SCHEMA s;
+         CREATE TABLE public.mine (id int PRIMARY KEY);
+         ALTER TABLE public.mine OWNER TO mallory;
+         SELECT s.outbox_attach('public.mine');",
+    )
+    .unwrap();
+    let mut mallory = connect_as("schema_owner", "mallory");
+    for (client, who) in [(&mut mallory, "the schema's owner"), (&mut c, "a superuser")] {
+        let message = error_of(client, "ALTER SCHEMA s RENAME TO s_real");
+        assert!(message.contains("schema s holds extension outbox and cannot be renamed"), "{who}: {message}");
+    }
+    mallory
+        .batch_execute(
+            "CREATE SCHEMA s2; ALTER SCHEMA s2 RENAME TO s3;
+             ALTER TABLE public.mine ADD COLUMN x int;
+             INSERT INTO public.mine VALUES (1, 1);",
+        )
+        .expect("other schemas and the DDL checks are unaffected");
+    c.batch_execute("ALTER SCHEMA s OWNER TO postgres").expect("a new owner keeps the name");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM pg_roles WHERE rolname = 'mallory' AND rolsuper"), 0);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM s.outbox_events"), 1);
+}
