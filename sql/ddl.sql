@@ -11,16 +11,20 @@ DECLARE
     missing text;
 BEGIN
     -- A table captured through transition tables that has just become a partition would miss
-    -- the rows routed to it through its parent: it switches to the row triggers of a partition.
-    -- A plain table that has just stopped being one switches back (the guard below expects a
-    -- plain table's triggers, and refused every ALTER TABLE of it).
+    -- the rows routed to it through its parent, and one that has just gained an inheritance
+    -- parent or child would file rows of other tables under its own name: it switches to row
+    -- triggers, as outbox_attach gives a table in a hierarchy. A plain table that has just left
+    -- one switches back (the guard below expects a plain table's triggers, and refused every
+    -- ALTER TABLE of it).
     PERFORM @extschema@.outbox_attach(t.source, t.payload_columns, t.watch_columns, t.event_prefix, t.key_columns)
     FROM @extschema@.outbox_attachments t
     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.source::pg_catalog.oid
-    WHERE (c.relispartition
+    CROSS JOIN LATERAL (SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits h
+                                       WHERE c.oid OPERATOR(pg_catalog.=) ANY (ARRAY[h.inhrelid, h.inhparent])) AS in_hierarchy) i
+    WHERE (i.in_hierarchy
            AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
                        WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_inserts'))
-       OR (NOT c.relispartition AND c.relkind OPERATOR(pg_catalog.=) 'r'
+       OR (NOT i.in_hierarchy AND c.relkind OPERATOR(pg_catalog.=) 'r'
            AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
                        WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_rows'
                          AND g.tgparentid OPERATOR(pg_catalog.=) 0));
@@ -51,7 +55,9 @@ BEGIN
                                   AND g.tgname OPERATOR(pg_catalog.=) ANY (ARRAY['outbox_capture_inserts', 'outbox_capture_deletes',
                                                     'outbox_capture_updates', 'outbox_capture_statement',
                                                     'outbox_capture_truncate', 'outbox_capture_rows']))
-                               OPERATOR(pg_catalog.<>) ALL (ARRAY[0, (SELECT CASE WHEN c.relkind OPERATOR(pg_catalog.=) 'p' OR c.relispartition
+                               OPERATOR(pg_catalog.<>) ALL (ARRAY[0, (SELECT CASE WHEN c.relkind OPERATOR(pg_catalog.=) 'p'
+                                                                         OR EXISTS (SELECT FROM pg_catalog.pg_inherits h
+                                                                                    WHERE c.oid OPERATOR(pg_catalog.=) ANY (ARRAY[h.inhrelid, h.inhparent]))
                                                                     THEN 4 ELSE 5 END
                                                         FROM pg_catalog.pg_class c
                                                         WHERE c.oid OPERATOR(pg_catalog.=) attachment.source)]) THEN
@@ -70,7 +76,8 @@ BEGIN
 END
 $$;
 
-CREATE EVENT TRIGGER outbox_check_altered_tables ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+-- (CREATE TABLE: a table made an inheritance child of a captured table)
+CREATE EVENT TRIGGER outbox_check_altered_tables ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
     EXECUTE FUNCTION @extschema@.outbox_check_altered_tables();
 
 CREATE FUNCTION @extschema@.outbox_forget_dropped_tables() RETURNS event_trigger

@@ -20,7 +20,10 @@ struct TableFacts {
     display: String,
     quoted: String,
     relkind: String,
-    /// A partitioned table or a partition: captured by row triggers (src/capture.rs says why).
+    /// A partitioned table, a partition, or a table with inheritance parents or children:
+    /// captured by row triggers, which fire for the rows of the table they are on. (Transition
+    /// tables miss rows routed to a partition through its parent, and hold the rows of
+    /// inheritance children without saying which table each is from.)
     row_triggers: bool,
     caller_owns: bool,
     primary_key: Vec<String>,
@@ -31,7 +34,7 @@ struct TableFacts {
 fn table_facts(client: &mut SpiClient<'_>, extension: &Extension, source: &PgRelation) -> Result<TableFacts, OutboxError> {
     let row = single(run(client, extension, &q::TABLE_FACTS, &[source.oid().into()])?)?;
     let relkind: String = required(&row, 1)?;
-    let partition: bool = required(&row, 4)?;
+    let in_hierarchy: bool = required(&row, 4)?;
     let columns = source
         .tuple_desc()
         .iter()
@@ -41,7 +44,7 @@ fn table_facts(client: &mut SpiClient<'_>, extension: &Extension, source: &PgRel
     Ok(TableFacts {
         display: format!("{}.{}", source.namespace(), source.name()),
         quoted: format!("{}.{}", quote_ident(source.namespace()), quote_ident(source.name())),
-        row_triggers: relkind == "p" || partition,
+        row_triggers: in_hierarchy,
         relkind,
         caller_owns: required(&row, 2)?,
         primary_key: required(&row, 3)?,

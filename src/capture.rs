@@ -137,7 +137,11 @@ thread_local! {
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
     /// The segment new log rows go to, and when it was read.
     static SEGMENT: Cell<Option<(i16, Instant)>> = const { Cell::new(None) };
+    /// How many queries are firing their AFTER triggers (`finish_query`), nested ones included.
+    static FINISHING: Cell<u32> = const { Cell::new(0) };
 }
+
+static mut PREVIOUS_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
 
 /// How long a backend keeps writing to the segment it last read. Writing to a segment that
 /// is no longer current is harmless: retention checks every row of a segment before emptying
@@ -167,6 +171,40 @@ pub fn init() {
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
+        PREVIOUS_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(finish_query);
+    }
+}
+
+/// A query fires its AFTER triggers in ExecutorFinish, those of every part of a statement with
+/// writable CTEs (and of every action of a MERGE) one after the other; what they captured is
+/// written once the last has fired, so that a statement's deletes go first across its parts.
+/// Written part by part, a CTE that inserted key 1 into a table whose old key 1 the main
+/// statement deleted was captured UPSERT 1, DELETE 1, and the copy lost the row. (The query
+/// that loads the library has started finishing without this hook: its statement triggers
+/// write for themselves, as COPY's and TRUNCATE's do, which have no parts.)
+#[pg_guard]
+unsafe extern "C-unwind" fn finish_query(query: *mut pg_sys::QueryDesc) {
+    struct Finishing;
+    impl Drop for Finishing {
+        fn drop(&mut self) {
+            FINISHING.with(|f| f.set(f.get() - 1));
+        }
+    }
+    // pending already: an enclosing statement's events (this query is a trigger's), which must
+    // not be cut off from the rest of that statement's, or events waiting for the commit
+    let held = PENDING.with(|p| !p.borrow().events.is_empty());
+    FINISHING.with(|f| f.set(f.get() + 1));
+    let finishing = Finishing;
+    unsafe {
+        match PREVIOUS_EXECUTOR_FINISH {
+            Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| previous(query)),
+            None => pg_sys::standard_ExecutorFinish(query),
+        }
+    }
+    drop(finishing);
+    if !held {
+        flush().or_raise();
     }
 }
 
@@ -269,6 +307,9 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
             },
             _ => {}
         }
+        if FINISHING.with(|f| f.get()) > 0 {
+            return Ok(());
+        }
         return flush_statement(attachment.source.into());
     }
 
@@ -341,9 +382,9 @@ unsafe fn capture_transition_table(
     unsafe {
         let rows = pg_sys::tuplestore_tuple_count(table) as usize;
         let mut batch = Batch::new(&attachment, rows, statement_command());
-        // Transition tables hold rows in the trigger table's row type, converted from a
-        // partition's if need be. Another trigger may be reading the same table, so this
-        // reader gets a read pointer of its own.
+        // Transition tables hold rows in the trigger table's row type (only tables outside any
+        // partition or inheritance hierarchy are captured through them). Another trigger may
+        // be reading the same table, so this reader gets a read pointer of its own.
         let tupdesc = (*trigger.tg_relation).rd_att;
         let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
         let reader = pg_sys::tuplestore_alloc_read_pointer(table, 0);
@@ -458,7 +499,8 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// Writes what the statement on `source` captured, unless the buffer also holds events that
+/// Writes what the statement on `source` captured, when no query's finish_query will (a
+/// TRUNCATE's or a COPY's statement trigger), unless the buffer also holds events that
 /// are not this statement's to write: captured before the savepoint this statement runs in (a
 /// partition's row events, which wait for a statement), as rolling back to the savepoint would
 /// take their log row along; or of another table, which may be those of an enclosing

@@ -135,7 +135,7 @@ pub static TABLE_FACTS: Sql = Sql {
                         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
                         WHERE i.indrelid = c.oid AND i.indisprimary \
                         ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)), \
-                  c.relispartition \
+                  c.relkind = 'p' OR EXISTS (SELECT FROM pg_catalog.pg_inherits h WHERE c.oid IN (h.inhrelid, h.inhparent)) \
            FROM pg_catalog.pg_class c WHERE c.oid = $1",
     args: &[OID],
 };

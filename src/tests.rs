@@ -254,6 +254,71 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM audit"), 1, "the trigger ran");
     }
 
+    /// The parts of a statement with writable CTEs fire their statement triggers one after the
+    /// other, the CTE's first: an insert of key 1 in the CTE and a delete of the old key 1 in the
+    /// main statement were written in that order, and the copy lost the row.
+    #[pg_test]
+    fn a_statements_deletes_come_first_across_its_writable_ctes() {
+        run("CREATE TABLE cte (id int PRIMARY KEY DEFERRABLE, a text)");
+        run("SELECT outbox_attach('cte', payload_columns => ARRAY['a'])");
+        run("INSERT INTO cte VALUES (1, 'old'), (2, 'two')");
+        let since = count("SELECT max(id) FROM outbox_events");
+        run("WITH i AS (INSERT INTO cte VALUES (1, 'new'), (3, 'three') RETURNING id) DELETE FROM cte WHERE id IN (SELECT id FROM i)");
+        assert_eq!(
+            value(&format!(
+                "SELECT jsonb_agg(jsonb_build_array(type, payload->'key'->'id', payload->'data'->'a') ORDER BY id) \
+                 FROM outbox_events WHERE id > {since}"
+            )),
+            json!([["EMBED_DELETE", 1, null], ["EMBED_UPSERT", 1, "new"], ["EMBED_UPSERT", 3, "three"]])
+        );
+        assert_eq!(value("SELECT jsonb_object_agg(id, a) FROM cte"), json!({"1": "new", "2": "two", "3": "three"}));
+    }
+
+    /// A table with inheritance children is captured for its own rows, and an attached child
+    /// for its rows, whichever table a statement names. (The parent's transition table held
+    /// the child's rows too: a delete of the child's row 3 through the parent was captured as
+    /// a delete of the parent's row 3.) A table that gains a child after it is attached, by
+    /// CREATE TABLE … INHERITS or ALTER TABLE … INHERIT, switches over.
+    #[pg_test]
+    fn inheritance_parents_and_children_are_each_captured_for_their_own_rows() {
+        run("CREATE TABLE ip (id int PRIMARY KEY, a text)");
+        run("CREATE TABLE other (id int PRIMARY KEY, a text)");
+        run("SELECT outbox_attach('ip', payload_columns => ARRAY['a'])");
+        run("SELECT outbox_attach('other', payload_columns => ARRAY['a'])");
+        run("CREATE TABLE ic (PRIMARY KEY (id)) INHERITS (ip)");
+        run("CREATE TABLE ic2 (id int PRIMARY KEY, a text)");
+        run("ALTER TABLE ic2 INHERIT other");
+        for child in ["ic", "ic2"] {
+            run(&format!("SELECT outbox_attach('{child}', payload_columns => ARRAY['a'])"));
+        }
+        let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
+        run("INSERT INTO ip VALUES (3, 'parent row 3')");
+        run("INSERT INTO ic VALUES (3, 'child row 3'), (4, 'child row 4')");
+        run("DELETE FROM ip WHERE a = 'child row 3'");
+        run("UPDATE ip SET a = a || '!' WHERE id = 4");
+        run("INSERT INTO ic2 VALUES (5, 'child of other')");
+        run("DELETE FROM other");
+        assert_eq!(
+            value(&format!(
+                "SELECT jsonb_agg(jsonb_build_array(type, payload->>'table', payload->'key'->'id', payload->'data'->'a') ORDER BY id) \
+                 FROM outbox_events WHERE id > {since}"
+            )),
+            json!([
+                ["EMBED_UPSERT", "public.ip", 3, "parent row 3"],
+                ["EMBED_UPSERT", "public.ic", 3, "child row 3"],
+                ["EMBED_UPSERT", "public.ic", 4, "child row 4"],
+                ["EMBED_DELETE", "public.ic", 3, null],
+                ["EMBED_UPSERT", "public.ic", 4, "child row 4!"],
+                ["EMBED_UPSERT", "public.ic2", 5, "child of other"],
+                ["EMBED_DELETE", "public.ic2", 5, null],
+            ])
+        );
+        // and a plain table again once it has left its hierarchy
+        run("ALTER TABLE ic2 NO INHERIT other");
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'other'::regclass AND tgname = 'outbox_capture_inserts'"), 1);
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'ip'::regclass AND tgname = 'outbox_capture_rows'"), 1);
+    }
+
     #[pg_test]
     fn other_triggers_read_the_same_transition_tables_whole() {
         chunks();
