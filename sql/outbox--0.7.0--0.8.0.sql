@@ -109,3 +109,12 @@ WHERE EXISTS (SELECT FROM pg_catalog.pg_inherits h
   AND EXISTS (SELECT FROM pg_catalog.pg_trigger g
               WHERE g.tgrelid OPERATOR(pg_catalog.=) t.source::pg_catalog.oid
                 AND g.tgname OPERATOR(pg_catalog.=) 'outbox_capture_inserts');
+
+-- A function sink's function is called only while it has the owner it had when it was
+-- subscribed (a name can come to mean another function, of a more privileged owner). The
+-- functions subscribed now are taken as they are.
+ALTER TABLE @extschema@.outbox_subscriptions ADD COLUMN function_owner pg_catalog.regrole;
+UPDATE @extschema@.outbox_subscriptions s SET function_owner = p.proowner
+FROM pg_catalog.pg_proc p
+WHERE s.sink OPERATOR(pg_catalog.=) 'function'
+  AND p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure((s.options OPERATOR(pg_catalog.->>) 'function') OPERATOR(pg_catalog.||) '(jsonb)');

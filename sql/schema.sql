@@ -28,7 +28,10 @@ CREATE TABLE @extschema@.outbox_subscriptions (
     -- floor_mark_bases and floor_mark_xids are the marks it moves up by (see StraddleFloor).
     straddle_floor bigint NOT NULL DEFAULT -4095,
     floor_mark_bases bigint[] NOT NULL DEFAULT '{}',
-    floor_mark_xids bigint[] NOT NULL DEFAULT '{}'
+    floor_mark_xids bigint[] NOT NULL DEFAULT '{}',
+    -- The owner a function sink's function had when it was subscribed (the subscriber had to
+    -- have its privileges); the worker calls the function only while it still has this owner.
+    function_owner pg_catalog.regrole
 );
 
 CREATE TABLE @extschema@.outbox_attachments (

@@ -48,17 +48,22 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
         }
     }
     Spi::connect_mut(|client| {
-        if let Sink::Function { function, .. } = &parsed {
-            let Some(target) = run(client, &extension, &q::FUNCTION_SINK, &[function.as_str().into()])?.into_iter().next() else {
-                return Err(OutboxError::InvalidOptions(format!("function {function}(jsonb) does not exist")));
-            };
-            // The worker calls it as its owner, so only its owner may have it called: EXECUTE
-            // alone would let a caller run a function as a more privileged owner.
-            let owner: pg_sys::Oid = required(&target, 2)?;
-            if !unsafe { pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), owner) } {
-                return Err(OutboxError::NotFunctionOwner(function.clone()));
+        let function_owner = match &parsed {
+            Sink::Function { function, .. } => {
+                let Some(target) = run(client, &extension, &q::FUNCTION_SINK, &[function.as_str().into()])?.into_iter().next() else {
+                    return Err(OutboxError::InvalidOptions(format!("function {function}(jsonb) does not exist")));
+                };
+                // The worker calls it as its owner, so only its owner may have it called: EXECUTE
+                // alone would let a caller run a function as a more privileged owner. The owner is
+                // recorded, and the worker calls only a function that still has it.
+                let owner: pg_sys::Oid = required(&target, 2)?;
+                if !unsafe { pg_sys::has_privs_of_role(pg_sys::GetOuterUserId(), owner) } {
+                    return Err(OutboxError::NotFunctionOwner(function.clone()));
+                }
+                Some(owner)
             }
-        }
+            _ => None,
+        };
         let created = run(
             client,
             &extension,
@@ -67,6 +72,10 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
         )?;
         if created.is_empty() {
             return Err(OutboxError::DuplicateSubscription(name.to_string()));
+        }
+        // (a database still on an older release's SQL gets it from ALTER EXTENSION UPDATE)
+        if let Some(owner) = function_owner.filter(|_| extension.has_function_owner) {
+            run(client, &extension, &q::RECORD_FUNCTION_OWNER, &[name.into(), owner.into()])?;
         }
         if parsed != Sink::Pull {
             crate::worker::wake_at_commit(crate::worker::Wake::Subscriptions);

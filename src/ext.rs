@@ -21,6 +21,8 @@ pub struct Extension {
     /// The subscriptions have a straddle floor (0.4.0). False in a database whose SQL is still
     /// an older release's, which this library keeps claiming from until it is updated.
     pub has_straddle_floor: bool,
+    /// The subscriptions record a function sink's owner (0.8.0).
+    pub has_function_owner: bool,
 }
 
 thread_local! {
@@ -78,8 +80,9 @@ impl Extension {
         if [event_id_seq, subscriptions, rotation].contains(&pg_sys::InvalidOid) {
             return Err(OutboxError::NotInstalled);
         }
-        let has_straddle_floor = unsafe { pg_sys::get_attnum(subscriptions, c"straddle_floor".as_ptr()) } != 0;
-        let extension = Rc::new(Extension { schema, owner, log_segments, event_id_seq, rotation, has_straddle_floor });
+        let has_column = |name: &std::ffi::CStr| unsafe { pg_sys::get_attnum(subscriptions, name.as_ptr()) } != 0;
+        let (has_straddle_floor, has_function_owner) = (has_column(c"straddle_floor"), has_column(c"function_owner"));
+        let extension = Rc::new(Extension { schema, owner, log_segments, event_id_seq, rotation, has_straddle_floor, has_function_owner });
         crate::queries::forget_plans();
         CURRENT.with(|c| *c.borrow_mut() = Some(extension.clone()));
         Ok(extension)

@@ -838,9 +838,23 @@ pub static WORKER_CLAIM: Sql = Sql {
 
 /// The function of a function sink, `name(jsonb)`, and its owner, who it runs as.
 pub static FUNCTION_SINK: Sql = Sql {
-    text: "SELECT p.oid, p.proowner FROM pg_catalog.pg_proc p \
-           WHERE p.oid = pg_catalog.to_regprocedure($1 || '(jsonb)')",
+    text: "SELECT p.oid, p.proowner, p.proowner::pg_catalog.regrole::text FROM pg_catalog.pg_proc p \
+           WHERE p.oid = pg_catalog.to_regprocedure($1 || '(jsonb)') \
+             AND p.prokind = 'f' AND NOT p.proretset AND p.pronargs = 1 \
+             AND p.proargtypes[0] = 'pg_catalog.jsonb'::pg_catalog.regtype",
     args: &[TEXT],
+};
+
+/// The owner a function sink's function had when it was subscribed. (Read from the row as
+/// jsonb: a database not yet updated to 0.8.0 has no such column, and no owner recorded.)
+pub static SUBSCRIBED_FUNCTION_OWNER: Sql = Sql {
+    text: "SELECT pg_catalog.to_jsonb(s) ->> 'function_owner' FROM @extschema@.outbox_subscriptions s WHERE s.id = $1",
+    args: &[INT4],
+};
+
+pub static RECORD_FUNCTION_OWNER: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_subscriptions SET function_owner = $2 WHERE name = $1",
+    args: &[TEXT, OID],
 };
 
 pub static SINK_SUCCEEDED: Sql = Sql {

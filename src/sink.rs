@@ -116,6 +116,7 @@ impl Sink {
                     .and_then(Value::as_str)
                     .filter(|f| !f.trim().is_empty())
                     .ok_or_else(|| invalid("a function sink needs {\"function\": \"schema.name\"}".into()))?;
+                check_function_name(function)?;
                 Ok(Sink::Function {
                     function: function.to_string(),
                     timeout: timeout_option(options)?,
@@ -169,6 +170,39 @@ impl Sink {
             Sink::Http(http) => http.batch_size,
         }
     }
+}
+
+/// A function sink's function is looked up as `name(jsonb)`: a name with more in it, such as
+/// `f(int8, int8 --)`, resolved to a function of other arguments, which the worker then called
+/// with one jsonb (a reviewer crashed the server in a loop with it). So only a name, or a
+/// schema and a name, each a plain or a double-quoted identifier.
+fn check_function_name(function: &str) -> Result<(), OutboxError> {
+    fn identifier(rest: &str) -> Option<&str> {
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let mut chars = quoted.char_indices().peekable();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '"' if chars.peek().is_some_and(|&(_, next)| next == '"') => {
+                        chars.next();
+                    }
+                    '"' => return (i > 0).then(|| &quoted[i + 1..]),
+                    '\0' => return None,
+                    _ => {}
+                }
+            }
+            return None;
+        }
+        let end = rest.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$')).unwrap_or(rest.len());
+        let first = rest.chars().next()?;
+        (end > 0 && (first.is_alphabetic() || first == '_')).then(|| &rest[end..])
+    }
+    let valid = identifier(function).is_some_and(|rest| rest.is_empty() || rest.strip_prefix('.').and_then(identifier) == Some(""));
+    if !valid {
+        return Err(invalid(format!(
+            "function must name a function as name or schema.name, without its arguments (it is called as name(jsonb)), got {function:?}"
+        )));
+    }
+    Ok(())
 }
 
 fn check_url(url: &str) -> Result<(), OutboxError> {
@@ -373,6 +407,17 @@ mod tests {
         assert_eq!(limit.of(100), 2);
         // a batch size lowered below the limit wins
         assert_eq!(limit.of(1), 1);
+    }
+
+    #[test]
+    fn a_function_sink_names_a_function_and_nothing_more() {
+        for function in ["apply", "app.apply", "\"My App\".\"Apply \"\"v2\"\"\"", "_f$1", "über.änderung"] {
+            assert!(Sink::parse("function", &json!({ "function": function })).is_ok(), "{function}");
+        }
+        for function in ["app.f(int8, int8 --)", "f(jsonb)", "app.f --", "a.b.c", "a.", ".f", "\"unclosed", "\"\"", "1f", "f;", "f g", "app.\"f\"x"] {
+            let error = Sink::parse("function", &json!({ "function": function })).unwrap_err().to_string();
+            assert!(error.contains("must name a function as name or schema.name"), "{function}: {error}");
+        }
     }
 
     #[test]

@@ -599,12 +599,28 @@ fn apply_function(
     ids: Vec<i64>,
 ) -> Result<(), OutboxError> {
     let resolved = run(client, extension, &q::FUNCTION_SINK, &[function.into()])?.into_iter().next();
-    let Some(target) = resolved else {
-        let reason = format!("function {function}(jsonb) does not exist");
+    let recorded: Option<String> = run(client, extension, &q::SUBSCRIBED_FUNCTION_OWNER, &[subscription.into()])?.first().get(1)?;
+    // The name may have come to mean another function since it was subscribed (dropped and
+    // made again by someone else, or given to another owner): a reviewer had the worker call,
+    // as a superuser, a function of a trusted extension installed under the subscribed name.
+    let refusal = match (&resolved, recorded) {
+        (None, _) => Some(format!("function {function}(jsonb) does not exist")),
+        (Some(_), None) => Some(format!(
+            "no owner is recorded for function {function}(jsonb) (outbox_subscribe records it, and ALTER EXTENSION outbox UPDATE to 0.8.0): update the extension, or subscribe it again"
+        )),
+        (Some(target), Some(recorded)) => {
+            let owner: String = required(target, 3)?;
+            (owner != recorded).then(|| {
+                format!("function {function}(jsonb) is owned by {owner}, not by {recorded} as when it was subscribed: subscribe it again")
+            })
+        }
+    };
+    if let Some(reason) = refusal {
         consume::fail_in(client, extension, ids, Some(&reason), &runner.name, None, false)?;
         record_error(client, extension, subscription, &reason, None)?;
         return Ok(());
-    };
+    }
+    let target = resolved.expect("refused above when missing");
     let function_oid: pg_sys::Oid = required(&target, 1)?;
     let owner: pg_sys::Oid = required(&target, 2)?;
     let mut pending = VecDeque::from([ids]);

@@ -127,6 +127,35 @@ fn update_from_the_first_release_goes_through_every_script() {
     update_from("0.1.0", Triggers::Released);
 }
 
+/// 0.8.0 calls a function sink only while its function has the owner recorded when it was
+/// subscribed; the update records the owner the functions subscribed before have.
+#[test]
+fn update_to_0_8_0_records_the_owner_of_each_subscribed_function() {
+    install_release_script("0.7.0");
+    let cluster = shared();
+    let mut admin = cluster.connect("postgres");
+    admin.batch_execute("DROP DATABASE IF EXISTS function_owner_update").unwrap();
+    admin.batch_execute("CREATE DATABASE function_owner_update").unwrap();
+    let mut c = cluster.connect("function_owner_update");
+    c.batch_execute(
+        "CREATE EXTENSION outbox VERSION '0.7.0';
+         CREATE ROLE fn_owner_update;
+         CREATE FUNCTION public.apply(batch jsonb) RETURNS void LANGUAGE sql AS 'SELECT';
+         ALTER FUNCTION public.apply(jsonb) OWNER TO fn_owner_update;
+         SELECT outbox_subscribe('applied', 'function', '{\"function\": \"public.apply\"}');
+         SELECT outbox_subscribe('pulled');
+         ALTER EXTENSION outbox UPDATE;",
+    )
+    .unwrap();
+    let owners: Vec<(String, Option<String>)> = c
+        .query("SELECT name, function_owner::text FROM outbox_subscriptions WHERE name IN ('applied', 'pulled') ORDER BY name", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(owners, [("applied".to_string(), Some("fn_owner_update".to_string())), ("pulled".to_string(), None)]);
+}
+
 /// Which capture triggers the release put on an attached table.
 #[derive(PartialEq)]
 enum Triggers {

@@ -412,6 +412,56 @@ fn a_function_sink_past_its_timeout_is_cancelled_and_backs_off_without_holding_u
     assert_eq!(sample(&metrics, "outbox_sink_up{subscription=\"hung\"}"), Some(1.0), "up again");
 }
 
+/// A function sink is the function `name(jsonb)`: a name with an argument list of its own
+/// (`f(int8, int8 --)`, the appended `(jsonb)` commented out) had the worker call a function
+/// of other arguments with one jsonb, and crash. And it is called only while it has the owner
+/// it had when subscribed: dropped by its owner and made again by a superuser, the function
+/// under the subscribed name was called as the superuser.
+#[test]
+fn a_function_sink_calls_only_the_function_its_subscriber_could_have_called() {
+    let _serial = serial();
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_owner");
+    c.batch_execute(
+        "CREATE TABLE applied_owner (id bigint, called_as text);
+         CREATE ROLE sink_owner; GRANT CREATE ON SCHEMA public TO sink_owner; GRANT INSERT ON applied_owner TO sink_owner;
+         SET ROLE sink_owner;
+         CREATE FUNCTION public.apply_owner(batch jsonb) RETURNS void LANGUAGE sql
+             AS $$ INSERT INTO applied_owner SELECT (e->'payload'->'key'->>'id')::bigint, current_user FROM jsonb_array_elements(batch) e $$;
+         RESET ROLE;
+         CREATE FUNCTION public.two_args(a bigint, b bigint) RETURNS void LANGUAGE sql AS 'SELECT';
+         CREATE PROCEDURE public.a_procedure(batch jsonb) LANGUAGE sql AS 'SELECT';
+         CREATE FUNCTION public.a_set(batch jsonb) RETURNS SETOF int LANGUAGE sql AS 'SELECT 1';",
+    )
+    .unwrap();
+    for (function, expected) in [
+        ("public.two_args(int8, int8 --)", "must name a function as name or schema.name"),
+        ("public.a_procedure", "function public.a_procedure(jsonb) does not exist"),
+        ("public.a_set", "function public.a_set(jsonb) does not exist"),
+    ] {
+        let message = error_of(&mut c, &format!("SELECT outbox_subscribe('bad_fn', 'function', '{{\"function\": \"{function}\"}}')"));
+        assert!(message.contains(expected), "{function}: {message}");
+    }
+    c.batch_execute("SELECT outbox_subscribe('owned_fn', 'function', '{\"function\": \"public.apply_owner\"}')").unwrap();
+    c.batch_execute(
+        "DROP FUNCTION public.apply_owner(jsonb);
+         CREATE FUNCTION public.apply_owner(batch jsonb) RETURNS void LANGUAGE sql
+             AS $$ INSERT INTO applied_owner SELECT (e->'payload'->'key'->>'id')::bigint, current_user FROM jsonb_array_elements(batch) e $$;
+         INSERT INTO docs_owner VALUES (1, 'x');",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        let error: Option<String> = backlog(&mut c, "owned_fn").get("last_error");
+        error.is_some_and(|e| e.contains("is owned by postgres, not by sink_owner as when it was subscribed"))
+    }));
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM applied_owner"), 0, "not called as the superuser");
+    c.batch_execute("ALTER FUNCTION public.apply_owner(jsonb) OWNER TO sink_owner").unwrap();
+    assert!(eventually(Duration::from_secs(15), || settled(&mut c, "owned_fn")));
+    let called: Vec<(i64, String)> = c.query("SELECT id, called_as FROM applied_owner", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(called, [(1, "sink_owner".to_string())]);
+    c.batch_execute("SELECT outbox_unsubscribe('owned_fn')").unwrap();
+}
+
 /// A function that takes 400 ms an event is cancelled on a batch of three or more: the
 /// worker hands it smaller batches until every event is applied.
 #[test]
