@@ -7,7 +7,7 @@
 //!   committed, posted from a thread of its own (one per sink, so a slow sink delays nobody
 //!   else), and acked or failed in a new transaction. Those threads never call Postgres.
 //! * A function sink runs in the transaction that acks its batch, so an in-database processor
-//!   applies each batch exactly once.
+//!   applies each batch exactly once; HTTP sinks are served between two such calls.
 //! * A rejected batch (HTTP 4xx, or a function error) is split in halves until the poison
 //!   event is alone; an unavailable sink (transport error, timeout, 5xx, 429) gets its events
 //!   back without using an attempt and backs off as a whole. After a timeout its batches are
@@ -347,75 +347,132 @@ impl Worker {
     /// One pass: settle finished HTTP deliveries, then start new ones. Returns how long to
     /// sleep before the next pass.
     fn round(&mut self) -> Duration {
-        while let Ok(result) = self.results.try_recv() {
-            BackgroundWorker::transaction(AssertUnwindSafe(|| self.settle(result))).unwrap_or_else(|e| e.raise());
-        }
+        self.settle_answers();
         if Instant::now() >= self.next_retention {
             BackgroundWorker::transaction(retain).unwrap_or_else(|e| e.raise());
             self.next_retention = Instant::now() + retention_interval(guc::retention());
         }
-        let (wait, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.deliver())).unwrap_or_else(|e| e.raise());
-        for (subscription, job) in jobs {
-            self.post(subscription, job);
+        let (mut wait, functions, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.deliver())).unwrap_or_else(|e| e.raise());
+        self.post_all(jobs);
+        // A function sink's call holds the loop for as long as it runs (up to its timeout):
+        // each runs in a transaction of its own, and the HTTP sinks that answered meanwhile
+        // get their next batch between two calls. (Claimed in the same transaction as the
+        // calls, an HTTP batch waited for every function sink, and with function calls just
+        // under their timeout a reviewer's HTTP sinks fell further behind by the second.)
+        for subscription in functions {
+            let busy = BackgroundWorker::transaction(AssertUnwindSafe(|| self.run_function_sink(subscription))).unwrap_or_else(|e| e.raise());
+            self.settle_answers();
+            let (http_busy, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.claim_http())).unwrap_or_else(|e| e.raise());
+            self.post_all(jobs);
+            if busy || http_busy {
+                wait = Duration::ZERO;
+            }
         }
         wait.min(self.next_retention.saturating_duration_since(Instant::now()))
     }
 
-    /// Refreshes the sink list, claims for every sink that is ready, and runs function sinks.
-    fn deliver(&mut self) -> Result<(Duration, Vec<(i32, HttpJob)>), OutboxError> {
+    fn settle_answers(&mut self) {
+        while let Ok(result) = self.results.try_recv() {
+            BackgroundWorker::transaction(AssertUnwindSafe(|| self.settle(result))).unwrap_or_else(|e| e.raise());
+        }
+    }
+
+    /// Refreshes the sink list and claims a batch for every HTTP sink that is ready. Returns
+    /// how long to sleep, the function sinks to run, and the HTTP batches to post once the
+    /// claims have committed.
+    fn deliver(&mut self) -> Result<(Duration, Vec<i32>, Vec<HttpJob>), OutboxError> {
         if !extension_created() {
             // not created yet, or dropped: check again later instead of failing
             self.sinks.clear();
             WORKER_HAS_SINKS.get().store(false, Ordering::Release);
-            return Ok((guc::poll_interval(), Vec::new()));
+            return Ok((guc::poll_interval(), Vec::new(), Vec::new()));
         }
         let extension = Extension::current()?;
-        Spi::connect_mut(|client| {
+        let (next_due, (busy, jobs)) = Spi::connect_mut(|client| -> Result<_, OutboxError> {
             let next_due = self.refresh(client, &extension)?;
-            let now = Instant::now();
-            let mut jobs = Vec::new();
-            let mut busy = false;
-            // in id order, as a requeue of every subscription locks them, so the two never
-            // wait for each other's locks in a circle
-            let mut ids: Vec<i32> = self.sinks.keys().copied().collect();
-            ids.sort_unstable();
-            for id in ids {
-                let runner = self.sinks.get_mut(&id).expect("listed");
-                if runner.in_flight.is_some() || !runner.breaker.allows(now) {
-                    continue;
-                }
-                let batch_size = runner.limit.of(runner.batch_size());
-                let events = claim_rendered(client, &extension, &runner.name, batch_size)?;
-                if events.is_empty() {
-                    continue;
-                }
-                busy |= events.len() == batch_size as usize;
-                match runner.sink.clone() {
-                    Sink::Function { function, timeout, .. } => {
-                        let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
-                        let rendered: HashMap<i64, String> = events.into_iter().collect();
-                        apply_function(client, &extension, id, runner, (&function, timeout), &rendered, ids)?;
-                    }
-                    Sink::Http(_) => {
-                        let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
-                        let body = batch_body(events.iter().map(|(_, e)| e.as_str()));
-                        runner.in_flight = Some(InFlight { events: events.into_iter().collect(), queue: VecDeque::new() });
-                        jobs.push((id, HttpJob { subscription: id, generation: runner.generation, ids, body }));
-                    }
-                    Sink::Pull => {}
-                }
+            Ok((next_due, self.claim_http_in(client, &extension)?))
+        })?;
+        let now = Instant::now();
+        let mut functions: Vec<i32> = self
+            .sinks
+            .iter()
+            .filter(|(_, r)| matches!(r.sink, Sink::Function { .. }) && r.breaker.allows(now))
+            .map(|(id, _)| *id)
+            .collect();
+        functions.sort_unstable();
+        let breakers = self.sinks.values().filter_map(|r| r.breaker.open_until()).min();
+        let wait = if busy {
+            Duration::ZERO
+        } else {
+            let mut wait = guc::poll_interval();
+            for due in [next_due, breakers].into_iter().flatten() {
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
             }
-            let breakers = self.sinks.values().filter_map(|r| r.breaker.open_until()).min();
-            let wait = if busy {
-                Duration::ZERO
-            } else {
-                let mut wait = guc::poll_interval();
-                for due in [next_due, breakers].into_iter().flatten() {
-                    wait = wait.min(due.saturating_duration_since(Instant::now()));
-                }
-                wait
-            };
-            Ok((wait, jobs))
+            wait
+        };
+        Ok((wait, functions, jobs))
+    }
+
+    /// Claims a batch for every HTTP sink that is ready. Returns whether one came back full
+    /// (more is waiting), and the batches to post once the claims have committed.
+    fn claim_http(&mut self) -> Result<(bool, Vec<HttpJob>), OutboxError> {
+        if !extension_created() {
+            return Ok((false, Vec::new()));
+        }
+        let extension = Extension::current()?;
+        Spi::connect_mut(|client| self.claim_http_in(client, &extension))
+    }
+
+    fn claim_http_in(&mut self, client: &mut SpiClient<'_>, extension: &Extension) -> Result<(bool, Vec<HttpJob>), OutboxError> {
+        let now = Instant::now();
+        let mut busy = false;
+        // in id order, as a requeue of every subscription locks them, so the two never wait
+        // for each other's locks in a circle
+        let mut ids: Vec<i32> =
+            self.sinks.iter().filter(|(_, r)| matches!(r.sink, Sink::Http(_))).map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        let mut jobs = Vec::new();
+        for id in ids {
+            let runner = self.sinks.get_mut(&id).expect("listed");
+            if runner.in_flight.is_some() || !runner.breaker.allows(now) {
+                continue;
+            }
+            let batch_size = runner.limit.of(runner.batch_size());
+            let events = claim_rendered(client, extension, &runner.name, batch_size)?;
+            if events.is_empty() {
+                continue;
+            }
+            busy |= events.len() == batch_size as usize;
+            let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
+            let body = batch_body(events.iter().map(|(_, e)| e.as_str()));
+            runner.in_flight = Some(InFlight { events: events.into_iter().collect(), queue: VecDeque::new() });
+            jobs.push(HttpJob { subscription: id, generation: runner.generation, ids, body });
+        }
+        Ok((busy, jobs))
+    }
+
+    /// Claims a batch for function sink `subscription` and calls it, in a transaction of its
+    /// own. Returns whether the batch was full (more is waiting).
+    fn run_function_sink(&mut self, subscription: i32) -> Result<bool, OutboxError> {
+        if !extension_created() {
+            return Ok(false);
+        }
+        let extension = Extension::current()?;
+        let Some(runner) = self.sinks.get_mut(&subscription).filter(|r| r.breaker.allows(Instant::now())) else {
+            return Ok(false);
+        };
+        let Sink::Function { function, timeout, .. } = runner.sink.clone() else { return Ok(false) };
+        Spi::connect_mut(|client| {
+            let batch_size = runner.limit.of(runner.batch_size());
+            let events = claim_rendered(client, &extension, &runner.name, batch_size)?;
+            if events.is_empty() {
+                return Ok(false);
+            }
+            let busy = events.len() == batch_size as usize;
+            let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
+            let rendered: HashMap<i64, String> = events.into_iter().collect();
+            apply_function(client, &extension, subscription, runner, (&function, timeout), &rendered, ids)?;
+            Ok(busy)
         })
     }
 
@@ -496,6 +553,12 @@ impl Worker {
             .min();
         WORKER_HAS_SINKS.get().store(!self.sinks.is_empty(), Ordering::Release);
         Ok(next_due)
+    }
+
+    fn post_all(&mut self, jobs: Vec<HttpJob>) {
+        for job in jobs {
+            self.post(job.subscription, job);
+        }
     }
 
     fn post(&mut self, subscription: i32, job: HttpJob) {

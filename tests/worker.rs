@@ -487,6 +487,38 @@ fn a_function_sink_too_slow_for_a_whole_batch_gets_smaller_ones() {
     assert_eq!(backlog(&mut c, "slowfn").get::<_, i64>("dead"), 0);
 }
 
+/// A function sink whose calls take most of a second, one after another, and an HTTP sink on
+/// the same table: the HTTP sink gets a batch between any two calls. (Its batches were
+/// claimed in the function calls' transaction and posted after it, and settled only after the
+/// next call: one batch for every two calls, and a reviewer's HTTP sinks fell behind.)
+#[test]
+fn a_busy_function_sink_delays_an_http_sink_by_at_most_one_call() {
+    let fast = Recorder::start(|_| Reply::status(200));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_busyfn");
+    c.batch_execute(
+        "CREATE FUNCTION apply_busyfn(batch jsonb) RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(0.9)';
+         SELECT outbox_subscribe('busyfn', 'function', '{\"function\": \"public.apply_busyfn\", \"timeout\": \"3s\", \"batch_size\": 1}');",
+    )
+    .unwrap();
+    http_sink(&mut c, "beside_busyfn", &fast, "");
+    // some 35 s of calls for the function sink
+    c.batch_execute("INSERT INTO docs_busyfn SELECT g, 'x' FROM generate_series(1001, 1040) g").unwrap();
+    assert!(eventually(Duration::from_secs(5), || fast.delivered_keys().contains(&1040)));
+    let mut latencies = Vec::new();
+    for id in 1..=10i64 {
+        let committed = Instant::now();
+        c.execute("INSERT INTO docs_busyfn VALUES ($1, 'x')", &[&id]).unwrap();
+        assert!(eventually(Duration::from_secs(5), || fast.delivered_keys().contains(&id)), "event {id} not delivered");
+        latencies.push(fast.received().iter().find(|r| r.keys().contains(&id)).unwrap().at.saturating_duration_since(committed));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!settled(&mut c, "busyfn"), "the function sink was busy throughout");
+    let worst = latencies.iter().max().unwrap();
+    assert!(*worst < Duration::from_millis(1300), "{latencies:?}");
+}
+
 /// A call that goes past its timeout without being stopped by it (it catches the cancel, or
 /// is in code that checks for none when the timer fires) is handled as cancelled: its work
 /// rolls back and the sink backs off, and the worker carries on.
