@@ -27,7 +27,7 @@ use pgrx::prelude::*;
 
 use crate::error::{OrRaise, OutboxError};
 use crate::ext::Extension;
-use crate::ordering::{log_rows, order_for_flush, CapturedEvent};
+use crate::ordering::{log_rows, order_for_flush, own_events_first, CapturedEvent};
 use crate::append::{append, LogRow};
 use crate::queries;
 use crate::shape::{json_array, key_hash, member_prefix, push_int, push_json_string, table_hash, Op};
@@ -180,9 +180,10 @@ pub fn init() {
 /// writable CTEs (and of every action of a MERGE) one after the other; what they captured is
 /// written once the last has fired, so that a statement's deletes go first across its parts.
 /// Written part by part, a CTE that inserted key 1 into a table whose old key 1 the main
-/// statement deleted was captured UPSERT 1, DELETE 1, and the copy lost the row. (The query
-/// that loads the library has started finishing without this hook: its statement triggers
-/// write for themselves, as COPY's and TRUNCATE's do, which have no parts.)
+/// statement deleted was captured UPSERT 1, DELETE 1, and the copy lost the row. What the
+/// statements its AFTER triggers run capture waits for it too, and goes after its own events
+/// (`own_events_first`). (The query that loads the library has started finishing without
+/// this hook: its statement triggers write for themselves, as COPY's and TRUNCATE's do.)
 #[pg_guard]
 unsafe extern "C-unwind" fn finish_query(query: *mut pg_sys::QueryDesc) {
     struct Finishing;
@@ -191,9 +192,10 @@ unsafe extern "C-unwind" fn finish_query(query: *mut pg_sys::QueryDesc) {
             FINISHING.with(|f| f.set(f.get() - 1));
         }
     }
-    // pending already: an enclosing statement's events (this query is a trigger's), which must
-    // not be cut off from the rest of that statement's, or events waiting for the commit
-    let held = PENDING.with(|p| !p.borrow().events.is_empty());
+    // pending already: events of an enclosing statement, or of a BEFORE trigger's statements,
+    // or waiting for the commit
+    let held = PENDING.with(|p| p.borrow().events.len());
+    let command = unsafe { (*(*query).estate).es_output_cid };
     FINISHING.with(|f| f.set(f.get() + 1));
     let finishing = Finishing;
     unsafe {
@@ -203,7 +205,9 @@ unsafe extern "C-unwind" fn finish_query(query: *mut pg_sys::QueryDesc) {
         }
     }
     drop(finishing);
-    if !held {
+    PENDING.with(|p| own_events_first(&mut p.borrow_mut().events, held, command));
+    // a query run by an AFTER trigger waits for the statement that fired it
+    if held == 0 && FINISHING.with(|f| f.get()) == 0 {
         flush().or_raise();
     }
 }
@@ -233,8 +237,8 @@ unsafe extern "C-unwind" fn on_subxact_event(
         PENDING.with(|p| {
             let mut pending = p.borrow_mut();
             let kept = pending.events.iter().rposition(|e| e.subxact < subxact).map_or(0, |i| i + 1);
-            if let Some(first) = pending.events.get(kept) {
-                let text_start = first.key.start;
+            // (own_events_first may have reordered the tail among itself)
+            if let Some(text_start) = pending.events[kept..].iter().map(|e| e.key.start).min() {
                 pending.text.truncate(text_start);
                 pending.events.truncate(kept);
                 if kept == 0 {

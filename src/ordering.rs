@@ -68,6 +68,24 @@ pub fn order_for_flush(events: &mut [CapturedEvent]) {
     }
 }
 
+/// Puts a statement's own events (of its `command`) first among `events[from..]`, what was
+/// captured while it fired its AFTER triggers, keeping capture order otherwise. Its changes
+/// came before anything its AFTER triggers did, but a user's AFTER row trigger that writes to
+/// the same table fires before the capture's statement trigger (and may come before its row
+/// triggers by name): a DELETE of keys 1 and 3 whose trigger inserted key 1 again was captured
+/// UPSERT 1 before DELETE 1. A BEFORE trigger's statements run before the statement's
+/// triggers fire, and keep their place ahead of it.
+pub fn own_events_first(events: &mut Vec<CapturedEvent>, from: usize, command: u32) {
+    let fired = &events[from..];
+    let out_of_place = fired.windows(2).any(|w| w[0].command != command && w[1].command == command);
+    if !out_of_place {
+        return;
+    }
+    let (own, later): (Vec<_>, Vec<_>) = events.split_off(from).into_iter().partition(|e| e.command == command);
+    events.extend(own);
+    events.extend(later);
+}
+
 /// Cuts ordered events into log rows: consecutive events of one table and one operation, at
 /// most `EVENTS_PER_ROW` each.
 pub fn log_rows(events: &[CapturedEvent]) -> Vec<Range<usize>> {
@@ -274,6 +292,23 @@ mod tests {
         }
         let ids: IdSet = (1..=10_000).collect();
         assert!((1..=10_000).all(|id| ids.contains(&id)) && !ids.contains(&0) && !ids.contains(&10_001));
+    }
+
+    #[test]
+    fn a_statements_own_events_go_before_what_its_after_triggers_did() {
+        // held from before: 0 (command 3); fired: a trigger's upsert of key 1 (command 6), then
+        // the statement's deletes of keys 1 and 3 (command 5), then another trigger statement's
+        let mut events = vec![event(3, Op::Upsert, 0), event(6, Op::Upsert, 1), event(5, Op::Delete, 2), event(5, Op::Delete, 3), event(7, Op::Upsert, 4)];
+        own_events_first(&mut events, 1, 5);
+        let keys: Vec<usize> = events.iter().map(|e| e.key.start).collect();
+        assert_eq!(keys, [0, 2, 3, 1, 4], "the statement's own first, the rest in capture order, nothing before `from` moved");
+        // in place already: untouched
+        let mut events = vec![event(5, Op::Delete, 0), event(6, Op::Upsert, 1)];
+        own_events_first(&mut events, 0, 5);
+        assert_eq!(events.iter().map(|e| e.key.start).collect::<Vec<_>>(), [0, 1]);
+        let mut events = vec![event(6, Op::Upsert, 0)];
+        own_events_first(&mut events, 1, 5);
+        assert_eq!(events.len(), 1);
     }
 
     /// Events whose key text is the single byte at `key` of their buffer.
