@@ -95,6 +95,12 @@ pub fn attach(
         if !facts.caller_owns {
             return Err(OutboxError::NotOwner(facts.display));
         }
+        // Partitions carry their attached ancestor's row triggers under the same names: two
+        // attachments in one tree would collide there (Postgres refused with a trigger error).
+        if let Some(row) = run(client, &extension, &q::ATTACHED_IN_PARTITION_TREE, &[source.oid().into()])?.into_iter().next() {
+            let attached: pg_sys::Oid = required(&row, 1)?;
+            return Err(OutboxError::AttachedInPartitionTree(facts.display, unsafe { crate::capture::qualified_name(attached) }));
+        }
         check_event_prefix(event_prefix).map_err(|why| OutboxError::EventPrefix(event_prefix.to_string(), why))?;
         let key = match facts.columns_named(key_columns, "key_columns")? {
             Some(key) => key,

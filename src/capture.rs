@@ -139,6 +139,9 @@ thread_local! {
     static SEGMENT: Cell<Option<(i16, Instant)>> = const { Cell::new(None) };
     /// How many queries are firing their AFTER triggers (`finish_query`), nested ones included.
     static FINISHING: Cell<u32> = const { Cell::new(0) };
+    /// The library was loaded by this backend in the current transaction, maybe by a trigger of
+    /// a query that is finishing without `finish_query`, and may enclose the queries it sees.
+    static LOADED_IN_THIS_TRANSACTION: Cell<bool> = const { Cell::new(false) };
 }
 
 static mut PREVIOUS_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
@@ -173,6 +176,7 @@ pub fn init() {
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
         PREVIOUS_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
         pg_sys::ExecutorFinish_hook = Some(finish_query);
+        LOADED_IN_THIS_TRANSACTION.with(|l| l.set(!pg_sys::process_shared_preload_libraries_in_progress));
     }
 }
 
@@ -206,8 +210,23 @@ unsafe extern "C-unwind" fn finish_query(query: *mut pg_sys::QueryDesc) {
     }
     drop(finishing);
     PENDING.with(|p| own_events_first(&mut p.borrow_mut().events, held, command));
-    // a query run by an AFTER trigger waits for the statement that fired it
-    if held == 0 && FINISHING.with(|f| f.get()) == 0 {
+    if FINISHING.with(|f| f.get()) > 0 {
+        // a query run by an AFTER trigger waits for the statement that fired it
+        return;
+    }
+    // At the end of a top-level query every statement with pending events is complete (a COPY
+    // into a partition, whose row triggers leave events for a statement trigger it does not
+    // have, kept a transaction's every later event in memory until the commit): all are written
+    // unless some were captured before the savepoint this query runs in, as rolling back to it
+    // would take their log row along. Only a query of the transaction that loaded the library
+    // may be a trigger's of a query finishing without this hook, and writes only its own.
+    let written = if LOADED_IN_THIS_TRANSACTION.with(|l| l.get()) {
+        held == 0
+    } else {
+        let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        PENDING.with(|p| !p.borrow().events.first().is_some_and(|e| e.subxact < current))
+    };
+    if written {
         flush().or_raise();
     }
 }
@@ -217,7 +236,11 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => flush().or_raise(),
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => PENDING.with(|p| *p.borrow_mut() = Pending::default()),
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => LOADED_IN_THIS_TRANSACTION.with(|l| l.set(false)),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            PENDING.with(|p| *p.borrow_mut() = Pending::default());
+            LOADED_IN_THIS_TRANSACTION.with(|l| l.set(false));
+        }
         _ => {}
     }
 }

@@ -38,6 +38,8 @@ pub enum OutboxError {
     NotAttached(String),
     #[error("must be owner of table {0} to attach or detach it")]
     NotOwner(String),
+    #[error("table {0} is in the partition tree of {1}, which is attached: each row would be captured twice; outbox_detach('{1}') first")]
+    AttachedInPartitionTree(String, String),
     #[error("must be owner of function {0} to have the delivery worker call it, which it does as its owner")]
     NotFunctionOwner(String),
     #[error("invalid event_prefix {0:?}: {1}")]
@@ -79,6 +81,7 @@ impl OutboxError {
             NoKey(_) => ERRCODE_INVALID_TABLE_DEFINITION,
             UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             NotATable(_) => ERRCODE_WRONG_OBJECT_TYPE,
+            AttachedInPartitionTree(..) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             NotOwner(_) | NotFunctionOwner(_) | NotConsumer(..) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             NeedsReadCommitted(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
             NotInSetContext(_) | NotUtf8(_) => ERRCODE_FEATURE_NOT_SUPPORTED,

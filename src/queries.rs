@@ -140,6 +140,16 @@ pub static TABLE_FACTS: Sql = Sql {
     args: &[OID],
 };
 
+/// Another attached table of the partition tree `$1` is in: an ancestor, or a partition below.
+pub static ATTACHED_IN_PARTITION_TREE: Sql = Sql {
+    text: "SELECT a.source::pg_catalog.oid \
+           FROM (SELECT relid FROM pg_catalog.pg_partition_ancestors($1) \
+                 UNION ALL SELECT relid FROM pg_catalog.pg_partition_tree($1)) r \
+           JOIN @extschema@.outbox_attachments a ON a.source OPERATOR(pg_catalog.=) r.relid \
+           WHERE r.relid OPERATOR(pg_catalog.<>) $1 LIMIT 1",
+    args: &[OID],
+};
+
 pub static SAVE_ATTACHMENT: Sql = Sql {
     text: "INSERT INTO @extschema@.outbox_attachments \
              (source, key_columns, payload_columns, watch_columns, event_prefix, generation) \

@@ -24,6 +24,14 @@ mod tests {
         value("SELECT coalesce(jsonb_agg(jsonb_build_array(type, payload) ORDER BY id), '[]') FROM outbox_events")
     }
 
+    /// (type, key id, payload column `column`) of every event after id `since`, in id order.
+    fn changes_since(since: i64, column: &str) -> Value {
+        value(&format!(
+            "SELECT jsonb_agg(jsonb_build_array(type, payload->'key'->'id', payload->'data'->'{column}') ORDER BY id) \
+             FROM outbox_events WHERE id > {since}"
+        ))
+    }
+
     fn chunks() {
         run("CREATE TABLE chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[], secret text)");
     }
@@ -207,10 +215,7 @@ mod tests {
         let since = count("SELECT max(id) FROM outbox_events");
         run("INSERT INTO tb VALUES (1, 'new'), (2, 'new')");
         assert_eq!(
-            value(&format!(
-                "SELECT jsonb_agg(jsonb_build_array(type, payload->'key'->'id', payload->'data'->'v') ORDER BY id) \
-                 FROM outbox_events WHERE id > {since}"
-            )),
+            changes_since(since, "v"),
             json!([["EMBED_DELETE", 2, null], ["EMBED_DELETE", 1, null], ["EMBED_UPSERT", 1, "new"], ["EMBED_UPSERT", 2, "new"]])
         );
         assert_eq!(value("SELECT jsonb_object_agg(id, v) FROM tb"), json!({"1": "new", "2": "new"}));
@@ -242,10 +247,7 @@ mod tests {
             let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
             run(statement);
             assert_eq!(
-                value(&format!(
-                    "SELECT jsonb_agg(jsonb_build_array(type, payload->'key'->'id', payload->'data'->'a') ORDER BY id) \
-                     FROM outbox_events WHERE id > {since}"
-                )),
+                changes_since(since, "a"),
                 json!([["EMBED_DELETE", 2, null], ["EMBED_DELETE", 1, null], ["EMBED_UPSERT", 1, "two"]]),
                 "{statement}"
             );
@@ -265,10 +267,7 @@ mod tests {
         let since = count("SELECT max(id) FROM outbox_events");
         run("WITH i AS (INSERT INTO cte VALUES (1, 'new'), (3, 'three') RETURNING id) DELETE FROM cte WHERE id IN (SELECT id FROM i)");
         assert_eq!(
-            value(&format!(
-                "SELECT jsonb_agg(jsonb_build_array(type, payload->'key'->'id', payload->'data'->'a') ORDER BY id) \
-                 FROM outbox_events WHERE id > {since}"
-            )),
+            changes_since(since, "a"),
             json!([["EMBED_DELETE", 1, null], ["EMBED_UPSERT", 1, "new"], ["EMBED_UPSERT", 3, "three"]])
         );
         assert_eq!(value("SELECT jsonb_object_agg(id, a) FROM cte"), json!({"1": "new", "2": "two", "3": "three"}));
@@ -581,6 +580,36 @@ mod tests {
             value("SELECT jsonb_agg(payload->>'table' ORDER BY id) FROM outbox_events"),
             json!(["public.pp", "public.pp_renamed"])
         );
+    }
+
+    /// One attachment per partition tree: an attached table's row triggers reach every
+    /// partition below it under the same names, and a second attachment collided with them
+    /// (Postgres refused with "trigger … already exists" or "cannot drop trigger …").
+    #[pg_test]
+    fn a_second_attachment_in_a_partition_tree_is_refused() {
+        run("CREATE FUNCTION error_of(statement text) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE statement; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLERRM; END $$");
+        let error_of = |sql: &str| Spi::get_one_with_args::<String>("SELECT error_of($1)", &[sql.into()]).unwrap();
+        for tree in ["pt", "qt"] {
+            run(&format!("CREATE TABLE {tree} (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)"));
+            run(&format!("CREATE TABLE {tree}_1 PARTITION OF {tree} FOR VALUES FROM (0) TO (100)"));
+        }
+        run("SELECT outbox_attach('pt')");
+        run("SELECT outbox_attach('qt_1')");
+        assert_eq!(
+            error_of("SELECT outbox_attach('pt_1')").as_deref(),
+            Some("outbox: table public.pt_1 is in the partition tree of public.pt, which is attached: each row would be captured twice; outbox_detach('public.pt') first")
+        );
+        assert_eq!(
+            error_of("SELECT outbox_attach('qt')").as_deref(),
+            Some("outbox: table public.qt is in the partition tree of public.qt_1, which is attached: each row would be captured twice; outbox_detach('public.qt_1') first")
+        );
+        // attaching again with other settings is not a second attachment
+        run("SELECT outbox_attach('pt', payload_columns => ARRAY['v'])");
+        run("SELECT outbox_detach('qt_1')");
+        run("SELECT outbox_attach('qt')");
+        run("INSERT INTO qt VALUES (1, 'a')");
+        assert_eq!(value("SELECT jsonb_agg(payload->>'table') FROM outbox_events"), json!(["public.qt"]));
     }
 
     /// DDL on a parent reaches its partitions without naming them to the event trigger.
