@@ -97,7 +97,9 @@ pub fn attach(
         }
         // Partitions carry their attached ancestor's row triggers under the same names: two
         // attachments in one tree would collide there (Postgres refused with a trigger error).
-        if let Some(row) = run(client, &extension, &q::ATTACHED_IN_PARTITION_TREE, &[source.oid().into()])?.into_iter().next() {
+        // (as the owner: the caller need not read outbox_attachments)
+        let relative = extension.as_owner(|| run(client, &extension, &q::ATTACHED_IN_PARTITION_TREE, &[source.oid().into()]))?;
+        if let Some(row) = relative.into_iter().next() {
             let attached: pg_sys::Oid = required(&row, 1)?;
             return Err(OutboxError::AttachedInPartitionTree(facts.display, unsafe { crate::capture::qualified_name(attached) }));
         }
