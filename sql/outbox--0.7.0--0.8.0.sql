@@ -118,3 +118,10 @@ UPDATE @extschema@.outbox_subscriptions s SET function_owner = p.proowner
 FROM pg_catalog.pg_proc p
 WHERE s.sink OPERATOR(pg_catalog.=) 'function'
   AND p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure((s.options OPERATOR(pg_catalog.->>) 'function') OPERATOR(pg_catalog.||) '(jsonb)');
+
+-- A subscription's consumer_role is the role of that name when it was made, by oid (a role
+-- dropped and made again under the name is another role). Taken as the roles are now.
+ALTER TABLE @extschema@.outbox_subscriptions ADD COLUMN consumer_role pg_catalog.regrole;
+UPDATE @extschema@.outbox_subscriptions
+SET consumer_role = pg_catalog.to_regrole(pg_catalog.quote_ident(options OPERATOR(pg_catalog.->>) 'consumer_role'))
+WHERE options OPERATOR(pg_catalog.?) 'consumer_role';

@@ -31,7 +31,10 @@ CREATE TABLE @extschema@.outbox_subscriptions (
     floor_mark_xids bigint[] NOT NULL DEFAULT '{}',
     -- The owner a function sink's function had when it was subscribed (the subscriber had to
     -- have its privileges); the worker calls the function only while it still has this owner.
-    function_owner pg_catalog.regrole
+    function_owner pg_catalog.regrole,
+    -- The role options' consumer_role named when the subscription was made, by oid: a role
+    -- made again under the name later is another role.
+    consumer_role pg_catalog.regrole
 );
 
 CREATE TABLE @extschema@.outbox_attachments (

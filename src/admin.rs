@@ -41,12 +41,16 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
     // subscription whose transaction is still open: hold purges off until this one commits
     // (and wait for one under way), so that the events it is to see are not dropped under it.
     unsafe { pg_sys::LockRelationOid(extension.rotation, pg_sys::RowShareLock as pg_sys::LOCKMODE) };
-    if let Some(role) = crate::sink::consumer_role(options)? {
-        let exists = std::ffi::CString::new(role).is_ok_and(|name| unsafe { pg_sys::get_role_oid(name.as_ptr(), true) } != pg_sys::InvalidOid);
-        if !exists {
-            return Err(OutboxError::InvalidOptions(format!("consumer_role: role \"{role}\" does not exist")));
+    let consumer_role = match crate::sink::consumer_role(options)? {
+        Some(role) => {
+            let oid = std::ffi::CString::new(role).map_or(pg_sys::InvalidOid, |name| unsafe { pg_sys::get_role_oid(name.as_ptr(), true) });
+            if oid == pg_sys::InvalidOid {
+                return Err(OutboxError::InvalidOptions(format!("consumer_role: role \"{role}\" does not exist")));
+            }
+            Some(oid)
         }
-    }
+        None => None,
+    };
     Spi::connect_mut(|client| {
         let function_owner = match &parsed {
             Sink::Function { function, .. } => {
@@ -73,9 +77,9 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
         if created.is_empty() {
             return Err(OutboxError::DuplicateSubscription(name.to_string()));
         }
-        // (a database still on an older release's SQL gets it from ALTER EXTENSION UPDATE)
-        if let Some(owner) = function_owner.filter(|_| extension.has_function_owner) {
-            run(client, &extension, &q::RECORD_FUNCTION_OWNER, &[name.into(), owner.into()])?;
+        // (a database still on an older release's SQL gets them from ALTER EXTENSION UPDATE)
+        if extension.records_roles && (function_owner.is_some() || consumer_role.is_some()) {
+            run(client, &extension, &q::RECORD_ROLES, &[name.into(), function_owner.into(), consumer_role.into()])?;
         }
         if parsed != Sink::Pull {
             crate::worker::wake_at_commit(crate::worker::Wake::Subscriptions);

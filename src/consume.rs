@@ -108,7 +108,7 @@ struct FoundSubscription {
 }
 
 fn find_subscription(client: &mut SpiClient<'_>, extension: &Extension, name: &str) -> Result<FoundSubscription, OutboxError> {
-    let table = run(client, extension, &q::FIND_SUBSCRIPTION, &[name.into(), caller().into()])?;
+    let table = run(client, extension, q::FIND_SUBSCRIPTION.pick(extension), &[name.into(), caller().into()])?;
     match table.into_iter().next() {
         Some(row) => Ok(FoundSubscription {
             id: required(&row, 1)?,

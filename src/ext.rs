@@ -21,8 +21,9 @@ pub struct Extension {
     /// The subscriptions have a straddle floor (0.4.0). False in a database whose SQL is still
     /// an older release's, which this library keeps claiming from until it is updated.
     pub has_straddle_floor: bool,
-    /// The subscriptions record a function sink's owner (0.8.0).
-    pub has_function_owner: bool,
+    /// The subscriptions record the roles they name by oid: a function sink's owner and the
+    /// consumer_role (0.8.0).
+    pub records_roles: bool,
 }
 
 thread_local! {
@@ -81,8 +82,8 @@ impl Extension {
             return Err(OutboxError::NotInstalled);
         }
         let has_column = |name: &std::ffi::CStr| unsafe { pg_sys::get_attnum(subscriptions, name.as_ptr()) } != 0;
-        let (has_straddle_floor, has_function_owner) = (has_column(c"straddle_floor"), has_column(c"function_owner"));
-        let extension = Rc::new(Extension { schema, owner, log_segments, event_id_seq, rotation, has_straddle_floor, has_function_owner });
+        let (has_straddle_floor, records_roles) = (has_column(c"straddle_floor"), has_column(c"consumer_role"));
+        let extension = Rc::new(Extension { schema, owner, log_segments, event_id_seq, rotation, has_straddle_floor, records_roles });
         crate::queries::forget_plans();
         CURRENT.with(|c| *c.borrow_mut() = Some(extension.clone()));
         Ok(extension)

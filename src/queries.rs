@@ -28,21 +28,25 @@ impl Sql {
     }
 }
 
-/// A statement in two versions: for databases whose SQL has the straddle floor (0.4.0), and for
-/// those still at an older release, which this library keeps claiming from until they are
-/// updated (there the floor stays at the bottom, which holds for any history). Remove the
-/// older versions when updates from 0.3.0 are no longer supported.
+/// A statement in versions for the releases of the SQL this library keeps working with until a
+/// database is updated: the current one; 0.4.0 to 0.7.0, before the subscriptions recorded
+/// roles by oid, where that changes the statement; and older ones, before the straddle floor
+/// (there the floor stays at the bottom, which holds for any history). Remove the older
+/// versions when updates from them are no longer supported.
 pub struct ForRelease {
     current: Sql,
+    before_0_8: Option<Sql>,
     before_0_4: Sql,
 }
 
 impl ForRelease {
     pub fn pick(&'static self, extension: &Extension) -> &'static Sql {
-        if extension.has_straddle_floor {
-            &self.current
-        } else {
+        if !extension.has_straddle_floor {
             &self.before_0_4
+        } else if !extension.records_roles {
+            self.before_0_8.as_ref().unwrap_or(&self.current)
+        } else {
+            &self.current
         }
     }
 }
@@ -215,6 +219,7 @@ pub static SUBSCRIBE: ForRelease = ForRelease {
         ),
         args: &[TEXT, TEXT, JSONB, BOOL],
     },
+    before_0_8: None,
     before_0_4: Sql { text: subscribe!("", ""), args: &[TEXT, TEXT, JSONB, BOOL] },
 };
 
@@ -237,9 +242,18 @@ pub static LOCK_SUBSCRIPTIONS: Sql = Sql {
 };
 
 /// Whether the role `$caller` may consume the subscription row at hand: with the privileges of
-/// its `consumer_role`, when its options name one.
+/// its `consumer_role`, when its options name one. The role is the one named when the
+/// subscription was made (its oid, recorded): a role dropped and made again under the name, by
+/// whoever may create roles, is another role. (Before 0.8.0, by the name.)
 macro_rules! may_consume {
-    ($caller:literal) => {
+    (by_oid $caller:literal) => {
+        concat!(
+            "(NOT options ? 'consumer_role' OR pg_catalog.pg_has_role(",
+            $caller,
+            ", consumer_role::pg_catalog.oid, 'USAGE') IS TRUE)"
+        )
+    };
+    (by_name $caller:literal) => {
         concat!(
             "(NOT options ? 'consumer_role' OR pg_catalog.pg_has_role(",
             $caller,
@@ -248,23 +262,30 @@ macro_rules! may_consume {
     };
 }
 
+macro_rules! find_subscription {
+    ($($may_consume:tt)+) => {
+        concat!("SELECT id, options, sink, ", $($may_consume)+, " FROM @extschema@.outbox_subscriptions WHERE name = $1")
+    };
+}
+
 /// `$2`: the caller, for the fourth column (see may_consume).
-pub static FIND_SUBSCRIPTION: Sql = Sql {
-    text: concat!("SELECT id, options, sink, ", may_consume!("$2"), " FROM @extschema@.outbox_subscriptions WHERE name = $1"),
-    args: &[TEXT, OID],
+pub static FIND_SUBSCRIPTION: ForRelease = ForRelease {
+    current: Sql { text: find_subscription!(may_consume!(by_oid "$2")), args: &[TEXT, OID] },
+    before_0_8: Some(Sql { text: find_subscription!(may_consume!(by_name "$2")), args: &[TEXT, OID] }),
+    before_0_4: Sql { text: find_subscription!(may_consume!(by_name "$2")), args: &[TEXT, OID] },
 };
 
 // ---------------------------------------------------------------------------------------
 // claim
 
 macro_rules! lock_subscription {
-    ($floor_columns:literal) => {
+    ($floor_columns:literal, $($may_consume:tt)+) => {
         concat!(
             "SELECT id, options, done_seq, window_seq, window_cursor, ",
             $floor_columns,
             ", pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
              FROM @extschema@.outbox_subscriptions WHERE name = $1 AND (sink = 'pull' OR $2) AND ",
-            may_consume!("$3"),
+            $($may_consume)+,
             " FOR NO KEY UPDATE"
         )
     };
@@ -275,8 +296,18 @@ macro_rules! lock_subscription {
 /// caller, who must be one who may consume it (see may_consume): another does not get the
 /// lock, which an aborted transaction would otherwise hold until it rolls back.
 pub static LOCK_SUBSCRIPTION: ForRelease = ForRelease {
-    current: Sql { text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids"), args: &[TEXT, BOOL, OID] },
-    before_0_4: Sql { text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]"), args: &[TEXT, BOOL, OID] },
+    current: Sql {
+        text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids", may_consume!(by_oid "$3")),
+        args: &[TEXT, BOOL, OID],
+    },
+    before_0_8: Some(Sql {
+        text: lock_subscription!("straddle_floor, floor_mark_bases, floor_mark_xids", may_consume!(by_name "$3")),
+        args: &[TEXT, BOOL, OID],
+    }),
+    before_0_4: Sql {
+        text: lock_subscription!("-4095::bigint, '{}'::bigint[], '{}'::bigint[]", may_consume!(by_name "$3")),
+        args: &[TEXT, BOOL, OID],
+    },
 };
 
 /// The expired claims of a subscription with everything the ledger keeps of the events they
@@ -463,6 +494,7 @@ pub static ADVANCE_WINDOW: ForRelease = ForRelease {
         text: advance_window!(", straddle_floor = $2, floor_mark_bases = $3, floor_mark_xids = $4"),
         args: &[INT4, INT8, INT8S, INT8S],
     },
+    before_0_8: None,
     before_0_4: Sql { text: advance_window!(""), args: &[INT4, INT8, INT8S, INT8S] },
 };
 
@@ -862,9 +894,10 @@ pub static SUBSCRIBED_FUNCTION_OWNER: Sql = Sql {
     args: &[INT4],
 };
 
-pub static RECORD_FUNCTION_OWNER: Sql = Sql {
-    text: "UPDATE @extschema@.outbox_subscriptions SET function_owner = $2 WHERE name = $1",
-    args: &[TEXT, OID],
+/// The roles a new subscription names, by oid: its function's owner and its consumer_role.
+pub static RECORD_ROLES: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_subscriptions SET function_owner = $2, consumer_role = $3 WHERE name = $1",
+    args: &[TEXT, OID, OID],
 };
 
 pub static SINK_SUCCEEDED: Sql = Sql {

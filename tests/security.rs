@@ -137,6 +137,14 @@ fn a_consumer_role_keeps_a_subscription_to_its_members() {
     assert!(error_of(&mut team_b, "SELECT * FROM outbox_claim(10, 'c_only')").contains("permission denied for subscription \"c_only\""));
     // without a consumer_role, every consumer consumes it
     assert_eq!(claim(&mut team_b, "SELECT * FROM outbox_claim(10)").len(), 1);
+    // The role is the one named at subscribe time, not whichever has the name later: renamed,
+    // its members keep the subscription; dropped and made again by someone who may create
+    // roles, the new one does not get it (it did when matched by name).
+    owner.batch_execute("ALTER ROLE \"Team C cr\" RENAME TO \"Team C cr renamed\"").unwrap();
+    assert!(team_a.query("SELECT * FROM outbox_claim(10, 'c_only')", &[]).is_ok(), "a member of the renamed role");
+    owner.batch_execute("REVOKE \"Team C cr renamed\" FROM team_a_cr; DROP ROLE \"Team C cr renamed\"; CREATE ROLE \"Team C cr\"; GRANT \"Team C cr\" TO team_b_cr").unwrap();
+    let message = error_of(&mut team_b, "SELECT * FROM outbox_claim(10, 'c_only')");
+    assert!(message.contains("permission denied for subscription \"c_only\""), "{message}");
 }
 
 #[test]

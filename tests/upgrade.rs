@@ -128,9 +128,10 @@ fn update_from_the_first_release_goes_through_every_script() {
 }
 
 /// 0.8.0 calls a function sink only while its function has the owner recorded when it was
-/// subscribed; the update records the owner the functions subscribed before have.
+/// subscribed, and matches a consumer_role by oid; the update records the roles the
+/// subscriptions made before name.
 #[test]
-fn update_to_0_8_0_records_the_owner_of_each_subscribed_function() {
+fn update_to_0_8_0_records_the_roles_subscriptions_name() {
     install_release_script("0.7.0");
     let cluster = shared();
     let mut admin = cluster.connect("postgres");
@@ -143,17 +144,23 @@ fn update_to_0_8_0_records_the_owner_of_each_subscribed_function() {
          CREATE FUNCTION public.apply(batch jsonb) RETURNS void LANGUAGE sql AS 'SELECT';
          ALTER FUNCTION public.apply(jsonb) OWNER TO fn_owner_update;
          SELECT outbox_subscribe('applied', 'function', '{\"function\": \"public.apply\"}');
-         SELECT outbox_subscribe('pulled');
+         SELECT outbox_subscribe('pulled', options => '{\"consumer_role\": \"fn_owner_update\"}');
          ALTER EXTENSION outbox UPDATE;",
     )
     .unwrap();
-    let owners: Vec<(String, Option<String>)> = c
-        .query("SELECT name, function_owner::text FROM outbox_subscriptions WHERE name IN ('applied', 'pulled') ORDER BY name", &[])
+    let roles: Vec<(String, Option<String>, Option<String>)> = c
+        .query(
+            "SELECT name, function_owner::text, consumer_role::text FROM outbox_subscriptions WHERE name IN ('applied', 'pulled') ORDER BY name",
+            &[],
+        )
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(owners, [("applied".to_string(), Some("fn_owner_update".to_string())), ("pulled".to_string(), None)]);
+    assert_eq!(
+        roles,
+        [("applied".to_string(), Some("fn_owner_update".to_string()), None), ("pulled".to_string(), None, Some("fn_owner_update".to_string()))]
+    );
 }
 
 /// Which capture triggers the release put on an attached table.
