@@ -97,7 +97,13 @@ pub fn attach(
         }
         // Partitions carry their attached ancestor's row triggers under the same names: two
         // attachments in one tree would collide there (Postgres refused with a trigger error).
-        // (as the owner: the caller need not read outbox_attachments)
+        // Two attaches in one tree at once would both pass the check: the second waits for the
+        // first here, on the tree's root (a lock writers do not take). As the owner: the caller
+        // need not read outbox_attachments.
+        let root = extension.as_owner(|| run(client, &extension, &q::PARTITION_ROOT, &[source.oid().into()]))?;
+        if let Some(root) = root.first().get::<pg_sys::Oid>(1)? {
+            unsafe { pg_sys::LockRelationOid(root, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
+        }
         let relative = extension.as_owner(|| run(client, &extension, &q::ATTACHED_IN_PARTITION_TREE, &[source.oid().into()]))?;
         if let Some(row) = relative.into_iter().next() {
             let attached: pg_sys::Oid = required(&row, 1)?;

@@ -144,6 +144,9 @@ pub static TABLE_FACTS: Sql = Sql {
     args: &[OID],
 };
 
+/// The root of the partition tree `$1` is in; NULL for a table outside any.
+pub static PARTITION_ROOT: Sql = Sql { text: "SELECT pg_catalog.pg_partition_root($1)::pg_catalog.oid", args: &[OID] };
+
 /// Another attached table of the partition tree `$1` is in: an ancestor, or a partition below.
 pub static ATTACHED_IN_PARTITION_TREE: Sql = Sql {
     text: "SELECT a.source::pg_catalog.oid \

@@ -565,6 +565,25 @@ fn events_a_copy_into_a_partition_leaves_are_written_by_the_next_statement() {
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_events"), 4);
 }
 
+/// Two attaches in one partition tree at once: the second waits for the first and is refused
+/// with the way out. (Neither saw the other's attachment, and the second failed on a trigger
+/// name, "trigger \"outbox_capture_rows\" for relation … already exists".)
+#[test]
+fn concurrent_attaches_in_one_partition_tree_are_told_apart() {
+    let db = shared().database("attach_race");
+    let mut first = shared().connect(&db);
+    first
+        .batch_execute("CREATE TABLE rt (id int PRIMARY KEY) PARTITION BY RANGE (id); CREATE TABLE rt_1 PARTITION OF rt FOR VALUES FROM (0) TO (10)")
+        .unwrap();
+    first.batch_execute("BEGIN; SELECT outbox_attach('rt')").unwrap();
+    let second_db = db.clone();
+    let second = std::thread::spawn(move || error_of(&mut shared().connect(&second_db), "SELECT outbox_attach('rt_1')"));
+    std::thread::sleep(Duration::from_millis(500));
+    first.batch_execute("COMMIT").unwrap();
+    let message = second.join().unwrap();
+    assert!(message.contains("table public.rt_1 is in the partition tree of public.rt, which is attached"), "{message}");
+}
+
 #[test]
 fn bulk_insert_and_copy_are_captured() {
     let (_, mut c) = setup("bulk", "");
