@@ -98,11 +98,12 @@ pub fn attach(
         // Partitions carry their attached ancestor's row triggers under the same names: two
         // attachments in one tree would collide there (Postgres refused with a trigger error).
         // Two attaches in one tree at once would both pass the check: the second waits for the
-        // first here, on the tree's root (a lock writers do not take). As the owner: the caller
-        // need not read outbox_attachments.
+        // first here, on a lock of the tree's root as an object, which no relation lock (of
+        // writers, DDL, vacuum) conflicts with or waits in a circle with. As the owner: the
+        // caller need not read outbox_attachments.
         let root = extension.as_owner(|| run(client, &extension, &q::PARTITION_ROOT, &[source.oid().into()]))?;
         if let Some(root) = root.first().get::<pg_sys::Oid>(1)? {
-            unsafe { pg_sys::LockRelationOid(root, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
+            unsafe { pg_sys::LockDatabaseObject(pg_sys::RelationRelationId, root, 0, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) };
         }
         let relative = extension.as_owner(|| run(client, &extension, &q::ATTACHED_IN_PARTITION_TREE, &[source.oid().into()]))?;
         if let Some(row) = relative.into_iter().next() {

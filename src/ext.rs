@@ -18,6 +18,8 @@ pub struct Extension {
     pub event_id_seq: pg_sys::Oid,
     /// `outbox_rotation`, whose table lock keeps a purge and a subscription being created apart.
     pub rotation: pg_sys::Oid,
+    /// `outbox_subscriptions`, whose columns say which release's SQL the database has.
+    subscriptions: pg_sys::Oid,
     /// The subscriptions have a straddle floor (0.4.0). False in a database whose SQL is still
     /// an older release's, which this library keeps claiming from until it is updated.
     pub has_straddle_floor: bool,
@@ -36,12 +38,14 @@ pub fn init() {
 
 /// Dropping the extension drops its relations, which invalidates them in every backend: the
 /// cached lookup goes with them, and the capture trigger needs no catalog lookup otherwise.
-/// (The update to 0.4.0 drops an index of the log segments, which invalidates them too.)
+/// (The update to 0.4.0 drops an index of the log segments, which invalidates them too, and
+/// the update to 0.8.0 adds columns to the subscriptions: a session open across it kept
+/// treating the database as 0.7.0, and made subscriptions without their roles recorded.)
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     CURRENT.with(|c| {
         let mut current = c.borrow_mut();
-        let ours = current.as_ref().is_some_and(|e| e.event_id_seq == relid || e.log_segments.contains(&relid));
+        let ours = current.as_ref().is_some_and(|e| e.event_id_seq == relid || e.subscriptions == relid || e.log_segments.contains(&relid));
         if relid == pg_sys::InvalidOid || ours {
             *current = None;
         }
@@ -83,7 +87,8 @@ impl Extension {
         }
         let has_column = |name: &std::ffi::CStr| unsafe { pg_sys::get_attnum(subscriptions, name.as_ptr()) } != 0;
         let (has_straddle_floor, records_roles) = (has_column(c"straddle_floor"), has_column(c"consumer_role"));
-        let extension = Rc::new(Extension { schema, owner, log_segments, event_id_seq, rotation, has_straddle_floor, records_roles });
+        let extension =
+            Rc::new(Extension { schema, owner, log_segments, event_id_seq, rotation, subscriptions, has_straddle_floor, records_roles });
         crate::queries::forget_plans();
         CURRENT.with(|c| *c.borrow_mut() = Some(extension.clone()));
         Ok(extension)

@@ -413,14 +413,21 @@ impl Worker {
         Ok((wait, functions, jobs))
     }
 
-    /// Claims a batch for every HTTP sink that is ready. Returns whether one came back full
-    /// (more is waiting), and the batches to post once the claims have committed.
+    /// Claims a batch for every HTTP sink that is ready, with the sink list brought up to date
+    /// first: a function sink's call can take seconds, in which a subscription may have been
+    /// dropped and made again under its name, and a claim by name would take the new one's
+    /// events for the old one's sink. Returns whether a batch came back full (more is
+    /// waiting), and the batches to post once the claims have committed.
     fn claim_http(&mut self) -> Result<(bool, Vec<HttpJob>), OutboxError> {
         if !extension_created() {
+            self.sinks.clear();
             return Ok((false, Vec::new()));
         }
         let extension = Extension::current()?;
-        Spi::connect_mut(|client| self.claim_http_in(client, &extension))
+        Spi::connect_mut(|client| {
+            self.refresh(client, &extension)?;
+            self.claim_http_in(client, &extension)
+        })
     }
 
     fn claim_http_in(&mut self, client: &mut SpiClient<'_>, extension: &Extension) -> Result<(bool, Vec<HttpJob>), OutboxError> {
@@ -679,9 +686,9 @@ fn apply_function(
         }
     };
     if let Some(reason) = refusal {
-        consume::fail_in(client, extension, ids, Some(&reason), &runner.name, None, false)?;
-        record_error(client, extension, subscription, &reason, None)?;
-        return Ok(());
+        // the sink as a whole cannot be called: failing batch after batch went through the
+        // whole backlog at full speed
+        return runner.back_off(client, extension, subscription, ids, &reason, None);
     }
     let target = resolved.expect("refused above when missing");
     let function_oid: pg_sys::Oid = required(&target, 1)?;

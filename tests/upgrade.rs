@@ -145,9 +145,14 @@ fn update_to_0_8_0_records_the_roles_subscriptions_name() {
          ALTER FUNCTION public.apply(jsonb) OWNER TO fn_owner_update;
          SELECT outbox_subscribe('applied', 'function', '{\"function\": \"public.apply\"}');
          SELECT outbox_subscribe('pulled', options => '{\"consumer_role\": \"fn_owner_update\"}');
-         ALTER EXTENSION outbox UPDATE;",
+         ALTER EXTENSION outbox UPDATE;
+         -- the session that ran the update knows it has 0.8.0's SQL now
+         SELECT outbox_subscribe('pulled_after', options => '{\"consumer_role\": \"fn_owner_update\"}');",
     )
     .unwrap();
+    let after: Option<String> =
+        c.query_one("SELECT consumer_role::text FROM outbox_subscriptions WHERE name = 'pulled_after'", &[]).unwrap().get(0);
+    assert_eq!(after.as_deref(), Some("fn_owner_update"));
     let roles: Vec<(String, Option<String>, Option<String>)> = c
         .query(
             "SELECT name, function_owner::text, consumer_role::text FROM outbox_subscriptions WHERE name IN ('applied', 'pulled') ORDER BY name",
