@@ -202,6 +202,12 @@ fn check_function_name(function: &str) -> Result<(), OutboxError> {
             "function must name a function as name or schema.name, without its arguments (it is called as name(jsonb)), got {function:?}"
         )));
     }
+    // (the worker's session has temporary schemas of its own, where the function is not)
+    let schema = identifier(function).filter(|rest| !rest.is_empty()).map(|rest| &function[..function.len() - rest.len()]);
+    let schema = schema.map(|s| s.strip_prefix('"').and_then(|q| q.strip_suffix('"')).map_or_else(|| s.to_lowercase(), |q| q.replace("\"\"", "\"")));
+    if schema.is_some_and(|s| s == "pg_temp" || s.starts_with("pg_temp_")) {
+        return Err(invalid(format!("function {function:?} is in a temporary schema, which the delivery worker does not see")));
+    }
     Ok(())
 }
 
@@ -418,6 +424,11 @@ mod tests {
             let error = Sink::parse("function", &json!({ "function": function })).unwrap_err().to_string();
             assert!(error.contains("must name a function as name or schema.name"), "{function}: {error}");
         }
+        for function in ["pg_temp.f", "PG_TEMP.f", "\"pg_temp_3\".f"] {
+            let error = Sink::parse("function", &json!({ "function": function })).unwrap_err().to_string();
+            assert!(error.contains("is in a temporary schema"), "{function}: {error}");
+        }
+        assert!(Sink::parse("function", &json!({ "function": "\"PG_TEMP\".f" })).is_ok(), "a schema that only looks like it");
     }
 
     #[test]
