@@ -196,14 +196,15 @@ fn check_function_name(function: &str) -> Result<(), OutboxError> {
         let first = rest.chars().next()?;
         (end > 0 && (first.is_alphabetic() || first == '_')).then(|| &rest[end..])
     }
-    let valid = identifier(function).is_some_and(|rest| rest.is_empty() || rest.strip_prefix('.').and_then(identifier) == Some(""));
+    let after_first = identifier(function);
+    let valid = after_first.is_some_and(|rest| rest.is_empty() || rest.strip_prefix('.').and_then(identifier) == Some(""));
     if !valid {
         return Err(invalid(format!(
             "function must name a function as name or schema.name, without its arguments (it is called as name(jsonb)), got {function:?}"
         )));
     }
     // (the worker's session has temporary schemas of its own, where the function is not)
-    let schema = identifier(function).filter(|rest| !rest.is_empty()).map(|rest| &function[..function.len() - rest.len()]);
+    let schema = after_first.filter(|rest| !rest.is_empty()).map(|rest| &function[..function.len() - rest.len()]);
     let schema = schema.map(|s| s.strip_prefix('"').and_then(|q| q.strip_suffix('"')).map_or_else(|| s.to_lowercase(), |q| q.replace("\"\"", "\"")));
     if schema.is_some_and(|s| s == "pg_temp" || s.starts_with("pg_temp_")) {
         return Err(invalid(format!("function {function:?} is in a temporary schema, which the delivery worker does not see")));

@@ -362,7 +362,7 @@ impl Worker {
         for subscription in functions {
             let busy = BackgroundWorker::transaction(AssertUnwindSafe(|| self.run_function_sink(subscription))).unwrap_or_else(|e| e.raise());
             self.settle_answers();
-            let (http_busy, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.claim_http())).unwrap_or_else(|e| e.raise());
+            let (_, http_busy, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.claim_http())).unwrap_or_else(|e| e.raise());
             self.post_all(jobs);
             if busy || http_busy {
                 wait = Duration::ZERO;
@@ -377,21 +377,11 @@ impl Worker {
         }
     }
 
-    /// Refreshes the sink list and claims a batch for every HTTP sink that is ready. Returns
-    /// how long to sleep, the function sinks to run, and the HTTP batches to post once the
-    /// claims have committed.
+    /// Claims a batch for every HTTP sink that is ready (`claim_http`). Returns how long to
+    /// sleep, the function sinks to run, and the HTTP batches to post once the claims have
+    /// committed.
     fn deliver(&mut self) -> Result<(Duration, Vec<i32>, Vec<HttpJob>), OutboxError> {
-        if !extension_created() {
-            // not created yet, or dropped: check again later instead of failing
-            self.sinks.clear();
-            WORKER_HAS_SINKS.get().store(false, Ordering::Release);
-            return Ok((guc::poll_interval(), Vec::new(), Vec::new()));
-        }
-        let extension = Extension::current()?;
-        let (next_due, (busy, jobs)) = Spi::connect_mut(|client| -> Result<_, OutboxError> {
-            let next_due = self.refresh(client, &extension)?;
-            Ok((next_due, self.claim_http_in(client, &extension)?))
-        })?;
+        let (next_due, busy, jobs) = self.claim_http()?;
         let now = Instant::now();
         let mut functions: Vec<i32> = self
             .sinks
@@ -416,46 +406,45 @@ impl Worker {
     /// Claims a batch for every HTTP sink that is ready, with the sink list brought up to date
     /// first: a function sink's call can take seconds, in which a subscription may have been
     /// dropped and made again under its name, and a claim by name would take the new one's
-    /// events for the old one's sink. Returns whether a batch came back full (more is
-    /// waiting), and the batches to post once the claims have committed.
-    fn claim_http(&mut self) -> Result<(bool, Vec<HttpJob>), OutboxError> {
+    /// events for the old one's sink. Returns when the next retry of a sink falls due (see
+    /// `refresh`), whether a batch came back full (more is waiting), and the batches to post
+    /// once the claims have committed.
+    fn claim_http(&mut self) -> Result<(Option<Instant>, bool, Vec<HttpJob>), OutboxError> {
         if !extension_created() {
+            // not created yet, or dropped: check again later instead of failing
             self.sinks.clear();
-            return Ok((false, Vec::new()));
+            WORKER_HAS_SINKS.get().store(false, Ordering::Release);
+            return Ok((None, false, Vec::new()));
         }
         let extension = Extension::current()?;
         Spi::connect_mut(|client| {
-            self.refresh(client, &extension)?;
-            self.claim_http_in(client, &extension)
+            let next_due = self.refresh(client, &extension)?;
+            let now = Instant::now();
+            let mut busy = false;
+            // in id order, as a requeue of every subscription locks them, so the two never wait
+            // for each other's locks in a circle
+            let mut ids: Vec<i32> =
+                self.sinks.iter().filter(|(_, r)| matches!(r.sink, Sink::Http(_))).map(|(id, _)| *id).collect();
+            ids.sort_unstable();
+            let mut jobs = Vec::new();
+            for id in ids {
+                let runner = self.sinks.get_mut(&id).expect("listed");
+                if runner.in_flight.is_some() || !runner.breaker.allows(now) {
+                    continue;
+                }
+                let batch_size = runner.limit.of(runner.batch_size());
+                let events = claim_rendered(client, &extension, &runner.name, batch_size)?;
+                if events.is_empty() {
+                    continue;
+                }
+                busy |= events.len() == batch_size as usize;
+                let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
+                let body = batch_body(events.iter().map(|(_, e)| e.as_str()));
+                runner.in_flight = Some(InFlight { events: events.into_iter().collect(), queue: VecDeque::new() });
+                jobs.push(HttpJob { subscription: id, generation: runner.generation, ids, body });
+            }
+            Ok((next_due, busy, jobs))
         })
-    }
-
-    fn claim_http_in(&mut self, client: &mut SpiClient<'_>, extension: &Extension) -> Result<(bool, Vec<HttpJob>), OutboxError> {
-        let now = Instant::now();
-        let mut busy = false;
-        // in id order, as a requeue of every subscription locks them, so the two never wait
-        // for each other's locks in a circle
-        let mut ids: Vec<i32> =
-            self.sinks.iter().filter(|(_, r)| matches!(r.sink, Sink::Http(_))).map(|(id, _)| *id).collect();
-        ids.sort_unstable();
-        let mut jobs = Vec::new();
-        for id in ids {
-            let runner = self.sinks.get_mut(&id).expect("listed");
-            if runner.in_flight.is_some() || !runner.breaker.allows(now) {
-                continue;
-            }
-            let batch_size = runner.limit.of(runner.batch_size());
-            let events = claim_rendered(client, extension, &runner.name, batch_size)?;
-            if events.is_empty() {
-                continue;
-            }
-            busy |= events.len() == batch_size as usize;
-            let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
-            let body = batch_body(events.iter().map(|(_, e)| e.as_str()));
-            runner.in_flight = Some(InFlight { events: events.into_iter().collect(), queue: VecDeque::new() });
-            jobs.push(HttpJob { subscription: id, generation: runner.generation, ids, body });
-        }
-        Ok((busy, jobs))
     }
 
     /// Claims a batch for function sink `subscription` and calls it, in a transaction of its
