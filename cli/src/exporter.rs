@@ -24,6 +24,8 @@ const REQUEST_HEAD_LIMIT: usize = 8 * 1024;
 /// The time a client has to send its request, and again to take the answer, however it
 /// dribbles: a timeout on each read or write alone lets a byte now and then hold on forever.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the metrics query may take: under Prometheus' default scrape timeout of 10 s.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Clients served at once; more are turned away, so a flood of idle connections cannot pile
 /// up threads.
@@ -76,13 +78,28 @@ impl Exporter {
     }
 
     fn read_metrics(&mut self) -> Result<String> {
-        if self.session.as_ref().is_none_or(|s| s.client.is_closed()) {
-            self.session = Some(Session::open(&self.config)?);
-            eprintln!("outbox: connected");
+        // A connection the database closed since the last scrape (it restarted) shows only when
+        // the query fails: then one new connection is asked, rather than answering 0 while the
+        // database is up.
+        let mut reconnected = false;
+        loop {
+            if self.session.as_ref().is_none_or(|s| s.client.is_closed()) {
+                let mut session = Session::open(&self.config)?;
+                // A table locked by DDL, VACUUM FULL or an update would hold every scrape: the
+                // query gives up in time for the scrape to answer outbox_up 0.
+                session.client.batch_execute(&format!("SET statement_timeout = {}", STATEMENT_TIMEOUT.as_millis()))?;
+                self.session = Some(session);
+                reconnected = true;
+                eprintln!("outbox: connected");
+            }
+            let session = self.session.as_mut().expect("just opened");
+            let sql = session.sql("SELECT @extschema@.outbox_metrics()");
+            match session.client.query_one(&sql, &[]) {
+                Ok(row) => return Ok(row.get(0)),
+                Err(_) if !reconnected && session.client.is_closed() => self.session = None,
+                Err(error) => return Err(error.into()),
+            }
         }
-        let session = self.session.as_mut().expect("just opened");
-        let sql = session.sql("SELECT @extschema@.outbox_metrics()");
-        Ok(session.client.query_one(&sql, &[])?.get(0))
     }
 }
 

@@ -603,6 +603,24 @@ fn exporter_serves_outbox_up_0_while_the_database_is_away_and_recovers() {
         sample(&recovered, "outbox_up") == Some(1.0)
     }));
     assert_eq!(sample(&recovered, "outbox_delivered_total{subscription=\"default\"}"), Some(2.0), "counters survive the restart");
+
+    // restarted between two scrapes: the next one reconnects and reads, where it answered 0
+    cluster.stop("fast");
+    cluster.pg_ctl_start();
+    let (_, body) = scrape(port).unwrap();
+    assert_eq!(sample(&body, "outbox_up"), Some(1.0), "{body}");
+
+    // an outbox table locked (DDL, VACUUM FULL, an update): the scrape answers 0 in time
+    // rather than waiting with every scrape after it
+    let mut locker = cluster.connect(&db);
+    locker.batch_execute("BEGIN; LOCK outbox_log IN ACCESS EXCLUSIVE MODE").unwrap();
+    let started = Instant::now();
+    let (_, body) = scrape(port).unwrap();
+    assert_eq!(sample(&body, "outbox_up"), Some(0.0), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(9), "{:?}", started.elapsed());
+    locker.batch_execute("ROLLBACK").unwrap();
+    let (_, body) = scrape(port).unwrap();
+    assert_eq!(sample(&body, "outbox_up"), Some(1.0), "{body}");
     let (status, _) = {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.write_all(b"GET /other HTTP/1.1\r\n\r\n").unwrap();
