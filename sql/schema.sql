@@ -34,7 +34,12 @@ CREATE TABLE @extschema@.outbox_subscriptions (
     function_owner pg_catalog.regrole,
     -- The role options' consumer_role named when the subscription was made, by oid: a role
     -- made again under the name later is another role.
-    consumer_role pg_catalog.regrole
+    consumer_role pg_catalog.regrole,
+    -- What was committed before the subscription was made (base <= start_seq, visible in
+    -- start_snapshot) was never its to hand out, and a replay must not hand it out either.
+    -- A from_start subscription starts at the bottom.
+    start_snapshot pg_catalog.pg_snapshot NOT NULL DEFAULT '1:1:',
+    start_seq bigint NOT NULL DEFAULT -4095
 );
 
 CREATE TABLE @extschema@.outbox_attachments (

@@ -81,6 +81,9 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
         if extension.records_roles && (function_owner.is_some() || consumer_role.is_some()) {
             run(client, &extension, &q::RECORD_ROLES, &[name.into(), function_owner.into(), consumer_role.into()])?;
         }
+        if extension.records_start && !from_start {
+            run(client, &extension, &q::RECORD_START, &[name.into()])?;
+        }
         if parsed != Sink::Pull {
             crate::worker::wake_at_commit(crate::worker::Wake::Subscriptions);
         }

@@ -405,7 +405,6 @@ unsafe fn capture_transition_table(
     op: Op,
 ) -> Result<(), OutboxError> {
     let attachment = unsafe { attachment_for(trigger)? };
-    let data = if op == Op::Upsert { attachment.data.as_ref() } else { None };
     unsafe {
         let rows = pg_sys::tuplestore_tuple_count(table) as usize;
         let mut batch = Batch::new(&attachment, rows, statement_command());
@@ -417,8 +416,39 @@ unsafe fn capture_transition_table(
         let reader = pg_sys::tuplestore_alloc_read_pointer(table, 0);
         pg_sys::tuplestore_select_read_pointer(table, reader);
         pg_sys::tuplestore_rescan(table);
-        // to_json and detoasting allocate, and a statement may have millions of rows
-        let allocates = attachment.key.iter().chain(data.into_iter().flatten()).any(|c| c.encoding.allocates());
+        let captured = capture_rows(
+            &mut batch,
+            tupdesc,
+            op,
+            // a minimal tuple slot keeps a heap tuple header over its tuple
+            || pg_sys::tuplestore_gettupleslot(table, true, false, slot).then(|| (*slot.cast::<pg_sys::MinimalTupleTableSlot>()).tuple),
+            // A table that spilled to disk reads each row into the current context, and the
+            // slot frees it when the next row is stored: it lets go of it before the reset.
+            || {
+                pg_sys::ExecClearTuple(slot);
+            },
+        );
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        captured?;
+        batch.keep();
+    }
+    Ok(())
+}
+
+/// Adds an event of `op` to `batch` for every row `next_row` returns (rows of `tupdesc`).
+/// `release_row` lets go of a row before the memory encoding it took is reset.
+unsafe fn capture_rows(
+    batch: &mut Batch,
+    tupdesc: pg_sys::TupleDesc,
+    op: Op,
+    mut next_row: impl FnMut() -> Option<pg_sys::HeapTuple>,
+    mut release_row: impl FnMut(),
+) -> Result<(), OutboxError> {
+    let attachment = batch.attachment;
+    let data = if op == Op::Upsert { attachment.data.as_ref() } else { None };
+    // to_json and detoasting allocate, and a statement may have millions of rows
+    let allocates = attachment.key.iter().chain(data.into_iter().flatten()).any(|c| c.encoding.allocates());
+    unsafe {
         // (the per-row context, and the context it replaced)
         let per_row = allocates.then(|| {
             let context = pg_sys::AllocSetContextCreateExtended(
@@ -430,16 +460,18 @@ unsafe fn capture_transition_table(
             );
             (context, pg_sys::MemoryContextSwitchTo(context))
         });
-        while pg_sys::tuplestore_gettupleslot(table, true, false, slot) {
-            // a minimal tuple slot keeps a heap tuple header over its tuple
-            let tuple = (*slot.cast::<pg_sys::MinimalTupleTableSlot>()).tuple;
-            let key = batch.encode(&attachment.key, tuple, tupdesc)?;
-            let data = data.map(|columns| batch.encode(columns, tuple, tupdesc)).transpose()?;
-            batch.push(op, key, data);
+        let mut captured = Ok(());
+        while let Some(tuple) = next_row() {
+            captured = batch.encode(&attachment.key, tuple, tupdesc).and_then(|key| {
+                let data = data.map(|columns| batch.encode(columns, tuple, tupdesc)).transpose()?;
+                batch.push(op, key, data);
+                Ok(())
+            });
+            if captured.is_err() {
+                break;
+            }
             if let Some((context, _)) = per_row {
-                // A table that spilled to disk reads each row into the current context, and
-                // the slot frees it when the next row is stored: let go of it before the reset.
-                pg_sys::ExecClearTuple(slot);
+                release_row();
                 pg_sys::MemoryContextReset(context);
             }
         }
@@ -447,10 +479,57 @@ unsafe fn capture_transition_table(
             pg_sys::MemoryContextSwitchTo(previous);
             pg_sys::MemoryContextDelete(context);
         }
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        captured
+    }
+}
+
+/// Captures every row of `relation`, a table that joins or leaves a partition tree by DDL
+/// (ATTACH PARTITION, DETACH PARTITION, DROP TABLE of a partition), as events of `op`, under
+/// the attachment of `parent`, the partitioned table it joins or leaves, or of its nearest
+/// attached ancestor; nothing when there is none. Otherwise its rows come and go in the
+/// attached table without an event, and the copies keep or miss them. The caller holds a lock
+/// on `relation` that keeps writers out.
+pub unsafe fn capture_table_rows(parent: pg_sys::Oid, relation: pg_sys::Relation, op: Op) -> Result<(), OutboxError> {
+    let extension = Extension::current()?;
+    let Some(config) = extension.as_owner(|| unsafe { attachment_config(&extension, parent) })? else {
+        return Ok(());
+    };
+    let attachment = unsafe { attachment_for_columns_of(config, relation)? };
+    unsafe {
+        if (*(*relation).rd_rel).relam != pg_sys::HEAP_TABLE_AM_OID {
+            return Err(OutboxError::Capture(
+                qualified_name((*relation).rd_id),
+                format!("its rows cannot be read to capture them as they join or leave {}: it is not a heap table", attachment.shape.source_name),
+            ));
+        }
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        use pg_sys::ScanOptions::*;
+        let scan = pg_sys::heap_beginscan(
+            relation,
+            snapshot,
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            SO_TYPE_SEQSCAN | SO_ALLOW_STRAT | SO_ALLOW_SYNC | SO_ALLOW_PAGEMODE,
+        );
+        let mut batch = Batch::new(&attachment, 0, pg_sys::GetCurrentCommandId(false));
+        let captured = capture_rows(
+            &mut batch,
+            (*relation).rd_att,
+            op,
+            || {
+                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+                (!tuple.is_null()).then_some(tuple)
+            },
+            // (the scan's rows stay in its buffers)
+            || {},
+        );
+        pg_sys::heap_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        captured?;
         batch.keep();
     }
-    Ok(())
+    flush_statement(attachment.source.into())
 }
 
 /// Events of one trigger call, added to the pending buffer in one go. Keys and data are
@@ -671,9 +750,15 @@ unsafe fn load_attachment(relation: pg_sys::Relation) -> Result<Attachment, Outb
     let relid = unsafe { (*relation).rd_id };
     let extension = Extension::current()?;
     let config = extension.as_owner(|| unsafe { attachment_config(&extension, relid) })?;
-    let Some((source, generation, prefix, key_columns, payload_columns)) = config else {
+    let Some(config) = config else {
         return Err(OutboxError::NotAttached(unsafe { qualified_name(relid) }));
     };
+    unsafe { attachment_for_columns_of(config, relation) }
+}
+
+/// The attachment `config`, with its columns resolved against those of `relation`.
+unsafe fn attachment_for_columns_of(config: AttachmentConfig, relation: pg_sys::Relation) -> Result<Attachment, OutboxError> {
+    let (source, generation, prefix, key_columns, payload_columns) = config;
     let source_name = unsafe { qualified_name(source) };
     let memory = unsafe {
         pg_sys::AllocSetContextCreateExtended(
@@ -872,16 +957,82 @@ unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut Stri
             push_json_string(out, pgrx::varlena::text_to_rust_str_unchecked(text));
         },
         Encoding::ToJson(finfo) => unsafe {
+            let _settings = CanonicalOutput::enter();
             let json = pg_sys::FunctionCall1Coll(*finfo, pg_sys::InvalidOid, value);
             let text = pg_sys::pg_detoast_datum_packed(json.cast_mut_ptr());
             out.push_str(&String::from_utf8_lossy(pgrx::varlena::varlena_to_byte_slice(text)));
         },
         Encoding::ToJsonb(finfo) => unsafe {
+            let _settings = CanonicalOutput::enter();
             let jsonb = pg_sys::FunctionCall1Coll(*finfo, pg_sys::InvalidOid, value);
             let jsonb = pg_sys::pg_detoast_datum(jsonb.cast_mut_ptr()).cast::<pg_sys::Jsonb>();
             let text = pg_sys::JsonbToCString(std::ptr::null_mut(), &mut (*jsonb).root, -1);
             out.push_str(&CStr::from_ptr(text).to_string_lossy());
         },
+    }
+}
+
+unsafe extern "C" {
+    /// (utils/bytea.h, which pgrx does not bind)
+    static mut bytea_output: core::ffi::c_int;
+}
+
+/// `bytea_output = hex`
+const BYTEA_OUTPUT_HEX: core::ffi::c_int = 1;
+
+thread_local! {
+    static UTC: Cell<*mut pg_sys::pg_tz> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The session settings that change how `to_json` spells a value (TimeZone for timestamptz,
+/// extra_float_digits for floats, IntervalStyle, bytea_output), held at one value while a
+/// value is encoded, and given back after it, an error included. A row's key must be spelled
+/// the same whichever session writes the row: a DELETE from a session in another time zone
+/// named a key its UPSERT never had, and with `extra_float_digits = 0` the DELETE of key
+/// 0.30000000000000004 named key 0.3, another row. The values held: UTC, shortest exact floats
+/// (what every `extra_float_digits` above 0 gives, 1 being the default), `postgres` intervals,
+/// hex bytea.
+struct CanonicalOutput {
+    timezone: *mut pg_sys::pg_tz,
+    float_digits: core::ffi::c_int,
+    interval_style: core::ffi::c_int,
+    bytea: core::ffi::c_int,
+}
+
+impl CanonicalOutput {
+    unsafe fn enter() -> CanonicalOutput {
+        unsafe {
+            let utc = UTC.with(|utc| {
+                if utc.get().is_null() {
+                    utc.set(pg_sys::pg_tzset(c"UTC".as_ptr()));
+                }
+                utc.get()
+            });
+            let saved = CanonicalOutput {
+                timezone: pg_sys::session_timezone,
+                float_digits: pg_sys::extra_float_digits,
+                interval_style: pg_sys::IntervalStyle,
+                bytea: bytea_output,
+            };
+            if !utc.is_null() {
+                pg_sys::session_timezone = utc;
+            }
+            pg_sys::extra_float_digits = saved.float_digits.max(1);
+            pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as core::ffi::c_int;
+            bytea_output = BYTEA_OUTPUT_HEX;
+            saved
+        }
+    }
+}
+
+impl Drop for CanonicalOutput {
+    fn drop(&mut self) {
+        unsafe {
+            pg_sys::session_timezone = self.timezone;
+            pg_sys::extra_float_digits = self.float_digits;
+            pg_sys::IntervalStyle = self.interval_style;
+            bytea_output = self.bytea;
+        }
     }
 }
 

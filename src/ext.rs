@@ -26,6 +26,8 @@ pub struct Extension {
     /// The subscriptions record the roles they name by oid: a function sink's owner and the
     /// consumer_role (0.8.0).
     pub records_roles: bool,
+    /// The subscriptions record what was committed before they were made (0.9.0).
+    pub records_start: bool,
 }
 
 thread_local! {
@@ -86,9 +88,19 @@ impl Extension {
             return Err(OutboxError::NotInstalled);
         }
         let has_column = |name: &std::ffi::CStr| unsafe { pg_sys::get_attnum(subscriptions, name.as_ptr()) } != 0;
-        let (has_straddle_floor, records_roles) = (has_column(c"straddle_floor"), has_column(c"consumer_role"));
-        let extension =
-            Rc::new(Extension { schema, owner, log_segments, event_id_seq, rotation, subscriptions, has_straddle_floor, records_roles });
+        let (has_straddle_floor, records_roles, records_start) =
+            (has_column(c"straddle_floor"), has_column(c"consumer_role"), has_column(c"start_seq"));
+        let extension = Rc::new(Extension {
+            schema,
+            owner,
+            log_segments,
+            event_id_seq,
+            rotation,
+            subscriptions,
+            has_straddle_floor,
+            records_roles,
+            records_start,
+        });
         crate::queries::forget_plans();
         CURRENT.with(|c| *c.borrow_mut() = Some(extension.clone()));
         Ok(extension)

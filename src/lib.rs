@@ -31,6 +31,7 @@ mod guc;
 mod jsonb;
 mod metrics;
 mod ordering;
+mod partitions;
 mod policy;
 mod queries;
 mod shape;
@@ -50,7 +51,7 @@ extension_sql_file!(
     name = "outbox_api",
     requires = ["outbox_capture", outbox_ack, outbox_fail]
 );
-extension_sql_file!("../sql/ddl.sql", name = "outbox_ddl", requires = ["outbox_schema"]);
+extension_sql_file!("../sql/ddl.sql", name = "outbox_ddl", requires = ["outbox_schema", "outbox_capture_partition_changes"]);
 extension_sql_file!("../sql/privileges.sql", name = "outbox_privileges", finalize);
 
 #[pg_guard]

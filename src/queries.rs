@@ -129,6 +129,31 @@ pub static ATTACHMENT_CONFIG: Sql = Sql {
     args: &[OID],
 };
 
+/// Of a partition `$1` that role `$2` is dropping: its parent, whether `$2` may drop it (as
+/// the owner of the table or of its schema), and the attached table the parent belongs to.
+pub static DROPPED_PARTITION: Sql = Sql {
+    text: "SELECT i.inhparent, \
+                  pg_catalog.pg_has_role($2, c.relowner, 'USAGE') OR pg_catalog.pg_has_role($2, n.nspowner, 'USAGE'), \
+                  (SELECT a.source::pg_catalog.oid FROM pg_catalog.pg_partition_ancestors(i.inhparent) p \
+                   JOIN @extschema@.outbox_attachments a ON a.source OPERATOR(pg_catalog.=) p.relid LIMIT 1) \
+           FROM pg_catalog.pg_class c \
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+           JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) c.oid \
+           WHERE c.oid OPERATOR(pg_catalog.=) $1",
+    args: &[OID, OID],
+};
+
+/// `$1` and every table of its partition tree, parents before their partitions, and whether
+/// each holds rows of its own (an ordinary table, not a partitioned or a foreign one). (A table
+/// just detached is in no tree: pg_partition_tree has no row for it.)
+pub static TABLES_IN_TREE: Sql = Sql {
+    text: "SELECT t.relid::pg_catalog.oid, c.relkind OPERATOR(pg_catalog.=) 'r' \
+           FROM (SELECT $1::pg_catalog.regclass, 0 UNION SELECT relid, level FROM pg_catalog.pg_partition_tree($1)) t(relid, level) \
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid \
+           ORDER BY t.level, t.relid",
+    args: &[OID],
+};
+
 // ---------------------------------------------------------------------------------------
 // attach
 
@@ -691,11 +716,17 @@ pub static METRICS: Sql = Sql {
 
 /// Events of the subscription that were handed out and are neither in flight, pending, nor
 /// dead, restricted to those captured since `$2` and/or with the ids `$3`: what a replay
-/// makes deliverable again. Not those with a newer event of their row (or a TRUNCATE of their
+/// makes deliverable again. Not those committed before the subscription was made, which its
+/// first `done` snapshot counts as handed out: a replay gave a new subscription other tables'
+/// events and a TRUNCATE. Not those with a newer event of their row (or a TRUNCATE of their
 /// table, or for a TRUNCATE any newer event of its table) in flight: handed out after it, they
-/// would leave the copy at an older version.
+/// would leave the copy at an older version. (The start is read through `to_jsonb`: a database
+/// not yet updated to 0.9.0 has no such columns, and replays as before.)
 pub static REPLAY_CANDIDATES: Sql = Sql {
-    text: "WITH s AS (SELECT * FROM @extschema@.outbox_subscriptions WHERE id = $1), \
+    text: "WITH s AS (SELECT x.*, \
+                  coalesce((pg_catalog.to_jsonb(x) ->> 'start_seq')::bigint, -4095) AS origin_seq, \
+                  coalesce((pg_catalog.to_jsonb(x) ->> 'start_snapshot')::pg_catalog.pg_snapshot, '1:1:') AS origin_snapshot \
+                  FROM @extschema@.outbox_subscriptions x WHERE x.id = $1), \
            handed_out AS ( \
              SELECT l.base + e.ord - 1 AS id, e.key_hash, l.table_hash, l.created_at \
              FROM s, @extschema@.outbox_log l \
@@ -704,7 +735,8 @@ pub static REPLAY_CANDIDATES: Sql = Sql {
                AND ($3::bigint[] IS NULL OR l.base = ANY (ARRAY(SELECT DISTINCT i - (i - 1) % 4096 FROM pg_catalog.unnest($3) i))) \
                AND ((l.base <= s.done_seq AND pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot)) \
                     OR (l.base + e.ord - 1 <= s.window_cursor AND l.base <= s.window_seq \
-                        AND pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot)))), \
+                        AND pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot))) \
+               AND NOT (l.base <= s.origin_seq AND pg_catalog.pg_visible_in_snapshot(l.txid, s.origin_snapshot))), \
            in_flight AS ( \
              SELECT u.id, pg_catalog.max(u.key_hash) AS key_hash, pg_catalog.max(u.table_hash) AS table_hash \
              FROM @extschema@.outbox_claims c \
@@ -895,6 +927,12 @@ pub static FUNCTION_SINK: Sql = Sql {
 pub static SUBSCRIBED_FUNCTION_OWNER: Sql = Sql {
     text: "SELECT pg_catalog.to_jsonb(s) ->> 'function_owner' FROM @extschema@.outbox_subscriptions s WHERE s.id = $1",
     args: &[INT4],
+};
+
+/// What was committed before a new subscription was made: where its first window starts.
+pub static RECORD_START: Sql = Sql {
+    text: "UPDATE @extschema@.outbox_subscriptions SET start_snapshot = done_snapshot, start_seq = done_seq WHERE name = $1",
+    args: &[TEXT],
 };
 
 /// The roles a new subscription names, by oid: its function's owner and its consumer_role.

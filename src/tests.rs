@@ -764,6 +764,93 @@ mod tests {
         );
     }
 
+    /// A row's key is spelled the same whichever session writes it: the session's TimeZone,
+    /// extra_float_digits, IntervalStyle and bytea_output changed how to_json spelled it, and a
+    /// DELETE named another key than the row's UPSERT (or, with extra_float_digits = 0,
+    /// another row's). The session keeps its settings.
+    #[pg_test]
+    fn keys_and_data_are_spelled_alike_under_any_session_settings() {
+        run("CREATE TABLE t (at timestamptz, f float8, b bytea, i interval, PRIMARY KEY (at, f, b, i))");
+        run("SELECT outbox_attach('t', payload_columns => ARRAY['f', 'i'])");
+        run("INSERT INTO t VALUES ('2024-01-01 00:00+00', 0.30000000000000004, '\\x41ff', '1 day 2 hours')");
+        run("SET LOCAL TimeZone = 'Asia/Tokyo'");
+        run("SET LOCAL extra_float_digits = 0");
+        run("SET LOCAL IntervalStyle = 'sql_standard'");
+        run("SET LOCAL bytea_output = 'escape'");
+        run("UPDATE t SET f = f");
+        run("DELETE FROM t");
+        let key = json!({"at": "2024-01-01T00:00:00+00:00", "f": 0.30000000000000004, "b": "\\x41ff", "i": "1 day 02:00:00"});
+        let data = json!({"f": 0.30000000000000004, "i": "1 day 02:00:00"});
+        assert_eq!(
+            events(),
+            json!([
+                ["EMBED_UPSERT", {"table": "public.t", "key": key, "data": data}],
+                ["EMBED_DELETE", {"table": "public.t", "key": key}],
+            ])
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT concat_ws(' ', current_setting('TimeZone'), current_setting('extra_float_digits'), current_setting('IntervalStyle'), current_setting('bytea_output'))").unwrap(),
+            Some("Asia/Tokyo 0 sql_standard escape".to_string())
+        );
+    }
+
+    /// A table attached as a partition brings its rows into the attached tree without firing
+    /// a trigger: they are captured as UPSERTs, its columns found by name (here at other
+    /// positions than the parent's). Attaching to a tree nobody attached captures nothing.
+    #[pg_test]
+    fn attaching_a_partition_captures_its_rows() {
+        run("CREATE TABLE docs (id int PRIMARY KEY, body text, secret text) PARTITION BY RANGE (id)");
+        run("CREATE TABLE docs_low PARTITION OF docs FOR VALUES FROM (0) TO (10)");
+        run("SELECT outbox_attach('docs', payload_columns => ARRAY['body'])");
+        run("CREATE TABLE docs_high (dropped int, secret text, body text, id int PRIMARY KEY)");
+        run("ALTER TABLE docs_high DROP COLUMN dropped");
+        run("INSERT INTO docs_high (id, body, secret) VALUES (10, 'ten', 's'), (11, 'eleven', 's')");
+        run("CREATE TABLE other (id int PRIMARY KEY) PARTITION BY RANGE (id)");
+        run("CREATE TABLE other_1 (id int PRIMARY KEY)");
+        run("INSERT INTO other_1 VALUES (1)");
+        let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
+        run("ALTER TABLE docs ATTACH PARTITION docs_high FOR VALUES FROM (10) TO (20)");
+        run("ALTER TABLE other ATTACH PARTITION other_1 FOR VALUES FROM (0) TO (10)");
+        run("INSERT INTO docs VALUES (12, 'twelve', 's')");
+        assert_eq!(
+            value(&format!("SELECT jsonb_agg(jsonb_build_array(type, payload) ORDER BY id) FROM outbox_events WHERE id > {since}")),
+            json!([
+                ["EMBED_UPSERT", {"table": "public.docs", "key": {"id": 10}, "data": {"body": "ten"}}],
+                ["EMBED_UPSERT", {"table": "public.docs", "key": {"id": 11}, "data": {"body": "eleven"}}],
+                ["EMBED_UPSERT", {"table": "public.docs", "key": {"id": 12}, "data": {"body": "twelve"}}],
+            ])
+        );
+    }
+
+    /// Detaching a partition, or dropping one, takes its rows out of the attached tree: they
+    /// are captured as DELETEs, read before the drop, from every partition below a dropped
+    /// partitioned one as well. Dropping the attached table with it, as dropping any attached
+    /// table, captures nothing.
+    #[pg_test]
+    fn detaching_or_dropping_a_partition_captures_its_rows_as_deletes() {
+        run("CREATE TABLE docs (id int PRIMARY KEY, body text) PARTITION BY RANGE (id)");
+        run("CREATE TABLE docs_a PARTITION OF docs FOR VALUES FROM (0) TO (10)");
+        run("CREATE TABLE docs_b PARTITION OF docs FOR VALUES FROM (10) TO (20)");
+        run("CREATE TABLE docs_c PARTITION OF docs FOR VALUES FROM (20) TO (40) PARTITION BY RANGE (id)");
+        run("CREATE TABLE docs_c1 PARTITION OF docs_c FOR VALUES FROM (20) TO (30)");
+        run("CREATE TABLE docs_c2 PARTITION OF docs_c FOR VALUES FROM (30) TO (40)");
+        run("INSERT INTO docs VALUES (1, 'a'), (11, 'b'), (21, 'c1'), (31, 'c2')");
+        run("SELECT outbox_attach('docs')");
+        let deleted = |statement: &str| {
+            let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
+            run(statement);
+            value(&format!(
+                "SELECT coalesce(jsonb_agg(jsonb_build_array(type, payload->'key'->'id') ORDER BY id), '[]') \
+                 FROM outbox_events WHERE id > {since}"
+            ))
+        };
+        assert_eq!(deleted("ALTER TABLE docs DETACH PARTITION docs_a"), json!([["EMBED_DELETE", 1]]));
+        assert_eq!(deleted("INSERT INTO docs_a VALUES (2, 'x')"), json!([]), "a detached partition is not captured");
+        assert_eq!(deleted("DROP TABLE docs_c"), json!([["EMBED_DELETE", 21], ["EMBED_DELETE", 31]]));
+        assert_eq!(deleted("DROP TABLE IF EXISTS docs_a, no_such_table"), json!([]), "no longer a partition");
+        assert_eq!(deleted("DROP TABLE docs_b, docs"), json!([]));
+    }
+
     /// Rows that swap keys across partitions are deleted from one and inserted into the other,
     /// each by its own row trigger; in row order the copy lost key 2.
     #[pg_test]

@@ -653,6 +653,25 @@ fn replay_makes_processed_events_deliverable_without_duplicating_pending_ones() 
     assert_eq!(again, [1, 2, 4]);
 }
 
+/// A subscription is handed only what was committed after it was made (or, from_start, all
+/// that is retained), and a replay hands out no more: it gave a new subscription every older
+/// event, other tables' and TRUNCATEs included.
+#[test]
+fn replay_hands_out_only_what_the_subscription_could_have_been_handed() {
+    let (_, mut c) = setup("replay_start", "");
+    insert(&mut c, 1..=2);
+    c.batch_execute("TRUNCATE chunks").unwrap();
+    c.batch_execute("SELECT outbox_subscribe('late'); SELECT outbox_subscribe('all', from_start => true)").unwrap();
+    insert(&mut c, 3..=3);
+    let keys = |c: &mut Client, subscription: &str| -> Vec<i64> { drain(c, subscription).into_iter().map(|(_, key)| key).collect() };
+    for (subscription, handed) in [("late", vec![3]), ("all", vec![1, 2, 0, 3])] {
+        assert_eq!(keys(&mut c, subscription), handed, "{subscription}");
+        let replayed = c.query_one("SELECT outbox_replay($1, since => now() - interval '1 hour')", &[&subscription]).unwrap().get::<_, i64>(0);
+        assert_eq!(replayed, handed.len() as i64, "{subscription}");
+        assert_eq!(keys(&mut c, subscription), handed, "{subscription} after the replay");
+    }
+}
+
 #[test]
 fn purge_removes_processed_events_after_retention_and_keeps_the_rest() {
     let (_, mut c) = setup("retention", "");
@@ -1312,4 +1331,47 @@ fn acks_and_fails_reach_every_claim_not_only_the_last() {
     assert_eq!(failed, 3, "fails of another consumer's claim");
     assert_eq!(scalar_i64(&mut a, "SELECT in_flight FROM outbox_backlog WHERE subscription = 'default'"), 0);
     assert_eq!(scalar_i64(&mut a, "SELECT retrying FROM outbox_backlog WHERE subscription = 'default'"), 3);
+}
+
+/// DETACH PARTITION CONCURRENTLY runs in transactions of its own, outside any block (so the
+/// pg_tests cannot run it): the partition's rows still leave the attached table as DELETEs,
+/// which a consumer receives.
+#[test]
+fn a_partition_detached_concurrently_is_delivered_as_deletes() {
+    let (_, mut c) = setup("detach_concurrently", "");
+    c.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, body text) PARTITION BY RANGE (id);
+         CREATE TABLE docs_a PARTITION OF docs FOR VALUES FROM (0) TO (10);
+         CREATE TABLE docs_b PARTITION OF docs FOR VALUES FROM (10) TO (20);
+         SELECT outbox_attach('docs');
+         SELECT outbox_subscribe('copy');
+         INSERT INTO docs VALUES (1, 'a'), (2, 'a'), (11, 'b');",
+    )
+    .unwrap();
+    c.batch_execute("ALTER TABLE docs DETACH PARTITION docs_a CONCURRENTLY").unwrap();
+    let expected: Vec<(String, i64)> = [("EMBED_UPSERT", 1), ("EMBED_UPSERT", 2), ("EMBED_UPSERT", 11), ("EMBED_DELETE", 1), ("EMBED_DELETE", 2)]
+        .iter()
+        .map(|(t, k)| (t.to_string(), *k))
+        .collect();
+    assert_eq!(drain(&mut c, "copy"), expected);
+}
+
+/// The type and key id (0 for a TRUNCATE) of every event `subscription` is handed, in order,
+/// each batch acked.
+fn drain(c: &mut Client, subscription: &str) -> Vec<(String, i64)> {
+    let mut events = Vec::new();
+    loop {
+        let batch = c
+            .query(
+                "SELECT id, type, coalesce((payload->'key'->>'id')::int8, 0) FROM outbox_claim(10, $1) ORDER BY id",
+                &[&subscription],
+            )
+            .unwrap();
+        if batch.is_empty() {
+            return events;
+        }
+        let ids: Vec<i64> = batch.iter().map(|r| r.get(0)).collect();
+        events.extend(batch.iter().map(|r| (r.get(1), r.get(2))));
+        c.execute("SELECT outbox_ack($1, $2)", &[&ids, &subscription]).unwrap();
+    }
 }

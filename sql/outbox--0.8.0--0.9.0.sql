@@ -1,0 +1,20 @@
+-- 0.8.0 to 0.9.0.
+--
+-- Rows that join or leave a captured partition tree without a write: ATTACH PARTITION brings
+-- a table's rows in (captured as UPSERTs), DETACH PARTITION and DROP TABLE of a partition take
+-- them out (DELETEs, read before the drop). As in sql/ddl.sql:
+CREATE FUNCTION @extschema@.outbox_capture_partition_changes() RETURNS event_trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_capture_partition_changes';
+REVOKE ALL ON FUNCTION @extschema@.outbox_capture_partition_changes() FROM PUBLIC;
+
+CREATE EVENT TRIGGER outbox_capture_attached_partitions ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION @extschema@.outbox_capture_partition_changes();
+CREATE EVENT TRIGGER outbox_capture_dropped_partitions ON ddl_command_start WHEN TAG IN ('DROP TABLE')
+    EXECUTE FUNCTION @extschema@.outbox_capture_partition_changes();
+
+-- A replay hands out only what the subscription could have been handed: what was committed
+-- before it was made was taken as handed out (its first window starts after it). The
+-- subscriptions made before this update keep replaying what they did.
+ALTER TABLE @extschema@.outbox_subscriptions
+    ADD COLUMN start_snapshot pg_catalog.pg_snapshot NOT NULL DEFAULT '1:1:',
+    ADD COLUMN start_seq bigint NOT NULL DEFAULT -4095;

@@ -1,0 +1,148 @@
+//! Rows that join or leave a captured partition tree by DDL rather than by writes: `ALTER
+//! TABLE … ATTACH PARTITION` brings a table's rows in, and `DETACH PARTITION` and `DROP TABLE`
+//! of a partition take them out, without firing a row trigger. An event trigger reads the
+//! command's parse tree for the tables concerned and captures their rows as UPSERTs or
+//! DELETEs of the attached table (`capture::capture_table_rows`).
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgList;
+
+use crate::error::{OrRaise, OutboxError};
+use crate::ext::Extension;
+use crate::queries;
+use crate::shape::Op;
+
+function_info_v1!(pg_finfo_outbox_capture_partition_changes);
+
+/// The event trigger function behind `outbox_capture_partition_changes`: ALTER TABLE at
+/// ddl_command_end (the rows are where the command left them), DROP TABLE at
+/// ddl_command_start (the rows are still there).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_capture_partition_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe { capture_partition_changes(fcinfo) }.or_raise();
+    pg_sys::Datum::from(0)
+}
+
+extension_sql!(
+    r#"
+CREATE FUNCTION @extschema@.outbox_capture_partition_changes() RETURNS event_trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_capture_partition_changes';
+"#,
+    name = "outbox_capture_partition_changes",
+    requires = ["outbox_schema"]
+);
+
+unsafe fn capture_partition_changes(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
+    let command = unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_EventTriggerData {
+            return Err(OutboxError::Capture("?".into(), "outbox_capture_partition_changes() must be called as an event trigger".into()));
+        }
+        (*(context as *const pg_sys::EventTriggerData)).parsetree
+    };
+    if command.is_null() {
+        return Ok(());
+    }
+    match unsafe { (*command).type_ } {
+        pg_sys::NodeTag::T_AlterTableStmt => unsafe { capture_attached_and_detached(command.cast()) },
+        pg_sys::NodeTag::T_DropStmt => unsafe { capture_dropped(command.cast()) },
+        _ => Ok(()),
+    }
+}
+
+/// ATTACH PARTITION: the partition's rows as UPSERTs; DETACH PARTITION (and its FINALIZE, which
+/// completes a CONCURRENTLY that was interrupted): as DELETEs. The command holds locks on both
+/// tables that keep writers of the partition out.
+unsafe fn capture_attached_and_detached(statement: *mut pg_sys::AlterTableStmt) -> Result<(), OutboxError> {
+    let commands = unsafe { PgList::<pg_sys::AlterTableCmd>::from_pg((*statement).cmds) };
+    for command in commands.iter_ptr() {
+        let op = match unsafe { (*command).subtype } {
+            pg_sys::AlterTableType::AT_AttachPartition => Op::Upsert,
+            pg_sys::AlterTableType::AT_DetachPartition | pg_sys::AlterTableType::AT_DetachPartitionFinalize => Op::Delete,
+            _ => continue,
+        };
+        let (parent, partition) = unsafe {
+            let partition = (*command).def.cast::<pg_sys::PartitionCmd>();
+            (relation_named((*statement).relation), relation_named((*partition).name))
+        };
+        if parent != pg_sys::InvalidOid && partition != pg_sys::InvalidOid {
+            unsafe { capture_tree(parent, partition, op, pg_sys::ShareLock as pg_sys::LOCKMODE)? };
+        }
+    }
+    Ok(())
+}
+
+/// DROP TABLE of a partition (or of a partitioned table below the attached one): its rows, and
+/// those of every partition below it, as DELETEs, read before the drop. Dropping an attached
+/// table itself, or a partition together with its attached ancestor, captures nothing, as
+/// dropping a plain attached table does.
+unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), OutboxError> {
+    if unsafe { (*statement).removeType } != pg_sys::ObjectType::OBJECT_TABLE {
+        return Ok(());
+    }
+    let names = unsafe { PgList::<pg_sys::List>::from_pg((*statement).objects) };
+    let dropped: Vec<pg_sys::Oid> = names
+        .iter_ptr()
+        .map(|name| unsafe { relation_named(pg_sys::makeRangeVarFromNameList(name)) })
+        .filter(|relid| *relid != pg_sys::InvalidOid)
+        .collect();
+    let extension = Extension::current()?;
+    let caller = unsafe { pg_sys::GetUserId() };
+    for &relid in &dropped {
+        if !unsafe { pg_sys::get_rel_relispartition(relid) } {
+            continue;
+        }
+        // as the owner: the caller need not read outbox_attachments
+        let facts = Spi::connect_mut(|client| {
+            let rows = extension.as_owner(|| queries::run(client, &extension, &queries::DROPPED_PARTITION, &[relid.into(), caller.into()]))?;
+            let row = rows.first();
+            Ok::<_, OutboxError>((row.get::<pg_sys::Oid>(1)?, row.get::<bool>(2)?.unwrap_or(false), row.get::<pg_sys::Oid>(3)?))
+        })?;
+        let (Some(parent), true, Some(attached)) = facts else {
+            // not in an attached tree, or not the caller's to drop: DROP refuses it then
+            continue;
+        };
+        if dropped.contains(&attached) {
+            continue;
+        }
+        // DROP locks a partition's parent before the partition; so does this, ahead of it,
+        // so that no row is written between the reading and the drop
+        unsafe { pg_sys::LockRelationOid(parent, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
+        unsafe { capture_tree(parent, relid, Op::Delete, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)? };
+    }
+    Ok(())
+}
+
+/// The rows of every table in the partition tree of `table` as events of `op` of the
+/// attachment that `parent` belongs to, each table locked in `lock` mode first.
+unsafe fn capture_tree(parent: pg_sys::Oid, table: pg_sys::Oid, op: Op, lock: pg_sys::LOCKMODE) -> Result<(), OutboxError> {
+    let extension = Extension::current()?;
+    let tables = Spi::connect_mut(|client| {
+        let rows = queries::run(client, &extension, &queries::TABLES_IN_TREE, &[table.into()])?;
+        rows.into_iter()
+            .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<bool>(2)?.unwrap_or(false))))
+            .collect::<Result<Vec<_>, OutboxError>>()
+    })?;
+    // every table locked, parents first as writers and DDL lock them, before any is read
+    for &(relid, _) in &tables {
+        unsafe { pg_sys::LockRelationOid(relid, lock) };
+    }
+    for (relid, holds_rows) in tables {
+        if holds_rows {
+            unsafe {
+                let relation = pg_sys::table_open(relid, pg_sys::NoLock as pg_sys::LOCKMODE);
+                let captured = crate::capture::capture_table_rows(parent, relation, op);
+                pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+                captured?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The table `name` names, without locking it; InvalidOid when there is none (`IF EXISTS`).
+unsafe fn relation_named(name: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+    unsafe { pg_sys::RangeVarGetRelidExtended(name, pg_sys::NoLock as pg_sys::LOCKMODE, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) }
+}
