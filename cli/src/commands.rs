@@ -166,7 +166,10 @@ fn status_table(rows: &[Backlog]) -> String {
     table.render()
 }
 
-pub fn status(session: &mut Session, json: bool, watch: Option<f64>) -> Result<()> {
+/// `status`, once or (`watch`) every so many seconds. A watch outlives the database going
+/// away: it says so on stderr, keeps the last table on the screen, and connects again with
+/// `config` at each refresh until it can.
+pub fn status(session: &mut Session, config: &postgres::Config, json: bool, watch: Option<f64>) -> Result<()> {
     let Some(interval) = watch else {
         let rows = backlog(session)?;
         return if json {
@@ -175,8 +178,30 @@ pub fn status(session: &mut Session, json: bool, watch: Option<f64>) -> Result<(
             print_out(&status_table(&rows))
         };
     };
+    let mut lost = false;
     loop {
-        let rows = backlog(session)?;
+        if lost {
+            match Session::open(config) {
+                Ok(again) => {
+                    *session = again;
+                    lost = false;
+                    eprintln!("outbox: connected again");
+                }
+                Err(_) => {
+                    std::thread::sleep(Duration::from_secs_f64(interval));
+                    continue;
+                }
+            }
+        }
+        let rows = match backlog(session) {
+            Ok(rows) => rows,
+            Err(error) if session.client.is_closed() => {
+                eprintln!("outbox: lost the database ({}); connecting again every {}", printable(&error.to_string()), duration(Some(interval)));
+                lost = true;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let mut out = std::io::stdout().lock();
         let written = if json {
             writeln!(out, "{}", Value::Array(rows.iter().map(Backlog::to_json).collect()))

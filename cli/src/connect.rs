@@ -306,6 +306,25 @@ fn unescape(field: &str) -> String {
     out
 }
 
+/// Where `config` connects, as psql names it when it cannot: the servers and ports.
+fn target(config: &Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            // (one port for all hosts, or one each)
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                postgres::config::Host::Tcp(name) => format!("server at {name}, port {port}"),
+                postgres::config::Host::Unix(directory) => format!("socket {}/.s.PGSQL.{port}", directory.display()),
+            }
+        })
+        .collect();
+    hosts.join("; ")
+}
+
 /// A connection to a database with the extension, and the schema to qualify its names with.
 pub struct Session {
     pub client: Client,
@@ -314,7 +333,7 @@ pub struct Session {
 
 impl Session {
     pub fn open(config: &Config) -> Result<Session> {
-        let mut client = config.connect(NoTls).map_err(|e| CliError::Connect(describe(&e)))?;
+        let mut client = config.connect(NoTls).map_err(|e| CliError::Connect(format!("{} ({})", describe(&e), target(config))))?;
         let row = client.query_opt(
             "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'outbox'",

@@ -202,6 +202,9 @@ impl Drop for ClientSlot {
 }
 
 pub fn serve(config: Config, listen: &str) -> Result<()> {
+    // an address that cannot be is bad usage (exit 2); one that cannot be had now is a failure
+    std::net::ToSocketAddrs::to_socket_addrs(listen)
+        .map_err(|e| CliError::Usage(format!("--listen {listen}: {e} (give an address and port, such as 127.0.0.1:9187)")))?;
     let listener = TcpListener::bind(listen).map_err(|e| CliError::Failed(format!("cannot listen on {listen}: {e}")))?;
     let address = listener.local_addr().map_err(|e| CliError::Failed(e.to_string()))?;
     eprintln!("outbox: serving metrics on http://{address}/metrics");

@@ -176,6 +176,8 @@ fn watch_interval(text: &str) -> std::result::Result<f64, String> {
 fn usage_error_line(rendered: &str) -> String {
     let message = rendered.split("\n\nUsage:").next().unwrap_or(rendered);
     let message = message.strip_prefix("error: ").unwrap_or(message);
+    // (clap ends some errors with its own pointer to --help; this line ends with one)
+    let message = message.trim_end().strip_suffix("For more information, try '--help'.").unwrap_or(message);
     let words: Vec<&str> = message.split_whitespace().collect();
     format!("{} (see --help)", words.join(" "))
 }
@@ -188,7 +190,7 @@ fn run(cli: Cli) -> Result<()> {
     let session = &mut Session::open(&config)?;
     let json = cli.json;
     match cli.command {
-        Command::Status { watch, interval } => commands::status(session, json, watch.then_some(interval)),
+        Command::Status { watch, interval } => commands::status(session, &config, json, watch.then_some(interval)),
         Command::DeadLetters(DeadLetters::List { subscription, limit }) => {
             if limit < 1 {
                 return Err(CliError::Usage(format!("--limit must be at least 1, got {limit}")));
@@ -263,7 +265,8 @@ mod tests {
             "the following required arguments were not provided: --since <SINCE> (see --help)"
         );
         let error = Cli::try_parse_from(["outbox", "status", "--interval", "0"]).err().unwrap();
-        assert!(usage_error_line(&error.to_string()).contains("expected a positive number of seconds"));
+        let line = usage_error_line(&error.to_string());
+        assert!(line.contains("expected a positive number of seconds") && !line.contains("For more information"), "{line}");
     }
 
     #[test]

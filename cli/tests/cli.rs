@@ -145,6 +145,39 @@ fn status_watch_refreshes_in_place() {
     assert!(text.starts_with("\x1b[H\x1b[2J") && text.matches("SUBSCRIPTION").count() >= 2, "{text}");
 }
 
+/// A watch outlives a restart of the database: it says so on stderr and connects again,
+/// where it exited on the first refresh after the restart.
+#[test]
+fn status_watch_connects_again_after_a_restart() {
+    // its own server, which this test stops and starts
+    let cluster = Cluster::start(&[]);
+    let db = cluster.database("watch_restart");
+    let mut c = cluster.connect(&db);
+    chunks(&mut c, "");
+    drop(c);
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["--dsn", &cluster.dsn(&db), "--json", "status", "--watch", "--interval", "0.2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    lines.next().unwrap().unwrap();
+    cluster.stop("fast");
+    std::thread::sleep(Duration::from_millis(600));
+    cluster.pg_ctl_start();
+    let mut c = cluster.connect(&db);
+    insert(&mut c, 1..=2);
+    let refreshed = lines.take(100).map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap()).any(|s| row_of(&s, "default")["pending"] == 2);
+    assert!(watcher.try_wait().unwrap().is_none(), "the watch is still running");
+    watcher.kill().unwrap();
+    let mut stderr = String::new();
+    watcher.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    watcher.wait().unwrap();
+    assert!(refreshed, "it shows what was written after the restart; {stderr}");
+    assert!(stderr.contains("outbox: lost the database (") && stderr.contains("outbox: connected again"), "{stderr}");
+}
+
 #[test]
 fn dead_letters_list_show_requeue_purge() {
     let (dsn, mut c) = setup("cli_dead_letters");
@@ -448,7 +481,9 @@ fn bad_arguments_and_unreachable_databases_are_one_line_errors() {
     refused(&dsn, &["dead-letters", "purge", "--older-than", forever], 2, &format!("--older-than \"{forever}\" is too long"));
     refused(&dsn, &["replay", "--subscription", "default", "--since", forever], 2, &format!("--since \"{forever}\" is too long"));
     refused(&format!("{dsn} sslmode=require"), &["status"], 2, "the outbox CLI does not speak TLS");
-    refused("host=/nonexistent-dir port=5432 user=postgres", &["status"], 3, "cannot connect to the database");
+    refused("host=/nonexistent-dir port=5432 user=postgres", &["status"], 3, "(socket /nonexistent-dir/.s.PGSQL.5432)");
+    refused(&dsn, &["metrics", "serve", "--listen", "bogus"], 2, "--listen bogus: ");
+    refused(&dsn, &["metrics", "serve", "--listen", "127.0.0.1:70000"], 2, "give an address and port, such as 127.0.0.1:9187");
     refused("port=notaport", &["status"], 2, "invalid connection string");
     refused(&shared().dsn("postgres"), &["status"], 1, "the outbox extension is not installed in database \"postgres\"");
 
