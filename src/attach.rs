@@ -139,6 +139,9 @@ pub fn attach(
             for statement in create_statements(&facts.quoted, &function, generation, &condition, facts.row_triggers) {
                 client.update(statement.as_str(), None, &[])?;
             }
+            if facts.relkind == "p" {
+                crate::partitions::set_partition_truncate_triggers(client, &extension, source.oid(), Some(generation))?;
+            }
             Ok(())
         })
     })
@@ -154,6 +157,9 @@ pub fn detach(source: &PgRelation) -> Result<(), OutboxError> {
         extension.as_owner(|| {
             if run(client, &extension, &q::DELETE_ATTACHMENT, &[source.oid().into()])?.is_empty() {
                 return Err(OutboxError::NotAttached(facts.display.clone()));
+            }
+            if facts.relkind == "p" {
+                crate::partitions::set_partition_truncate_triggers(client, &extension, source.oid(), None)?;
             }
             drop_capture_triggers(client, &extension, source, &facts.quoted)
         })

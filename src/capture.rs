@@ -86,6 +86,7 @@ impl Encoding {
 
 struct Column {
     attnum: i32,
+    typid: pg_sys::Oid,
     name: String,
     /// `"name":`, ready to append.
     member: String,
@@ -102,6 +103,8 @@ struct Attachment {
     shape: Rc<Shape>,
     key: Vec<Column>,
     data: Option<Vec<Column>>,
+    /// The session settings `to_json` spells its columns by; none when all are spelled in Rust.
+    spelled_by: Option<SpelledBy>,
     /// Holds the `to_json` call descriptors; deleted with the attachment.
     memory: pg_sys::MemoryContext,
 }
@@ -142,6 +145,9 @@ thread_local! {
     /// The library was loaded by this backend in the current transaction, maybe by a trigger of
     /// a query that is finishing without `finish_query`, and may enclose the queries it sees.
     static LOADED_IN_THIS_TRANSACTION: Cell<bool> = const { Cell::new(false) };
+    /// Partitions a TRUNCATE of their attached table truncates too: their own TRUNCATE
+    /// triggers, which fire after the attached table's, capture nothing.
+    static TRUNCATED_WITH_PARENT: RefCell<Vec<(pg_sys::Oid, pg_sys::CommandId)>> = const { RefCell::new(Vec::new()) };
 }
 
 static mut PREVIOUS_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
@@ -236,10 +242,14 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => flush().or_raise(),
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => LOADED_IN_THIS_TRANSACTION.with(|l| l.set(false)),
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
+            LOADED_IN_THIS_TRANSACTION.with(|l| l.set(false));
+            forget_truncations();
+        }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             PENDING.with(|p| *p.borrow_mut() = Pending::default());
             LOADED_IN_THIS_TRANSACTION.with(|l| l.set(false));
+            forget_truncations();
         }
         _ => {}
     }
@@ -253,6 +263,8 @@ unsafe extern "C-unwind" fn on_subxact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // (a TRUNCATE that failed between its triggers)
+        forget_truncations();
         // Ids grow with time, so what the aborted subtransaction and its children captured has
         // ids at least as large as its own, and was captured after everything else: the tail
         // of the buffer, events and text. (Filtering the whole buffer on each abort made an
@@ -320,12 +332,8 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
     if event & pg_sys::TRIGGER_EVENT_ROW == 0 {
         let attachment = unsafe { attachment_for(trigger)? };
         match op {
-            pg_sys::TRIGGER_EVENT_TRUNCATE => {
-                let mut batch = Batch::new(&attachment, 1, unsafe { statement_command() });
-                let key = batch.text("null");
-                batch.push(Op::Truncate, key, None);
-                batch.keep();
-            }
+            // (it writes for itself: what it notes depends on the command id after the write)
+            pg_sys::TRIGGER_EVENT_TRUNCATE => return unsafe { capture_truncate(trigger, &attachment) },
             pg_sys::TRIGGER_EVENT_INSERT if !trigger.tg_newtable.is_null() => unsafe {
                 capture_transition_table(trigger, trigger.tg_newtable, Op::Upsert)?
             },
@@ -343,30 +351,93 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
     let attachment = unsafe { attachment_for(trigger)? };
     let tupdesc = unsafe { (*trigger.tg_relation).rd_att };
     let mut batch = Batch::new(&attachment, 2, unsafe { writing_command(trigger, op) });
-    match op {
-        pg_sys::TRIGGER_EVENT_INSERT => unsafe {
-            let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
-            let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_trigtuple, tupdesc)).transpose()?;
-            batch.push(Op::Upsert, key, data);
-        },
-        pg_sys::TRIGGER_EVENT_DELETE => unsafe {
-            let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
-            batch.push(Op::Delete, key, None);
-        },
-        pg_sys::TRIGGER_EVENT_UPDATE => unsafe {
-            // the trigger's WHEN clause already dropped updates that changed nothing watched
-            let old_key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
-            let new_key = batch.encode(&attachment.key, trigger.tg_newtuple, tupdesc)?;
-            if batch.slice(&old_key) != batch.slice(&new_key) {
-                batch.push(Op::Delete, old_key, None);
-            }
-            let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_newtuple, tupdesc)).transpose()?;
-            batch.push(Op::Upsert, new_key, data);
-        },
-        _ => {}
-    }
+    let settings = unsafe { hold_settings(&attachment) };
+    let mut encode = || -> Result<(), OutboxError> {
+        match op {
+            pg_sys::TRIGGER_EVENT_INSERT => unsafe {
+                let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
+                let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_trigtuple, tupdesc)).transpose()?;
+                batch.push(Op::Upsert, key, data);
+            },
+            pg_sys::TRIGGER_EVENT_DELETE => unsafe {
+                let key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
+                batch.push(Op::Delete, key, None);
+            },
+            pg_sys::TRIGGER_EVENT_UPDATE => unsafe {
+                // the trigger's WHEN clause already dropped updates that changed nothing watched
+                let old_key = batch.encode(&attachment.key, trigger.tg_trigtuple, tupdesc)?;
+                let new_key = batch.encode(&attachment.key, trigger.tg_newtuple, tupdesc)?;
+                if batch.slice(&old_key) != batch.slice(&new_key) {
+                    batch.push(Op::Delete, old_key, None);
+                }
+                let data = attachment.data.as_ref().map(|columns| batch.encode(columns, trigger.tg_newtuple, tupdesc)).transpose()?;
+                batch.push(Op::Upsert, new_key, data);
+            },
+            _ => {}
+        }
+        Ok(())
+    };
+    let encoded = encode();
+    release_settings(settings);
+    encoded?;
     batch.keep();
     Ok(())
+}
+
+/// TRUNCATE, before the rows go. Of an attached table: one TRUNCATE event; for a partitioned
+/// one, its partitions, which the same statement truncates and whose triggers fire next, are
+/// noted as done. Of a partition by itself: a DELETE of each of its rows, as no trigger of
+/// the attached table fires (partitions truncated with the attached table, or noted by one
+/// truncated earlier in the statement, capture nothing more).
+unsafe fn capture_truncate(trigger: &pg_sys::TriggerData, attachment: &Attachment) -> Result<(), OutboxError> {
+    let relation = trigger.tg_relation;
+    let relid = unsafe { (*relation).rd_id };
+    // Partitions are noted with the command id they are truncated in, read once the attached
+    // table's event is written, as nothing moves it on before their triggers fire (but a
+    // user's BEFORE TRUNCATE trigger that writes: they then capture their rows after the
+    // TRUNCATE, which deletes nothing the TRUNCATE left). A note left behind (`TRUNCATE part,
+    // parent` fires the partition's trigger first) cannot match a later TRUNCATE: a statement
+    // that writes rows to truncate moves the command id on.
+    let command = || unsafe { pg_sys::GetCurrentCommandId(false) };
+    if attachment.source != relid {
+        let this = (relid, command());
+        let noted = TRUNCATED_WITH_PARENT.with(|t| {
+            let mut truncated = t.borrow_mut();
+            truncated.iter().position(|noted| *noted == this).map(|i| truncated.swap_remove(i)).is_some()
+        });
+        return if noted { Ok(()) } else { unsafe { capture_table_rows(relid, relation, Op::Delete) } };
+    }
+    let partitioned = unsafe { (*(*relation).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+    let partitions = if partitioned {
+        let extension = Extension::current()?;
+        Spi::connect_mut(|client| crate::partitions::tables_in_tree(client, &extension, relid))?
+    } else {
+        Vec::new()
+    };
+    let mut batch = Batch::new(attachment, 1, unsafe { statement_command() });
+    let key = batch.text("null");
+    batch.push(Op::Truncate, key, None);
+    batch.keep();
+    if FINISHING.with(|f| f.get()) == 0 {
+        flush_statement(attachment.source.into())?;
+    }
+    let at = command();
+    TRUNCATED_WITH_PARENT.with(|t| {
+        t.borrow_mut().extend(partitions.into_iter().filter(|&(_, holds_rows)| holds_rows).map(|(table, _)| (table, at)))
+    });
+    Ok(())
+}
+
+fn forget_truncations() {
+    TRUNCATED_WITH_PARENT.with(|t| t.borrow_mut().clear());
+}
+
+/// The generation of the attachment `relid` is captured under (its own, or its nearest
+/// attached ancestor's), if any.
+pub fn attached_generation(relid: pg_sys::Oid) -> Result<Option<i64>, OutboxError> {
+    let extension = Extension::current()?;
+    let config = extension.as_owner(|| unsafe { attachment_config(&extension, relid) })?;
+    Ok(config.map(|(_, generation, ..)| generation))
 }
 
 /// The command that wrote the row a row trigger fired for, from the row's header. The current
@@ -449,6 +520,7 @@ unsafe fn capture_rows(
     // to_json and detoasting allocate, and a statement may have millions of rows
     let allocates = attachment.key.iter().chain(data.into_iter().flatten()).any(|c| c.encoding.allocates());
     unsafe {
+        let settings = hold_settings(attachment);
         // (the per-row context, and the context it replaced)
         let per_row = allocates.then(|| {
             let context = pg_sys::AllocSetContextCreateExtended(
@@ -479,6 +551,7 @@ unsafe fn capture_rows(
             pg_sys::MemoryContextSwitchTo(previous);
             pg_sys::MemoryContextDelete(context);
         }
+        release_settings(settings);
         captured
     }
 }
@@ -775,12 +848,28 @@ unsafe fn attachment_for_columns_of(config: AttachmentConfig, relation: pg_sys::
         shape: Rc::new(Shape::new(source_name.clone(), &prefix)),
         key: Vec::new(),
         data: None,
+        spelled_by: None,
         memory,
     };
     let tupdesc = unsafe { (*relation).rd_att };
     attachment.key = unsafe { resolve_columns(&source_name, tupdesc, &key_columns, "key_columns", memory)? };
     if let Some(columns) = payload_columns {
         attachment.data = Some(unsafe { resolve_columns(&source_name, tupdesc, &columns, "payload_columns", memory)? });
+    }
+    let by_to_json: Vec<pg_sys::Oid> = attachment
+        .key
+        .iter()
+        .chain(attachment.data.iter().flatten())
+        .filter(|c| matches!(c.encoding, Encoding::ToJson(_) | Encoding::ToJsonb(_)))
+        .map(|c| c.typid)
+        .collect();
+    if !by_to_json.is_empty() {
+        let mut spelled_by = SpelledBy::default();
+        let mut seen = Vec::new();
+        for typid in by_to_json {
+            unsafe { spelled_by.add_type(typid, &mut seen) };
+        }
+        attachment.spelled_by = Some(spelled_by);
     }
     Ok(attachment)
 }
@@ -818,7 +907,7 @@ unsafe fn resolve_columns(
             ));
         };
         let encoding = unsafe { encoding_for(typid, typmod, collation, memory) };
-        columns.push(Column { attnum, name: name.clone(), member: member_prefix(name), encoding });
+        columns.push(Column { attnum, typid, name: name.clone(), member: member_prefix(name), encoding });
     }
     Ok(columns)
 }
@@ -957,13 +1046,11 @@ unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut Stri
             push_json_string(out, pgrx::varlena::text_to_rust_str_unchecked(text));
         },
         Encoding::ToJson(finfo) => unsafe {
-            let _settings = CanonicalOutput::enter();
             let json = pg_sys::FunctionCall1Coll(*finfo, pg_sys::InvalidOid, value);
             let text = pg_sys::pg_detoast_datum_packed(json.cast_mut_ptr());
             out.push_str(&String::from_utf8_lossy(pgrx::varlena::varlena_to_byte_slice(text)));
         },
         Encoding::ToJsonb(finfo) => unsafe {
-            let _settings = CanonicalOutput::enter();
             let jsonb = pg_sys::FunctionCall1Coll(*finfo, pg_sys::InvalidOid, value);
             let jsonb = pg_sys::pg_detoast_datum(jsonb.cast_mut_ptr()).cast::<pg_sys::Jsonb>();
             let text = pg_sys::JsonbToCString(std::ptr::null_mut(), &mut (*jsonb).root, -1);
@@ -974,65 +1061,117 @@ unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut Stri
 
 unsafe extern "C" {
     /// (utils/bytea.h, which pgrx does not bind)
-    static mut bytea_output: core::ffi::c_int;
+    static bytea_output: core::ffi::c_int;
 }
 
 /// `bytea_output = hex`
 const BYTEA_OUTPUT_HEX: core::ffi::c_int = 1;
 
-thread_local! {
-    static UTC: Cell<*mut pg_sys::pg_tz> = const { Cell::new(std::ptr::null_mut()) };
+/// The session settings `to_json` spells an attachment's values by, beyond those it always
+/// may (TimeZone, extra_float_digits, IntervalStyle, bytea_output, DateStyle): `lc_monetary`
+/// for `money`, `search_path` for the `reg*` types, anywhere in a column's type (an array's
+/// elements, a domain's base, a range's bounds, a composite's fields).
+#[derive(Default)]
+struct SpelledBy {
+    lc_monetary: bool,
+    search_path: bool,
 }
 
-/// The session settings that change how `to_json` spells a value (TimeZone for timestamptz,
-/// extra_float_digits for floats, IntervalStyle, bytea_output), held at one value while a
-/// value is encoded, and given back after it, an error included. A row's key must be spelled
-/// the same whichever session writes the row: a DELETE from a session in another time zone
-/// named a key its UPSERT never had, and with `extra_float_digits = 0` the DELETE of key
-/// 0.30000000000000004 named key 0.3, another row. The values held: UTC, shortest exact floats
-/// (what every `extra_float_digits` above 0 gives, 1 being the default), `postgres` intervals,
-/// hex bytea.
-struct CanonicalOutput {
-    timezone: *mut pg_sys::pg_tz,
-    float_digits: core::ffi::c_int,
-    interval_style: core::ffi::c_int,
-    bytea: core::ffi::c_int,
-}
-
-impl CanonicalOutput {
-    unsafe fn enter() -> CanonicalOutput {
+impl SpelledBy {
+    unsafe fn add_type(&mut self, typid: pg_sys::Oid, seen: &mut Vec<pg_sys::Oid>) {
+        if typid == pg_sys::InvalidOid || seen.contains(&typid) {
+            return;
+        }
+        seen.push(typid);
+        use pg_sys::*;
+        match typid {
+            MONEYOID => self.lc_monetary = true,
+            REGCLASSOID | REGPROCOID | REGPROCEDUREOID | REGOPEROID | REGOPERATOROID | REGTYPEOID | REGCONFIGOID
+            | REGDICTIONARYOID | REGNAMESPACEOID | REGROLEOID | REGCOLLATIONOID => self.search_path = true,
+            _ => {}
+        }
         unsafe {
-            let utc = UTC.with(|utc| {
-                if utc.get().is_null() {
-                    utc.set(pg_sys::pg_tzset(c"UTC".as_ptr()));
+            self.add_type(getBaseType(typid), seen);
+            self.add_type(get_element_type(typid), seen);
+            self.add_type(get_range_subtype(typid), seen);
+            #[cfg(not(feature = "pg13"))]
+            self.add_type(get_multirange_range(typid), seen);
+            let fields = get_typ_typrelid(typid);
+            if fields != InvalidOid {
+                let relation = RelationIdGetRelation(fields);
+                if !relation.is_null() {
+                    let types: Vec<Oid> = crate::tupdesc::attributes((*relation).rd_att).iter().map(|a| a.atttypid).collect();
+                    RelationClose(relation);
+                    for field in types {
+                        self.add_type(field, seen);
+                    }
                 }
-                utc.get()
-            });
-            let saved = CanonicalOutput {
-                timezone: pg_sys::session_timezone,
-                float_digits: pg_sys::extra_float_digits,
-                interval_style: pg_sys::IntervalStyle,
-                bytea: bytea_output,
-            };
-            if !utc.is_null() {
-                pg_sys::session_timezone = utc;
             }
-            pg_sys::extra_float_digits = saved.float_digits.max(1);
-            pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as core::ffi::c_int;
-            bytea_output = BYTEA_OUTPUT_HEX;
-            saved
         }
     }
 }
 
-impl Drop for CanonicalOutput {
-    fn drop(&mut self) {
-        unsafe {
-            pg_sys::session_timezone = self.timezone;
-            pg_sys::extra_float_digits = self.float_digits;
-            pg_sys::IntervalStyle = self.interval_style;
-            bytea_output = self.bytea;
+/// Holds the settings `to_json` spells values by at one value while a batch is encoded, so that
+/// a row's key is spelled alike by every session: a DELETE from a session in another time zone
+/// named a key its UPSERT never had, and under `extra_float_digits = 0` the DELETE of key
+/// 0.30000000000000004 named key 0.3, another row. The values: TimeZone UTC (or any zone of
+/// offset 0), shortest exact floats (any extra_float_digits above 0), IntervalStyle postgres,
+/// bytea_output hex, DateStyle ISO, and where the types need them lc_monetary C and
+/// search_path pg_catalog. Set as a function's SET clause sets them (a GUC nest level), and
+/// only those the session has otherwise, which it seldom does: code that to_json runs (a
+/// cast, an output function) sees them, and a SET it makes behaves as in any function. Returns
+/// the level for `release_settings`; an error unwinds it with its (sub)transaction.
+unsafe fn hold_settings(attachment: &Attachment) -> Option<core::ffi::c_int> {
+    let spelled_by = attachment.spelled_by.as_ref()?;
+    let mut held: Vec<(&CStr, &CStr)> = Vec::new();
+    unsafe {
+        let mut offset: core::ffi::c_long = 0;
+        if !(pg_sys::pg_get_timezone_offset(pg_sys::session_timezone, &mut offset) && offset == 0) {
+            held.push((c"TimeZone", c"UTC"));
         }
+        if pg_sys::extra_float_digits < 1 {
+            held.push((c"extra_float_digits", c"1"));
+        }
+        if pg_sys::IntervalStyle != pg_sys::INTSTYLE_POSTGRES as core::ffi::c_int {
+            held.push((c"IntervalStyle", c"postgres"));
+        }
+        if bytea_output != BYTEA_OUTPUT_HEX {
+            held.push((c"bytea_output", c"hex"));
+        }
+        if pg_sys::DateStyle != pg_sys::USE_ISO_DATES as core::ffi::c_int {
+            held.push((c"DateStyle", c"ISO"));
+        }
+        let differs = |name: &CStr, value: &CStr| CStr::from_ptr(pg_sys::GetConfigOption(name.as_ptr(), false, false)) != value;
+        if spelled_by.lc_monetary && differs(c"lc_monetary", c"C") {
+            held.push((c"lc_monetary", c"C"));
+        }
+        if spelled_by.search_path && differs(c"search_path", c"pg_catalog") {
+            held.push((c"search_path", c"pg_catalog"));
+        }
+        if held.is_empty() {
+            return None;
+        }
+        let level = pg_sys::NewGUCNestLevel();
+        for (name, value) in held {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                PgLogLevel::ERROR as core::ffi::c_int,
+                false,
+            );
+        }
+        Some(level)
+    }
+}
+
+/// Gives the session its settings back after `hold_settings`.
+fn release_settings(level: Option<core::ffi::c_int>) {
+    if let Some(level) = level {
+        unsafe { pg_sys::AtEOXact_GUC(true, level) };
     }
 }
 

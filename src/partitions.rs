@@ -2,16 +2,23 @@
 //! TABLE … ATTACH PARTITION` brings a table's rows in, and `DETACH PARTITION` and `DROP TABLE`
 //! of a partition take them out, without firing a row trigger. An event trigger reads the
 //! command's parse tree for the tables concerned and captures their rows as UPSERTs or
-//! DELETEs of the attached table (`capture::capture_table_rows`).
+//! DELETEs of the attached table (`capture::capture_table_rows`). It also keeps the TRUNCATE
+//! trigger each partition of an attached tree has of its own (statement triggers are not
+//! cloned to partitions) on the partitions that join, by ATTACH or CREATE TABLE … PARTITION
+//! OF, and takes it off those that leave.
+
+use std::ffi::CStr;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 use pgrx::PgList;
 
 use crate::error::{OrRaise, OutboxError};
 use crate::ext::Extension;
 use crate::queries;
 use crate::shape::Op;
+use crate::triggers::{quote_ident, truncate_statement, TRIGGER_NAMES};
 
 function_info_v1!(pg_finfo_outbox_capture_partition_changes);
 
@@ -48,6 +55,7 @@ unsafe fn capture_partition_changes(fcinfo: pg_sys::FunctionCallInfo) -> Result<
     match unsafe { (*command).type_ } {
         pg_sys::NodeTag::T_AlterTableStmt => unsafe { capture_attached_and_detached(command.cast()) },
         pg_sys::NodeTag::T_DropStmt => unsafe { capture_dropped(command.cast()) },
+        pg_sys::NodeTag::T_CreateStmt => unsafe { give_new_partition_its_trigger(command.cast()) },
         _ => Ok(()),
     }
 }
@@ -67,9 +75,34 @@ unsafe fn capture_attached_and_detached(statement: *mut pg_sys::AlterTableStmt) 
             let partition = (*command).def.cast::<pg_sys::PartitionCmd>();
             (relation_named((*statement).relation), relation_named((*partition).name))
         };
-        if parent != pg_sys::InvalidOid && partition != pg_sys::InvalidOid {
-            unsafe { capture_tree(parent, partition, op, pg_sys::ShareLock as pg_sys::LOCKMODE)? };
+        if parent == pg_sys::InvalidOid || partition == pg_sys::InvalidOid {
+            continue;
         }
+        unsafe { capture_tree(parent, partition, op, pg_sys::ShareLock as pg_sys::LOCKMODE)? };
+        // a partition joining gets its TRUNCATE trigger; one leaving loses it (TRUNCATE of
+        // the table it is now would fail for want of an attachment)
+        let generation = if op == Op::Upsert { crate::capture::attached_generation(parent)? } else { None };
+        if op == Op::Delete || generation.is_some() {
+            let extension = Extension::current()?;
+            Spi::connect_mut(|client| set_partition_truncate_triggers(client, &extension, partition, generation))?;
+        }
+    }
+    Ok(())
+}
+
+/// CREATE TABLE … PARTITION OF a table in an attached tree: the new partition gets its
+/// TRUNCATE trigger (its row triggers are cloned by Postgres).
+unsafe fn give_new_partition_its_trigger(statement: *mut pg_sys::CreateStmt) -> Result<(), OutboxError> {
+    if unsafe { (*statement).partbound }.is_null() {
+        return Ok(());
+    }
+    let table = unsafe { relation_named((*statement).relation) };
+    if table == pg_sys::InvalidOid {
+        return Ok(());
+    }
+    if let Some(generation) = crate::capture::attached_generation(table)? {
+        let extension = Extension::current()?;
+        Spi::connect_mut(|client| set_partition_truncate_triggers(client, &extension, table, Some(generation)))?;
     }
     Ok(())
 }
@@ -119,12 +152,7 @@ unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), Outbox
 /// attachment that `parent` belongs to, each table locked in `lock` mode first.
 unsafe fn capture_tree(parent: pg_sys::Oid, table: pg_sys::Oid, op: Op, lock: pg_sys::LOCKMODE) -> Result<(), OutboxError> {
     let extension = Extension::current()?;
-    let tables = Spi::connect_mut(|client| {
-        let rows = queries::run(client, &extension, &queries::TABLES_IN_TREE, &[table.into()])?;
-        rows.into_iter()
-            .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<bool>(2)?.unwrap_or(false))))
-            .collect::<Result<Vec<_>, OutboxError>>()
-    })?;
+    let tables = Spi::connect_mut(|client| tables_in_tree(client, &extension, table))?;
     // every table locked, parents first as writers and DDL lock them, before any is read
     for &(relid, _) in &tables {
         unsafe { pg_sys::LockRelationOid(relid, lock) };
@@ -140,6 +168,49 @@ unsafe fn capture_tree(parent: pg_sys::Oid, table: pg_sys::Oid, op: Op, lock: pg
         }
     }
     Ok(())
+}
+
+/// `table` and every table of its partition tree, parents first, each with whether it holds
+/// rows of its own (an ordinary table).
+pub fn tables_in_tree(client: &mut SpiClient<'_>, extension: &Extension, table: pg_sys::Oid) -> Result<Vec<(pg_sys::Oid, bool)>, OutboxError> {
+    queries::run(client, extension, &queries::TABLES_IN_TREE, &[table.into()])?
+        .into_iter()
+        .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<bool>(2)?.unwrap_or(false))))
+        .collect()
+}
+
+/// Puts the TRUNCATE trigger of a partition (src/triggers.rs) on every table holding rows in
+/// the partition tree of `table`, `table` included, replacing one there already; with
+/// `generation` None, removes it. As the extension owner, as `outbox_attach` makes triggers.
+pub fn set_partition_truncate_triggers(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    table: pg_sys::Oid,
+    generation: Option<i64>,
+) -> Result<(), OutboxError> {
+    let function = format!("{}.outbox_capture", extension.schema);
+    extension.as_owner(|| {
+        for (relid, holds_rows) in tables_in_tree(client, extension, table)? {
+            if !holds_rows {
+                continue;
+            }
+            let quoted = unsafe { quoted_name(relid) };
+            client.update(&format!("DROP TRIGGER IF EXISTS {} ON {quoted}", quote_ident(TRIGGER_NAMES[4])), None, &[])?;
+            if let Some(generation) = generation {
+                client.update(&truncate_statement(&quoted, &function, generation), None, &[])?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `"schema"."table"` of `relid`.
+unsafe fn quoted_name(relid: pg_sys::Oid) -> String {
+    unsafe {
+        let namespace = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid))).to_string_lossy();
+        let name = CStr::from_ptr(pg_sys::get_rel_name(relid)).to_string_lossy();
+        format!("{}.{}", quote_ident(&namespace), quote_ident(&name))
+    }
 }
 
 /// The table `name` names, without locking it; InvalidOid when there is none (`IF EXISTS`).

@@ -794,6 +794,34 @@ mod tests {
         );
     }
 
+    /// The same for what type output functions spell by DateStyle (ranges of times) and
+    /// search_path (regclass), and for a value whose cast to json runs
+    /// a function with a SET TimeZone clause of its own, which put the session's zone back
+    /// in the middle of the value.
+    #[pg_test]
+    fn keys_of_ranges_regclass_and_casts_are_spelled_alike() {
+        run("CREATE SCHEMA s1");
+        run("CREATE TABLE s1.x ()");
+        run("CREATE TYPE mood AS ENUM ('ok')");
+        run("CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE sql SET TimeZone = 'Asia/Kolkata' AS $$ SELECT to_json($1::text) $$");
+        run("CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood)");
+        run("CREATE TYPE tagged AS (tag mood, at timestamptz)");
+        run("CREATE TABLE k (r tstzrange, m money, c regclass, t tagged, PRIMARY KEY (r, m, c, t))");
+        run("SELECT outbox_attach('k')");
+        run("SET LOCAL TimeZone = 'UTC'");
+        run("INSERT INTO k VALUES ('[2024-03-01 12:00+00, 2024-03-01 13:00+00)', 1234.5, 's1.x', '(ok, \"2024-03-01 12:00+00\")')");
+        run("SET LOCAL TimeZone = 'America/New_York'");
+        run("SET LOCAL DateStyle = 'SQL, DMY'");
+        run("SET LOCAL search_path = s1, public");
+        run("DELETE FROM k");
+        let keys = value("SELECT jsonb_agg(payload->'key' ORDER BY id) FROM outbox_events");
+        assert_eq!(keys[0], keys[1], "{keys}");
+        assert_eq!(
+            keys[0],
+            json!({"r": "[\"2024-03-01 12:00:00+00\",\"2024-03-01 13:00:00+00\")", "m": "$1,234.50", "c": "s1.x", "t": {"tag": "ok", "at": "2024-03-01T12:00:00+00:00"}})
+        );
+    }
+
     /// A table attached as a partition brings its rows into the attached tree without firing
     /// a trigger: they are captured as UPSERTs, its columns found by name (here at other
     /// positions than the parent's). Attaching to a tree nobody attached captures nothing.
@@ -849,6 +877,62 @@ mod tests {
         assert_eq!(deleted("DROP TABLE docs_c"), json!([["EMBED_DELETE", 21], ["EMBED_DELETE", 31]]));
         assert_eq!(deleted("DROP TABLE IF EXISTS docs_a, no_such_table"), json!([]), "no longer a partition");
         assert_eq!(deleted("DROP TABLE docs_b, docs"), json!([]));
+    }
+
+    /// A partition truncated by itself loses its rows without a trigger of the attached table
+    /// firing: its own TRUNCATE trigger captures each as a DELETE, before they go. Truncated
+    /// with the attached table, it adds nothing to the TRUNCATE. New partitions get the
+    /// trigger, and detached ones lose it.
+    #[pg_test]
+    fn truncating_a_partition_captures_its_rows_as_deletes() {
+        run("CREATE TABLE docs (id int PRIMARY KEY, body text) PARTITION BY RANGE (id)");
+        run("CREATE TABLE docs_a PARTITION OF docs FOR VALUES FROM (0) TO (10)");
+        run("CREATE TABLE docs_b PARTITION OF docs FOR VALUES FROM (10) TO (30) PARTITION BY RANGE (id)");
+        run("CREATE TABLE docs_b1 PARTITION OF docs_b FOR VALUES FROM (10) TO (20)");
+        run("SELECT outbox_attach('docs')");
+        run("CREATE TABLE docs_b2 PARTITION OF docs_b FOR VALUES FROM (20) TO (30)");
+        run("CREATE TABLE docs_c (id int PRIMARY KEY, body text)");
+        run("ALTER TABLE docs ATTACH PARTITION docs_c FOR VALUES FROM (30) TO (40)");
+        let fill = "INSERT INTO docs VALUES (1, 'a'), (11, 'b1'), (21, 'b2'), (31, 'c')";
+        run(fill);
+        let captured = |statement: &str| {
+            let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
+            run(statement);
+            value(&format!(
+                "SELECT coalesce(jsonb_agg(jsonb_build_array(type, payload->'key'->'id') ORDER BY id), '[]') \
+                 FROM outbox_events WHERE id > {since}"
+            ))
+        };
+        assert_eq!(captured("TRUNCATE docs_a"), json!([["EMBED_DELETE", 1]]));
+        assert_eq!(captured("TRUNCATE docs_b"), json!([["EMBED_DELETE", 11], ["EMBED_DELETE", 21]]), "a partitioned partition");
+        assert_eq!(captured("TRUNCATE docs_c"), json!([["EMBED_DELETE", 31]]), "an attached partition");
+        run(fill);
+        assert_eq!(captured("TRUNCATE docs"), json!([["EMBED_TRUNCATE", null]]));
+        run(fill);
+        assert_eq!(captured("TRUNCATE docs_a, docs"), json!([["EMBED_DELETE", 1], ["EMBED_TRUNCATE", null]]));
+        run(fill);
+        // (the tables were made in this transaction: TRUNCATE empties them in place, in
+        // statements of one start)
+        assert_eq!(captured("TRUNCATE docs_a"), json!([["EMBED_DELETE", 1]]), "the statement before left nothing behind");
+        run("ALTER TABLE docs DETACH PARTITION docs_c");
+        assert_eq!(captured("TRUNCATE docs_c"), json!([]), "a detached partition is not captured, and can be truncated");
+        run("SELECT outbox_detach('docs')");
+        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox%'"), 0, "detach takes every trigger off");
+    }
+
+    /// A user's AFTER TRUNCATE trigger that fills the table again is captured after the
+    /// TRUNCATE, which is captured before the rows go: the copy keeps what it wrote.
+    #[pg_test]
+    fn an_after_truncate_trigger_refilling_the_table_comes_after_the_truncate() {
+        chunks();
+        run("SELECT outbox_attach('chunks')");
+        run("CREATE FUNCTION refill() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO chunks (id) VALUES (7); RETURN NULL; END $$");
+        run("CREATE TRIGGER refill AFTER TRUNCATE ON chunks FOR EACH STATEMENT EXECUTE FUNCTION refill()");
+        run("TRUNCATE chunks");
+        assert_eq!(
+            value("SELECT jsonb_agg(jsonb_build_array(type, payload->'key'->'id') ORDER BY id) FROM outbox_events"),
+            json!([["EMBED_TRUNCATE", null], ["EMBED_UPSERT", 7]])
+        );
     }
 
     /// Rows that swap keys across partitions are deleted from one and inserted into the other,

@@ -2,7 +2,8 @@
 
 /// Trigger names, chosen to sort after most user trigger names so that capture sees rows as
 /// the user's own AFTER triggers left them. A plain table gets the first five; a partitioned
-/// table or a partition gets row triggers, the last four (src/capture.rs says why).
+/// table or a partition gets row triggers, the last four (src/capture.rs says why), and each
+/// partition of an attached partitioned table a TRUNCATE trigger of its own.
 pub const TRIGGER_NAMES: [&str; 6] = [
     "outbox_capture_inserts",
     "outbox_capture_deletes",
@@ -34,10 +35,10 @@ pub fn update_condition(columns: &[&str]) -> String {
 /// Statements that (re)create the capture triggers. `table` and `function` are qualified and
 /// quoted; `generation` tells the trigger's cache that the settings changed.
 pub fn create_statements(table: &str, function: &str, generation: i64, condition: &str, row_triggers: bool) -> Vec<String> {
-    let [inserts, deletes, updates, statement, truncate, rows] = TRIGGER_NAMES;
+    let [inserts, deletes, updates, statement, _, rows] = TRIGGER_NAMES;
     let call = format!("EXECUTE FUNCTION {function}('{generation}')");
     let updates = format!("CREATE TRIGGER {updates} AFTER UPDATE ON {table} FOR EACH ROW WHEN ({condition}) {call}");
-    let truncate = format!("CREATE TRIGGER {truncate} AFTER TRUNCATE ON {table} FOR EACH STATEMENT {call}");
+    let truncate = truncate_statement(table, function, generation);
     if row_triggers {
         vec![
             format!("CREATE TRIGGER {rows} AFTER INSERT OR DELETE ON {table} FOR EACH ROW {call}"),
@@ -54,6 +55,14 @@ pub fn create_statements(table: &str, function: &str, generation: i64, condition
             truncate,
         ]
     }
+}
+
+/// The TRUNCATE trigger, of an attached table or of a partition of one. It fires before the
+/// rows go: a partition truncated by itself is captured as a DELETE of each of its rows (no
+/// trigger of the partitioned table fires for it), and the TRUNCATE of a table comes before
+/// what its user's AFTER TRUNCATE triggers write to it again.
+pub fn truncate_statement(table: &str, function: &str, generation: i64) -> String {
+    format!("CREATE TRIGGER {} BEFORE TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {function}('{generation}')", TRIGGER_NAMES[4])
 }
 
 pub fn drop_statement(table: &str, trigger: &str) -> String {
@@ -93,7 +102,7 @@ mod tests {
         assert!(create[1].contains("AFTER DELETE ON \"public\".\"chunks\" REFERENCING OLD TABLE AS outbox_deleted FOR EACH STATEMENT"));
         assert!(create[2].contains("AFTER UPDATE ON \"public\".\"chunks\" FOR EACH ROW WHEN (OLD.\"a\" IS DISTINCT FROM NEW.\"a\")"));
         assert!(create[3].contains("AFTER UPDATE ON \"public\".\"chunks\" FOR EACH STATEMENT"));
-        assert!(create[4].contains("AFTER TRUNCATE"));
+        assert!(create[4].contains("BEFORE TRUNCATE ON \"public\".\"chunks\" FOR EACH STATEMENT"));
         assert!(create.iter().all(|s| s.ends_with("\"public\".outbox_capture('7')")));
         assert_eq!(drop_statement("t", "outbox_capture_rows"), "DROP TRIGGER \"outbox_capture_rows\" ON t");
     }
@@ -105,7 +114,7 @@ mod tests {
         assert!(create[0].contains("AFTER INSERT OR DELETE ON \"public\".\"chunks\" FOR EACH ROW"));
         assert!(create[1].contains("WHEN (OLD.\"a\" IS DISTINCT FROM NEW.\"a\")"));
         assert!(create[2].contains("AFTER INSERT OR UPDATE OR DELETE ON \"public\".\"chunks\" FOR EACH STATEMENT"));
-        assert!(create[3].contains("AFTER TRUNCATE"));
+        assert!(create[3].starts_with("CREATE TRIGGER outbox_capture_truncate BEFORE TRUNCATE"));
         assert!(create.iter().all(|s| !s.contains("REFERENCING")));
     }
 
