@@ -32,6 +32,16 @@ mod tests {
         ))
     }
 
+    /// (type, key id) of every event `statement` captured, in id order.
+    fn captured_by(statement: &str) -> Value {
+        let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
+        run(statement);
+        value(&format!(
+            "SELECT coalesce(jsonb_agg(jsonb_build_array(type, payload->'key'->'id') ORDER BY id), '[]') \
+             FROM outbox_events WHERE id > {since}"
+        ))
+    }
+
     fn chunks() {
         run("CREATE TABLE chunks (id bigint PRIMARY KEY, doc_id int, content text, embedding real[], secret text)");
     }
@@ -864,19 +874,11 @@ mod tests {
         run("CREATE TABLE docs_c2 PARTITION OF docs_c FOR VALUES FROM (30) TO (40)");
         run("INSERT INTO docs VALUES (1, 'a'), (11, 'b'), (21, 'c1'), (31, 'c2')");
         run("SELECT outbox_attach('docs')");
-        let deleted = |statement: &str| {
-            let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
-            run(statement);
-            value(&format!(
-                "SELECT coalesce(jsonb_agg(jsonb_build_array(type, payload->'key'->'id') ORDER BY id), '[]') \
-                 FROM outbox_events WHERE id > {since}"
-            ))
-        };
-        assert_eq!(deleted("ALTER TABLE docs DETACH PARTITION docs_a"), json!([["EMBED_DELETE", 1]]));
-        assert_eq!(deleted("INSERT INTO docs_a VALUES (2, 'x')"), json!([]), "a detached partition is not captured");
-        assert_eq!(deleted("DROP TABLE docs_c"), json!([["EMBED_DELETE", 21], ["EMBED_DELETE", 31]]));
-        assert_eq!(deleted("DROP TABLE IF EXISTS docs_a, no_such_table"), json!([]), "no longer a partition");
-        assert_eq!(deleted("DROP TABLE docs_b, docs"), json!([]));
+        assert_eq!(captured_by("ALTER TABLE docs DETACH PARTITION docs_a"), json!([["EMBED_DELETE", 1]]));
+        assert_eq!(captured_by("INSERT INTO docs_a VALUES (2, 'x')"), json!([]), "a detached partition is not captured");
+        assert_eq!(captured_by("DROP TABLE docs_c"), json!([["EMBED_DELETE", 21], ["EMBED_DELETE", 31]]));
+        assert_eq!(captured_by("DROP TABLE IF EXISTS docs_a, no_such_table"), json!([]), "no longer a partition");
+        assert_eq!(captured_by("DROP TABLE docs_b, docs"), json!([]));
     }
 
     /// A partition truncated by itself loses its rows without a trigger of the attached table
@@ -895,27 +897,19 @@ mod tests {
         run("ALTER TABLE docs ATTACH PARTITION docs_c FOR VALUES FROM (30) TO (40)");
         let fill = "INSERT INTO docs VALUES (1, 'a'), (11, 'b1'), (21, 'b2'), (31, 'c')";
         run(fill);
-        let captured = |statement: &str| {
-            let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
-            run(statement);
-            value(&format!(
-                "SELECT coalesce(jsonb_agg(jsonb_build_array(type, payload->'key'->'id') ORDER BY id), '[]') \
-                 FROM outbox_events WHERE id > {since}"
-            ))
-        };
-        assert_eq!(captured("TRUNCATE docs_a"), json!([["EMBED_DELETE", 1]]));
-        assert_eq!(captured("TRUNCATE docs_b"), json!([["EMBED_DELETE", 11], ["EMBED_DELETE", 21]]), "a partitioned partition");
-        assert_eq!(captured("TRUNCATE docs_c"), json!([["EMBED_DELETE", 31]]), "an attached partition");
+        assert_eq!(captured_by("TRUNCATE docs_a"), json!([["EMBED_DELETE", 1]]));
+        assert_eq!(captured_by("TRUNCATE docs_b"), json!([["EMBED_DELETE", 11], ["EMBED_DELETE", 21]]), "a partitioned partition");
+        assert_eq!(captured_by("TRUNCATE docs_c"), json!([["EMBED_DELETE", 31]]), "an attached partition");
         run(fill);
-        assert_eq!(captured("TRUNCATE docs"), json!([["EMBED_TRUNCATE", null]]));
+        assert_eq!(captured_by("TRUNCATE docs"), json!([["EMBED_TRUNCATE", null]]));
         run(fill);
-        assert_eq!(captured("TRUNCATE docs_a, docs"), json!([["EMBED_DELETE", 1], ["EMBED_TRUNCATE", null]]));
+        assert_eq!(captured_by("TRUNCATE docs_a, docs"), json!([["EMBED_DELETE", 1], ["EMBED_TRUNCATE", null]]));
         run(fill);
         // (the tables were made in this transaction: TRUNCATE empties them in place, in
         // statements of one start)
-        assert_eq!(captured("TRUNCATE docs_a"), json!([["EMBED_DELETE", 1]]), "the statement before left nothing behind");
+        assert_eq!(captured_by("TRUNCATE docs_a"), json!([["EMBED_DELETE", 1]]), "the statement before left nothing behind");
         run("ALTER TABLE docs DETACH PARTITION docs_c");
-        assert_eq!(captured("TRUNCATE docs_c"), json!([]), "a detached partition is not captured, and can be truncated");
+        assert_eq!(captured_by("TRUNCATE docs_c"), json!([]), "a detached partition is not captured, and can be truncated");
         run("SELECT outbox_detach('docs')");
         assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox%'"), 0, "detach takes every trigger off");
     }
