@@ -78,14 +78,16 @@ unsafe fn capture_attached_and_detached(statement: *mut pg_sys::AlterTableStmt) 
         if parent == pg_sys::InvalidOid || partition == pg_sys::InvalidOid {
             continue;
         }
+        // (most partition trees have nothing attached: nothing to read or lock then)
+        let Some(generation) = crate::capture::attached_generation(parent)? else {
+            continue;
+        };
         unsafe { capture_tree(parent, partition, op, pg_sys::ShareLock as pg_sys::LOCKMODE)? };
         // a partition joining gets its TRUNCATE trigger; one leaving loses it (TRUNCATE of
         // the table it is now would fail for want of an attachment)
-        let generation = if op == Op::Upsert { crate::capture::attached_generation(parent)? } else { None };
-        if op == Op::Delete || generation.is_some() {
-            let extension = Extension::current()?;
-            Spi::connect_mut(|client| set_partition_truncate_triggers(client, &extension, partition, generation))?;
-        }
+        let extension = Extension::current()?;
+        let generation = (op == Op::Upsert).then_some(generation);
+        Spi::connect_mut(|client| set_partition_truncate_triggers(client, &extension, partition, generation))?;
     }
     Ok(())
 }
@@ -109,43 +111,84 @@ unsafe fn give_new_partition_its_trigger(statement: *mut pg_sys::CreateStmt) -> 
 
 /// DROP TABLE of a partition (or of a partitioned table below the attached one): its rows, and
 /// those of every partition below it, as DELETEs, read before the drop. Dropping an attached
-/// table itself, or a partition together with its attached ancestor, captures nothing, as
-/// dropping a plain attached table does.
+/// table itself, or a partition together with a table its attached ancestor is or is below,
+/// captures nothing, as dropping a plain attached table does.
+///
+/// The drop has taken no lock yet, and the rows must not change between their reading and the
+/// drop, so this takes the locks the drop is about to, in its order: table by table as the
+/// statement names them, a partition's parent before the partition. It stops where the drop
+/// will stop with an error (a name missing without IF EXISTS, not a table, not the caller's to
+/// drop), and takes nothing when no named table is a partition of an attached tree: an
+/// ordinary DROP TABLE waits for no lock it would not have waited for.
 unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), OutboxError> {
     if unsafe { (*statement).removeType } != pg_sys::ObjectType::OBJECT_TABLE {
         return Ok(());
     }
+    let missing_ok = unsafe { (*statement).missing_ok };
     let names = unsafe { PgList::<pg_sys::List>::from_pg((*statement).objects) };
-    let dropped: Vec<pg_sys::Oid> = names
-        .iter_ptr()
-        .map(|name| unsafe { relation_named(pg_sys::makeRangeVarFromNameList(name)) })
-        .filter(|relid| *relid != pg_sys::InvalidOid)
-        .collect();
+    let named: Vec<pg_sys::Oid> = names.iter_ptr().map(|name| unsafe { relation_named(pg_sys::makeRangeVarFromNameList(name)) }).collect();
     let extension = Extension::current()?;
     let caller = unsafe { pg_sys::GetUserId() };
-    for &relid in &dropped {
-        if !unsafe { pg_sys::get_rel_relispartition(relid) } {
-            continue;
-        }
+    let facts = |relid: pg_sys::Oid| {
         // as the owner: the caller need not read outbox_attachments
-        let facts = Spi::connect_mut(|client| {
-            let rows = extension.as_owner(|| queries::run(client, &extension, &queries::DROPPED_PARTITION, &[relid.into(), caller.into()]))?;
+        Spi::connect_mut(|client| {
+            let rows = extension.as_owner(|| queries::run(client, &extension, &queries::DROPPED_TABLE, &[relid.into(), caller.into()]))?;
             let row = rows.first();
-            Ok::<_, OutboxError>((row.get::<pg_sys::Oid>(1)?, row.get::<bool>(2)?.unwrap_or(false), row.get::<pg_sys::Oid>(3)?))
-        })?;
-        let (Some(parent), true, Some(attached)) = facts else {
-            // not in an attached tree, or not the caller's to drop: DROP refuses it then
-            continue;
-        };
-        if dropped.contains(&attached) {
-            continue;
+            Ok::<_, OutboxError>(DroppedTable {
+                droppable: row.get::<bool>(1)?.unwrap_or(false),
+                parent: row.get::<pg_sys::Oid>(2)?,
+                attached_and_above: row.get::<Vec<pg_sys::Oid>>(3)?.unwrap_or_default(),
+            })
+        })
+    };
+    // what the drop will drop before it stops, and which of those are partitions to capture
+    let mut dropped = Vec::new();
+    for relid in named {
+        if relid == pg_sys::InvalidOid {
+            if missing_ok {
+                continue;
+            }
+            break;
         }
-        // DROP locks a partition's parent before the partition; so does this, ahead of it,
-        // so that no row is written between the reading and the drop
-        unsafe { pg_sys::LockRelationOid(parent, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
-        unsafe { capture_tree(parent, relid, Op::Delete, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)? };
+        let table = facts(relid)?;
+        if !table.droppable {
+            break;
+        }
+        dropped.push((relid, table));
+    }
+    let in_attached_tree = |table: &DroppedTable, dropped: &[(pg_sys::Oid, DroppedTable)]| {
+        !table.attached_and_above.is_empty() && !table.attached_and_above.iter().any(|a| dropped.iter().any(|(d, _)| d == a))
+    };
+    if !dropped.iter().any(|(_, table)| in_attached_tree(table, &dropped)) {
+        return Ok(());
+    }
+    let exclusive = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
+    for (relid, table) in &dropped {
+        if let Some(parent) = table.parent {
+            unsafe { pg_sys::LockRelationOid(parent, exclusive) };
+        }
+        unsafe { pg_sys::LockRelationOid(*relid, exclusive) };
+    }
+    // with the locks held, as the tables are now: one may have joined or left a tree while
+    // this waited
+    let dropped: Vec<(pg_sys::Oid, DroppedTable)> = dropped.into_iter().map(|(relid, _)| Ok((relid, facts(relid)?))).collect::<Result<_, OutboxError>>()?;
+    for (relid, table) in &dropped {
+        if let (true, Some(parent)) = (in_attached_tree(table, &dropped), table.parent) {
+            unsafe { capture_tree(parent, *relid, Op::Delete, exclusive)? };
+        }
     }
     Ok(())
+}
+
+/// A table a DROP TABLE names, as it is now.
+struct DroppedTable {
+    /// A table (not a view, sequence or foreign table) the caller may drop.
+    droppable: bool,
+    /// The partitioned table it is a partition of.
+    parent: Option<pg_sys::Oid>,
+    /// For a partition in an attached tree, the attached table and every table above it;
+    /// otherwise empty.
+    attached_and_above: Vec<pg_sys::Oid>,
 }
 
 /// The rows of every table in the partition tree of `table` as events of `op` of the

@@ -118,28 +118,51 @@ fn prepared(
 
 pub static CURRENT_SEGMENT: Sql = Sql { text: "SELECT current_slot FROM @extschema@.outbox_rotation", args: &[] };
 
+/// `relid` and the partitioned tables above it, nearest first (`depth`), as a query. Not
+/// pg_partition_ancestors, which stops at a partition whose DETACH CONCURRENTLY has not
+/// finished: writes to it are still captured, and its rows are still to be deleted.
+macro_rules! partition_ancestors {
+    ($relid:literal) => {
+        concat!(
+            "WITH RECURSIVE up(relid, depth) AS (SELECT ",
+            $relid,
+            "::pg_catalog.oid, 0 UNION ALL SELECT h.inhparent, up.depth OPERATOR(pg_catalog.+) 1 FROM up \
+             JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) up.relid AND k.relispartition \
+             JOIN pg_catalog.pg_inherits h ON h.inhrelid OPERATOR(pg_catalog.=) up.relid) SELECT relid, depth FROM up"
+        )
+    };
+}
+
 /// The attachment of a table, or for a partition the attachment of its nearest attached
 /// ancestor (row triggers are cloned onto partitions).
 pub static ATTACHMENT_CONFIG: Sql = Sql {
-    text: "SELECT a.source::pg_catalog.oid, a.generation, a.event_prefix, a.key_columns, a.payload_columns \
-           FROM (SELECT $1::pg_catalog.regclass, 0 \
-                 UNION ALL SELECT * FROM pg_catalog.pg_partition_ancestors($1) WITH ORDINALITY) AS p(relid, depth) \
-           JOIN @extschema@.outbox_attachments a ON a.source OPERATOR(pg_catalog.=) p.relid \
-           ORDER BY p.depth LIMIT 1",
+    text: concat!(
+        "SELECT a.source::pg_catalog.oid, a.generation, a.event_prefix, a.key_columns, a.payload_columns FROM (",
+        partition_ancestors!("$1"),
+        ") AS p JOIN @extschema@.outbox_attachments a ON a.source OPERATOR(pg_catalog.=) p.relid ORDER BY p.depth LIMIT 1"
+    ),
     args: &[OID],
 };
 
-/// Of a partition `$1` that role `$2` is dropping: its parent, whether `$2` may drop it (as
-/// the owner of the table or of its schema), and the attached table the parent belongs to.
-pub static DROPPED_PARTITION: Sql = Sql {
-    text: "SELECT i.inhparent, \
-                  pg_catalog.pg_has_role($2, c.relowner, 'USAGE') OR pg_catalog.pg_has_role($2, n.nspowner, 'USAGE'), \
-                  (SELECT a.source::pg_catalog.oid FROM pg_catalog.pg_partition_ancestors(i.inhparent) p \
-                   JOIN @extschema@.outbox_attachments a ON a.source OPERATOR(pg_catalog.=) p.relid LIMIT 1) \
-           FROM pg_catalog.pg_class c \
-           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-           JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) c.oid \
-           WHERE c.oid OPERATOR(pg_catalog.=) $1",
+/// Of a table `$1` that role `$2` is dropping: whether it is a table `$2` may drop (as the
+/// owner of the table or of its schema); the partitioned table it is a partition of; and if
+/// that is in an attached tree, the attached table and every table above it.
+pub static DROPPED_TABLE: Sql = Sql {
+    text: concat!(
+        "SELECT c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog.\"char\"[]) \
+                AND (pg_catalog.pg_has_role($2, c.relowner, 'USAGE') OR pg_catalog.pg_has_role($2, n.nspowner, 'USAGE')), \
+                i.inhparent, \
+                (SELECT pg_catalog.array_agg(u.relid) FROM (",
+        partition_ancestors!("i.inhparent"),
+        ") u WHERE EXISTS (SELECT FROM (",
+        partition_ancestors!("i.inhparent"),
+        ") v JOIN @extschema@.outbox_attachments a ON a.source OPERATOR(pg_catalog.=) v.relid \
+                             WHERE v.depth OPERATOR(pg_catalog.<=) u.depth)) \
+         FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+         LEFT JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) c.oid AND c.relispartition \
+         WHERE c.oid OPERATOR(pg_catalog.=) $1"
+    ),
     args: &[OID, OID],
 };
 

@@ -879,6 +879,14 @@ mod tests {
         assert_eq!(captured_by("DROP TABLE docs_c"), json!([["EMBED_DELETE", 21], ["EMBED_DELETE", 31]]));
         assert_eq!(captured_by("DROP TABLE IF EXISTS docs_a, no_such_table"), json!([]), "no longer a partition");
         assert_eq!(captured_by("DROP TABLE docs_b, docs"), json!([]));
+
+        // a partition dropped with a table above its attached one
+        run("CREATE TABLE top (id int PRIMARY KEY) PARTITION BY RANGE (id)");
+        run("CREATE TABLE mid PARTITION OF top FOR VALUES FROM (0) TO (100) PARTITION BY RANGE (id)");
+        run("CREATE TABLE low PARTITION OF mid FOR VALUES FROM (0) TO (100)");
+        run("INSERT INTO top VALUES (1)");
+        run("SELECT outbox_attach('mid')");
+        assert_eq!(captured_by("DROP TABLE top, low"), json!([]));
     }
 
     /// A partition truncated by itself loses its rows without a trigger of the attached table

@@ -1375,3 +1375,77 @@ fn drain(c: &mut Client, subscription: &str) -> Vec<(String, i64)> {
         c.execute("SELECT outbox_ack($1, $2)", &[&ids, &subscription]).unwrap();
     }
 }
+
+/// A DETACH … CONCURRENTLY cancelled in its wait leaves the partition detach-pending: still a
+/// partition, no longer seen through its parent. Writes to it are still captured (they failed
+/// with "not attached"), a sub-partition dropped meanwhile is captured as DELETEs (it was
+/// missed), and the FINALIZE that ends the detach captures the rest.
+#[test]
+fn an_interrupted_concurrent_detach_loses_nothing() {
+    let (db, mut c) = setup("detach_pending", "");
+    c.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE docs_a PARTITION OF docs FOR VALUES FROM (0) TO (100) PARTITION BY RANGE (id);
+         CREATE TABLE docs_a1 PARTITION OF docs_a FOR VALUES FROM (0) TO (50);
+         CREATE TABLE docs_a2 PARTITION OF docs_a FOR VALUES FROM (50) TO (100);
+         SELECT outbox_attach('docs');
+         SELECT outbox_subscribe('copy');
+         INSERT INTO docs VALUES (1), (51);",
+    )
+    .unwrap();
+    // an old snapshot makes the detach wait, and it is cancelled there
+    let mut holder = shared().connect(&db);
+    holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM docs").unwrap();
+    let mut detacher = shared().connect(&db);
+    let pid: i32 = detacher.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let detach = std::thread::spawn(move || detacher.batch_execute("ALTER TABLE docs DETACH PARTITION docs_a CONCURRENTLY"));
+    assert!(eventually(Duration::from_secs(10), || {
+        scalar_i64(&mut c, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'")) == 1
+    }));
+    c.execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    assert!(detach.join().unwrap().is_err(), "cancelled");
+    holder.batch_execute("COMMIT").unwrap();
+    assert!(scalar_i64(&mut c, "SELECT count(*) FROM pg_inherits WHERE inhdetachpending") == 1, "detach pending");
+
+    c.batch_execute("INSERT INTO docs_a1 VALUES (2)").unwrap();
+    c.batch_execute("DROP TABLE docs_a2").unwrap();
+    c.batch_execute("ALTER TABLE docs DETACH PARTITION docs_a FINALIZE").unwrap();
+    let expected: Vec<(String, i64)> =
+        [("EMBED_UPSERT", 1), ("EMBED_UPSERT", 51), ("EMBED_UPSERT", 2), ("EMBED_DELETE", 51), ("EMBED_DELETE", 1), ("EMBED_DELETE", 2)]
+            .iter()
+            .map(|(t, k)| (t.to_string(), *k))
+            .collect();
+    assert_eq!(drain(&mut c, "copy"), expected);
+}
+
+/// A DROP TABLE naming a plain table before a partition of an attached tree takes its locks
+/// in the order it names them, as Postgres does: a writer holding the plain table and then
+/// writing to the partitioned one waits for no one (the partition's parent was locked first,
+/// and the two deadlocked).
+#[test]
+fn dropping_a_table_and_a_partition_locks_in_the_order_named() {
+    let (db, mut c) = setup("drop_lock_order", "");
+    c.batch_execute(
+        "CREATE TABLE t (id int);
+         CREATE TABLE docs (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE docs_a PARTITION OF docs FOR VALUES FROM (0) TO (10);
+         CREATE TABLE docs_b PARTITION OF docs FOR VALUES FROM (10) TO (20);
+         SELECT outbox_attach('docs');
+         SELECT outbox_subscribe('copy');
+         INSERT INTO docs VALUES (1), (11);",
+    )
+    .unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (1)").unwrap();
+    let mut dropper = shared().connect(&db);
+    let pid: i32 = dropper.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let drop = std::thread::spawn(move || dropper.batch_execute("DROP TABLE t, docs_a"));
+    assert!(eventually(Duration::from_secs(10), || {
+        let mut watcher = shared().connect(&db);
+        scalar_i64(&mut watcher, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'")) == 1
+    }));
+    c.batch_execute("INSERT INTO docs VALUES (12); COMMIT").unwrap();
+    drop.join().unwrap().unwrap();
+    let expected: Vec<(String, i64)> =
+        [("EMBED_UPSERT", 1), ("EMBED_UPSERT", 11), ("EMBED_UPSERT", 12), ("EMBED_DELETE", 1)].iter().map(|(t, k)| (t.to_string(), *k)).collect();
+    assert_eq!(drain(&mut c, "copy"), expected);
+}
