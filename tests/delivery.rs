@@ -1349,11 +1349,19 @@ fn a_partition_detached_concurrently_is_delivered_as_deletes() {
     )
     .unwrap();
     c.batch_execute("ALTER TABLE docs DETACH PARTITION docs_a CONCURRENTLY").unwrap();
-    let expected: Vec<(String, i64)> = [("EMBED_UPSERT", 1), ("EMBED_UPSERT", 2), ("EMBED_UPSERT", 11), ("EMBED_DELETE", 1), ("EMBED_DELETE", 2)]
-        .iter()
-        .map(|(t, k)| (t.to_string(), *k))
-        .collect();
-    assert_eq!(drain(&mut c, "copy"), expected);
+    assert_eq!(drain(&mut c, "copy"), typed(&[("EMBED_UPSERT", 1), ("EMBED_UPSERT", 2), ("EMBED_UPSERT", 11), ("EMBED_DELETE", 1), ("EMBED_DELETE", 2)]));
+}
+
+/// (type, key id) pairs as `drain` returns them.
+fn typed(events: &[(&str, i64)]) -> Vec<(String, i64)> {
+    events.iter().map(|(t, k)| (t.to_string(), *k)).collect()
+}
+
+/// Waits until backend `pid` of database `db` waits for a lock.
+fn waits_for_a_lock(db: &str, pid: i32) {
+    let mut watcher = shared().connect(db);
+    let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'");
+    assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut watcher, &sql) == 1), "backend {pid} waits for a lock");
 }
 
 /// The type and key id (0 for a TRUNCATE) of every event `subscription` is handed, in order,
@@ -1399,9 +1407,7 @@ fn an_interrupted_concurrent_detach_loses_nothing() {
     let mut detacher = shared().connect(&db);
     let pid: i32 = detacher.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     let detach = std::thread::spawn(move || detacher.batch_execute("ALTER TABLE docs DETACH PARTITION docs_a CONCURRENTLY"));
-    assert!(eventually(Duration::from_secs(10), || {
-        scalar_i64(&mut c, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'")) == 1
-    }));
+    waits_for_a_lock(&db, pid);
     c.execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
     assert!(detach.join().unwrap().is_err(), "cancelled");
     holder.batch_execute("COMMIT").unwrap();
@@ -1410,12 +1416,10 @@ fn an_interrupted_concurrent_detach_loses_nothing() {
     c.batch_execute("INSERT INTO docs_a1 VALUES (2)").unwrap();
     c.batch_execute("DROP TABLE docs_a2").unwrap();
     c.batch_execute("ALTER TABLE docs DETACH PARTITION docs_a FINALIZE").unwrap();
-    let expected: Vec<(String, i64)> =
-        [("EMBED_UPSERT", 1), ("EMBED_UPSERT", 51), ("EMBED_UPSERT", 2), ("EMBED_DELETE", 51), ("EMBED_DELETE", 1), ("EMBED_DELETE", 2)]
-            .iter()
-            .map(|(t, k)| (t.to_string(), *k))
-            .collect();
-    assert_eq!(drain(&mut c, "copy"), expected);
+    assert_eq!(
+        drain(&mut c, "copy"),
+        typed(&[("EMBED_UPSERT", 1), ("EMBED_UPSERT", 51), ("EMBED_UPSERT", 2), ("EMBED_DELETE", 51), ("EMBED_DELETE", 1), ("EMBED_DELETE", 2)])
+    );
 }
 
 /// A DROP TABLE naming a plain table before a partition of an attached tree takes its locks
@@ -1439,13 +1443,8 @@ fn dropping_a_table_and_a_partition_locks_in_the_order_named() {
     let mut dropper = shared().connect(&db);
     let pid: i32 = dropper.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     let drop = std::thread::spawn(move || dropper.batch_execute("DROP TABLE t, docs_a"));
-    assert!(eventually(Duration::from_secs(10), || {
-        let mut watcher = shared().connect(&db);
-        scalar_i64(&mut watcher, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'")) == 1
-    }));
+    waits_for_a_lock(&db, pid);
     c.batch_execute("INSERT INTO docs VALUES (12); COMMIT").unwrap();
     drop.join().unwrap().unwrap();
-    let expected: Vec<(String, i64)> =
-        [("EMBED_UPSERT", 1), ("EMBED_UPSERT", 11), ("EMBED_UPSERT", 12), ("EMBED_DELETE", 1)].iter().map(|(t, k)| (t.to_string(), *k)).collect();
-    assert_eq!(drain(&mut c, "copy"), expected);
+    assert_eq!(drain(&mut c, "copy"), typed(&[("EMBED_UPSERT", 1), ("EMBED_UPSERT", 11), ("EMBED_UPSERT", 12), ("EMBED_DELETE", 1)]));
 }
