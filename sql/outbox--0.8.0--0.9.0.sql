@@ -3,12 +3,13 @@
 -- Rows that join or leave a captured partition tree without a write: ATTACH PARTITION brings
 -- a table's rows in (captured as UPSERTs), DETACH PARTITION and DROP TABLE of a partition take
 -- them out (DELETEs, read before the drop). Partitions that join (ATTACH, CREATE TABLE …
--- PARTITION OF) get their TRUNCATE trigger; those that leave lose it. As in sql/ddl.sql:
+-- PARTITION OF, also inside CREATE SCHEMA) get their TRUNCATE trigger; those that leave lose
+-- it. As in sql/ddl.sql:
 CREATE FUNCTION @extschema@.outbox_capture_partition_changes() RETURNS event_trigger
     LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_capture_partition_changes';
 REVOKE ALL ON FUNCTION @extschema@.outbox_capture_partition_changes() FROM PUBLIC;
 
-CREATE EVENT TRIGGER outbox_capture_attached_partitions ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+CREATE EVENT TRIGGER outbox_capture_attached_partitions ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE SCHEMA')
     EXECUTE FUNCTION @extschema@.outbox_capture_partition_changes();
 CREATE EVENT TRIGGER outbox_capture_dropped_partitions ON ddl_command_start WHEN TAG IN ('DROP TABLE')
     EXECUTE FUNCTION @extschema@.outbox_capture_partition_changes();

@@ -147,10 +147,16 @@ thread_local! {
     static LOADED_IN_THIS_TRANSACTION: Cell<bool> = const { Cell::new(false) };
     /// Partitions a TRUNCATE of their attached table truncates too: their own TRUNCATE
     /// triggers, which fire after the attached table's, capture nothing.
-    static TRUNCATED_WITH_PARENT: RefCell<Vec<(pg_sys::Oid, pg_sys::CommandId)>> = const { RefCell::new(Vec::new()) };
+    static TRUNCATED_WITH_PARENT: RefCell<Vec<(pg_sys::Oid, u64)>> = const { RefCell::new(Vec::new()) };
+    /// The number of the TRUNCATE statement running (the innermost), 0 outside one, and how
+    /// many this backend has run.
+    static TRUNCATING: Cell<u64> = const { Cell::new(0) };
+    static TRUNCATES: Cell<u64> = const { Cell::new(0) };
 }
 
 static mut PREVIOUS_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+#[cfg(not(feature = "pg13"))]
+static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
 /// How long a backend keeps writing to the segment it last read. Writing to a segment that
 /// is no longer current is harmless: retention checks every row of a segment before emptying
@@ -182,7 +188,51 @@ pub fn init() {
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
         PREVIOUS_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
         pg_sys::ExecutorFinish_hook = Some(finish_query);
+        #[cfg(not(feature = "pg13"))]
+        {
+            PREVIOUS_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+            pg_sys::ProcessUtility_hook = Some(number_truncates);
+        }
         LOADED_IN_THIS_TRANSACTION.with(|l| l.set(!pg_sys::process_shared_preload_libraries_in_progress));
+    }
+}
+
+/// Numbers each TRUNCATE statement while it runs (`TRUNCATING`), so that the TRUNCATE triggers
+/// of its tables can tell what the same statement noted (`capture_truncate`).
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn number_truncates(
+    statement: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    environment: *mut pg_sys::QueryEnvironment,
+    destination: *mut pg_sys::DestReceiver,
+    completion: *mut pg_sys::QueryCompletion,
+) {
+    struct Restore(u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TRUNCATING.with(|t| t.set(self.0));
+        }
+    }
+    let truncates = unsafe { (*(*statement).utilityStmt).type_ } == pg_sys::NodeTag::T_TruncateStmt;
+    let _restore = truncates.then(|| {
+        let number = TRUNCATES.with(|n| {
+            n.set(n.get() + 1);
+            n.get()
+        });
+        Restore(TRUNCATING.with(|t| t.replace(number)))
+    });
+    unsafe {
+        match PREVIOUS_PROCESS_UTILITY {
+            Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                previous(statement, query, read_only_tree, context, params, environment, destination, completion)
+            }),
+            // (guarded already, as every binding: inside another guard an ERROR in it aborted)
+            None => pg_sys::standard_ProcessUtility(statement, query, read_only_tree, context, params, environment, destination, completion),
+        }
     }
 }
 
@@ -330,7 +380,13 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
     let event = trigger.tg_event;
     let op = event & pg_sys::TRIGGER_EVENT_OPMASK;
     if event & pg_sys::TRIGGER_EVENT_ROW == 0 {
-        let attachment = unsafe { attachment_for(trigger)? };
+        let attachment = match unsafe { attachment_for(trigger) } {
+            // A partition's TRUNCATE trigger outlives its tree where the DETACH ran without
+            // event triggers (session_replication_role = replica): the table is attached to
+            // nothing now, and its TRUNCATE has nothing to capture.
+            Err(OutboxError::NotAttached(_)) if op == pg_sys::TRIGGER_EVENT_TRUNCATE => return Ok(()),
+            attachment => attachment?,
+        };
         match op {
             // (it writes for itself: what it notes depends on the command id after the write)
             pg_sys::TRIGGER_EVENT_TRUNCATE => return unsafe { capture_truncate(trigger, &attachment) },
@@ -392,15 +448,19 @@ unsafe fn capture(fcinfo: pg_sys::FunctionCallInfo) -> Result<(), OutboxError> {
 unsafe fn capture_truncate(trigger: &pg_sys::TriggerData, attachment: &Attachment) -> Result<(), OutboxError> {
     let relation = trigger.tg_relation;
     let relid = unsafe { (*relation).rd_id };
-    // Partitions are noted with the command id they are truncated in, read once the attached
-    // table's event is written, as nothing moves it on before their triggers fire (but a
-    // user's BEFORE TRUNCATE trigger that writes: they then capture their rows after the
-    // TRUNCATE, which deletes nothing the TRUNCATE left). A note left behind (`TRUNCATE part,
-    // parent` fires the partition's trigger first) cannot match a later TRUNCATE: a statement
-    // that writes rows to truncate moves the command id on.
-    let command = || unsafe { pg_sys::GetCurrentCommandId(false) };
+    // Partitions are noted with the TRUNCATE statement they are truncated by. Where it has no
+    // number (the library was loaded by this statement's first trigger, without the hook),
+    // with the command id read once the attached table's event is written; a user's BEFORE
+    // TRUNCATE trigger that writes moves that on, and the partitions then capture their rows
+    // after the TRUNCATE, which deletes nothing the TRUNCATE left. A note left behind
+    // (`TRUNCATE part, parent` fires the partition's trigger first) cannot match a later
+    // TRUNCATE: it has another number, or wrote rows to truncate and so moved the command id.
+    let statement = || match TRUNCATING.with(Cell::get) {
+        0 => u64::from(unsafe { pg_sys::GetCurrentCommandId(false) }) | 1 << 63,
+        number => number,
+    };
     if attachment.source != relid {
-        let this = (relid, command());
+        let this = (relid, statement());
         let noted = TRUNCATED_WITH_PARENT.with(|t| {
             let mut truncated = t.borrow_mut();
             truncated.iter().position(|noted| *noted == this).map(|i| truncated.swap_remove(i)).is_some()
@@ -421,7 +481,7 @@ unsafe fn capture_truncate(trigger: &pg_sys::TriggerData, attachment: &Attachmen
     if FINISHING.with(|f| f.get()) == 0 {
         flush_statement(attachment.source.into())?;
     }
-    let at = command();
+    let at = statement();
     TRUNCATED_WITH_PARENT.with(|t| {
         t.borrow_mut().extend(partitions.into_iter().filter(|&(_, holds_rows)| holds_rows).map(|(table, _)| (table, at)))
     });

@@ -55,7 +55,16 @@ unsafe fn capture_partition_changes(fcinfo: pg_sys::FunctionCallInfo) -> Result<
     match unsafe { (*command).type_ } {
         pg_sys::NodeTag::T_AlterTableStmt => unsafe { capture_attached_and_detached(command.cast()) },
         pg_sys::NodeTag::T_DropStmt => unsafe { capture_dropped(command.cast()) },
-        pg_sys::NodeTag::T_CreateStmt => unsafe { give_new_partition_its_trigger(command.cast()) },
+        pg_sys::NodeTag::T_CreateStmt => unsafe { give_new_partition_its_trigger(command.cast(), std::ptr::null_mut()) },
+        pg_sys::NodeTag::T_CreateSchemaStmt => unsafe {
+            let schema = command.cast::<pg_sys::CreateSchemaStmt>();
+            for element in PgList::<pg_sys::Node>::from_pg((*schema).schemaElts).iter_ptr() {
+                if (*element).type_ == pg_sys::NodeTag::T_CreateStmt {
+                    give_new_partition_its_trigger(element.cast(), (*schema).schemaname)?;
+                }
+            }
+            Ok(())
+        },
         _ => Ok(()),
     }
 }
@@ -93,12 +102,18 @@ unsafe fn capture_attached_and_detached(statement: *mut pg_sys::AlterTableStmt) 
 }
 
 /// CREATE TABLE … PARTITION OF a table in an attached tree: the new partition gets its
-/// TRUNCATE trigger (its row triggers are cloned by Postgres).
-unsafe fn give_new_partition_its_trigger(statement: *mut pg_sys::CreateStmt) -> Result<(), OutboxError> {
+/// TRUNCATE trigger (its row triggers are cloned by Postgres). `schema`: that of the CREATE
+/// SCHEMA the statement is an element of, which its unqualified names are in.
+unsafe fn give_new_partition_its_trigger(statement: *mut pg_sys::CreateStmt, schema: *mut std::ffi::c_char) -> Result<(), OutboxError> {
     if unsafe { (*statement).partbound }.is_null() {
         return Ok(());
     }
-    let table = unsafe { relation_named((*statement).relation) };
+    // (a copy: the parse tree may be a cached plan's)
+    let mut name = unsafe { *(*statement).relation };
+    if name.schemaname.is_null() {
+        name.schemaname = schema;
+    }
+    let table = unsafe { relation_named(&mut name) };
     if table == pg_sys::InvalidOid {
         return Ok(());
     }
@@ -238,7 +253,11 @@ pub fn set_partition_truncate_triggers(
                 continue;
             }
             let quoted = unsafe { quoted_name(relid) };
-            client.update(&format!("DROP TRIGGER IF EXISTS {} ON {quoted}", quote_ident(TRIGGER_NAMES[4])), None, &[])?;
+            // (looked up first: DROP TRIGGER IF EXISTS tells the caller it skipped, per partition)
+            let truncate = vec![TRIGGER_NAMES[4].to_string()];
+            if !queries::run(client, extension, &queries::CAPTURE_TRIGGERS, &[relid.into(), truncate.into()])?.is_empty() {
+                client.update(&format!("DROP TRIGGER {} ON {quoted}", quote_ident(TRIGGER_NAMES[4])), None, &[])?;
+            }
             if let Some(generation) = generation {
                 client.update(&truncate_statement(&quoted, &function, generation), None, &[])?;
             }

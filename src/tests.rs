@@ -918,8 +918,34 @@ mod tests {
         assert_eq!(captured_by("TRUNCATE docs_a"), json!([["EMBED_DELETE", 1]]), "the statement before left nothing behind");
         run("ALTER TABLE docs DETACH PARTITION docs_c");
         assert_eq!(captured_by("TRUNCATE docs_c"), json!([]), "a detached partition is not captured, and can be truncated");
+        // a user's BEFORE TRUNCATE trigger that writes does not make the partitions' own
+        // triggers capture their rows as well
+        run("CREATE TABLE audit (at timestamptz)");
+        run("CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO audit VALUES (now()); RETURN NULL; END $$");
+        run("CREATE TRIGGER trg_audit BEFORE TRUNCATE ON docs FOR EACH STATEMENT EXECUTE FUNCTION audit()");
+        run("CREATE TRIGGER a_audit BEFORE TRUNCATE ON docs_a FOR EACH STATEMENT EXECUTE FUNCTION audit()");
+        assert_eq!(captured_by("TRUNCATE docs"), json!([["EMBED_TRUNCATE", null]]));
+        // a partition made in a CREATE SCHEMA gets its trigger too
+        run("CREATE SCHEMA more CREATE TABLE docs_d PARTITION OF public.docs FOR VALUES FROM (40) TO (50)");
+        run("INSERT INTO docs VALUES (41, 'd')");
+        assert_eq!(captured_by("TRUNCATE more.docs_d"), json!([["EMBED_DELETE", 41]]));
         run("SELECT outbox_detach('docs')");
         assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox%'"), 0, "detach takes every trigger off");
+    }
+
+    /// A partition's TRUNCATE trigger left behind by a DETACH that fired no event trigger
+    /// (session_replication_role = replica) does not stop the table being truncated.
+    #[pg_test]
+    fn a_truncate_trigger_left_on_a_detached_partition_captures_nothing() {
+        run("CREATE TABLE docs (id int PRIMARY KEY) PARTITION BY RANGE (id)");
+        run("CREATE TABLE docs_a PARTITION OF docs FOR VALUES FROM (0) TO (10)");
+        run("SELECT outbox_attach('docs')");
+        run("INSERT INTO docs VALUES (1)");
+        run("SET LOCAL session_replication_role = replica");
+        run("ALTER TABLE docs DETACH PARTITION docs_a");
+        run("RESET session_replication_role");
+        assert_eq!(captured_by("TRUNCATE docs_a"), json!([]));
+        assert_eq!(count("SELECT count(*) FROM docs_a"), 0);
     }
 
     /// A user's AFTER TRUNCATE trigger that fills the table again is captured after the
