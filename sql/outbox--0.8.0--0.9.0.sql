@@ -26,5 +26,8 @@ ALTER TABLE @extschema@.outbox_subscriptions
 -- truncated by itself is captured as a DELETE of each of its rows, by a TRUNCATE trigger of
 -- its own: every attached table is attached again, its settings unchanged (a brief lock on
 -- each, and on each partition of a partitioned one).
+-- (outbox_attach refuses a database not in UTF8, where a table attached before it did keeps
+-- its triggers)
 SELECT @extschema@.outbox_attach(t.source, t.payload_columns, t.watch_columns, t.event_prefix, t.key_columns)
-FROM @extschema@.outbox_attachments t;
+FROM @extschema@.outbox_attachments t
+WHERE pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.=) 'UTF8';

@@ -599,12 +599,12 @@ unsafe fn capture_rows(
                 batch.push(op, key, data);
                 Ok(())
             });
-            if captured.is_err() {
-                break;
-            }
             if let Some((context, _)) = per_row {
                 release_row();
                 pg_sys::MemoryContextReset(context);
+            }
+            if captured.is_err() {
+                break;
             }
         }
         if let Some((context, previous)) = per_row {
@@ -645,25 +645,48 @@ pub unsafe fn capture_table_rows(parent: pg_sys::Oid, relation: pg_sys::Relation
             std::ptr::null_mut(),
             SO_TYPE_SEQSCAN | SO_ALLOW_STRAT | SO_ALLOW_SYNC | SO_ALLOW_PAGEMODE,
         );
-        let mut batch = Batch::new(&attachment, 0, pg_sys::GetCurrentCommandId(false));
-        let captured = capture_rows(
-            &mut batch,
-            (*relation).rd_att,
-            op,
-            || {
-                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-                (!tuple.is_null()).then_some(tuple)
-            },
-            // (the scan's rows stay in its buffers)
-            || {},
-        );
+        // Written as it goes, a part at a time: a partition dropped for retention may hold
+        // more rows than a backend can keep encoded in memory at once.
+        let parts = || -> Result<(), OutboxError> {
+            loop {
+                let (mut rows, mut exhausted) = (0, false);
+                let mut batch = Batch::new(&attachment, 0, pg_sys::GetCurrentCommandId(false));
+                capture_rows(
+                    &mut batch,
+                    (*relation).rd_att,
+                    op,
+                    || {
+                        if rows == ROWS_PER_PART {
+                            return None;
+                        }
+                        let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+                        exhausted = tuple.is_null();
+                        rows += 1;
+                        (!exhausted).then_some(tuple)
+                    },
+                    // (the scan's rows stay in its buffers)
+                    || {},
+                )?;
+                batch.keep();
+                // (a query firing its AFTER triggers writes what they captured once they are done)
+                if FINISHING.with(Cell::get) == 0 {
+                    flush_statement(attachment.source.into())?;
+                }
+                if exhausted {
+                    return Ok(());
+                }
+            }
+        };
+        let captured = parts();
         pg_sys::heap_endscan(scan);
         pg_sys::UnregisterSnapshot(snapshot);
-        captured?;
-        batch.keep();
+        captured
     }
-    flush_statement(attachment.source.into())
 }
+
+/// How many rows of a table joining or leaving a partition tree are encoded before they are
+/// written.
+const ROWS_PER_PART: usize = 65_536;
 
 /// Events of one trigger call, added to the pending buffer in one go. Keys and data are
 /// encoded into one string rather than a string each: a bulk insert captures thousands.
@@ -936,13 +959,24 @@ unsafe fn attachment_for_columns_of(config: AttachmentConfig, relation: pg_sys::
 
 /// `schema.table` as payloads name it.
 pub unsafe fn qualified_name(relid: pg_sys::Oid) -> String {
+    match unsafe { name_parts(relid) } {
+        Some((namespace, name)) => format!("{namespace}.{name}"),
+        None => format!("{}", u32::from(relid)),
+    }
+}
+
+/// `"schema"."table"`, for SQL text.
+pub unsafe fn quoted_name(relid: pg_sys::Oid) -> Result<String, OutboxError> {
+    let (namespace, name) = unsafe { name_parts(relid) }.ok_or_else(|| OutboxError::Capture(format!("{}", u32::from(relid)), "the table is gone".into()))?;
+    Ok(format!("{}.{}", crate::triggers::quote_ident(&namespace), crate::triggers::quote_ident(&name)))
+}
+
+unsafe fn name_parts(relid: pg_sys::Oid) -> Option<(String, String)> {
     unsafe {
         let namespace = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
         let name = pg_sys::get_rel_name(relid);
-        if namespace.is_null() || name.is_null() {
-            return format!("{}", u32::from(relid));
-        }
-        format!("{}.{}", CStr::from_ptr(namespace).to_string_lossy(), CStr::from_ptr(name).to_string_lossy())
+        (!namespace.is_null() && !name.is_null())
+            .then(|| (CStr::from_ptr(namespace).to_string_lossy().into_owned(), CStr::from_ptr(name).to_string_lossy().into_owned()))
     }
 }
 

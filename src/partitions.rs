@@ -7,8 +7,6 @@
 //! cloned to partitions) on the partitions that join, by ATTACH or CREATE TABLE … PARTITION
 //! OF, and takes it off those that leave.
 
-use std::ffi::CStr;
-
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -55,16 +53,7 @@ unsafe fn capture_partition_changes(fcinfo: pg_sys::FunctionCallInfo) -> Result<
     match unsafe { (*command).type_ } {
         pg_sys::NodeTag::T_AlterTableStmt => unsafe { capture_attached_and_detached(command.cast()) },
         pg_sys::NodeTag::T_DropStmt => unsafe { capture_dropped(command.cast()) },
-        pg_sys::NodeTag::T_CreateStmt => unsafe { give_new_partition_its_trigger(command.cast(), std::ptr::null_mut()) },
-        pg_sys::NodeTag::T_CreateSchemaStmt => unsafe {
-            let schema = command.cast::<pg_sys::CreateSchemaStmt>();
-            for element in PgList::<pg_sys::Node>::from_pg((*schema).schemaElts).iter_ptr() {
-                if (*element).type_ == pg_sys::NodeTag::T_CreateStmt {
-                    give_new_partition_its_trigger(element.cast(), (*schema).schemaname)?;
-                }
-            }
-            Ok(())
-        },
+        pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_CreateSchemaStmt => give_new_partitions_their_trigger(),
         _ => Ok(()),
     }
 }
@@ -77,7 +66,9 @@ unsafe fn capture_attached_and_detached(statement: *mut pg_sys::AlterTableStmt) 
     for command in commands.iter_ptr() {
         let op = match unsafe { (*command).subtype } {
             pg_sys::AlterTableType::AT_AttachPartition => Op::Upsert,
-            pg_sys::AlterTableType::AT_DetachPartition | pg_sys::AlterTableType::AT_DetachPartitionFinalize => Op::Delete,
+            pg_sys::AlterTableType::AT_DetachPartition => Op::Delete,
+            #[cfg(not(feature = "pg13"))]
+            pg_sys::AlterTableType::AT_DetachPartitionFinalize => Op::Delete,
             _ => continue,
         };
         let (parent, partition) = unsafe {
@@ -101,25 +92,22 @@ unsafe fn capture_attached_and_detached(statement: *mut pg_sys::AlterTableStmt) 
     Ok(())
 }
 
-/// CREATE TABLE … PARTITION OF a table in an attached tree: the new partition gets its
-/// TRUNCATE trigger (its row triggers are cloned by Postgres). `schema`: that of the CREATE
-/// SCHEMA the statement is an element of, which its unqualified names are in.
-unsafe fn give_new_partition_its_trigger(statement: *mut pg_sys::CreateStmt, schema: *mut std::ffi::c_char) -> Result<(), OutboxError> {
-    if unsafe { (*statement).partbound }.is_null() {
-        return Ok(());
-    }
-    // (a copy: the parse tree may be a cached plan's)
-    let mut name = unsafe { *(*statement).relation };
-    if name.schemaname.is_null() {
-        name.schemaname = schema;
-    }
-    let table = unsafe { relation_named(&mut name) };
-    if table == pg_sys::InvalidOid {
-        return Ok(());
-    }
-    if let Some(generation) = crate::capture::attached_generation(table)? {
-        let extension = Extension::current()?;
-        Spi::connect_mut(|client| set_partition_truncate_triggers(client, &extension, table, Some(generation)))?;
+/// CREATE TABLE … PARTITION OF a table in an attached tree (also inside CREATE SCHEMA): the
+/// new partition gets its TRUNCATE trigger (its row triggers are cloned by Postgres). The
+/// tables come from what the command made, not from its names, which an unqualified element
+/// of CREATE SCHEMA, a temporary table of the same name or IF NOT EXISTS would misread.
+fn give_new_partitions_their_trigger() -> Result<(), OutboxError> {
+    let extension = Extension::current()?;
+    let made = Spi::connect_mut(|client| {
+        queries::run(client, &extension, &queries::PARTITIONS_MADE, &[])?
+            .into_iter()
+            .map(|row| Ok(row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid)))
+            .collect::<Result<Vec<_>, OutboxError>>()
+    })?;
+    for table in made {
+        if let Some(generation) = crate::capture::attached_generation(table)? {
+            Spi::connect_mut(|client| set_partition_truncate_triggers(client, &extension, table, Some(generation)))?;
+        }
     }
     Ok(())
 }
@@ -148,6 +136,10 @@ unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), Outbox
         // as the owner: the caller need not read outbox_attachments
         Spi::connect_mut(|client| {
             let rows = extension.as_owner(|| queries::run(client, &extension, &queries::DROPPED_TABLE, &[relid.into(), caller.into()]))?;
+            if rows.is_empty() {
+                // dropped by another session meanwhile: this drop finds it gone too
+                return Ok(DroppedTable { droppable: false, parent: None, attached_and_above: Vec::new() });
+            }
             let row = rows.first();
             Ok::<_, OutboxError>(DroppedTable {
                 droppable: row.get::<bool>(1)?.unwrap_or(false),
@@ -185,8 +177,16 @@ unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), Outbox
         unsafe { pg_sys::LockRelationOid(*relid, exclusive) };
     }
     // with the locks held, as the tables are now: one may have joined or left a tree while
-    // this waited
-    let dropped: Vec<(pg_sys::Oid, DroppedTable)> = dropped.into_iter().map(|(relid, _)| Ok((relid, facts(relid)?))).collect::<Result<_, OutboxError>>()?;
+    // this waited (a partition moved to another parent has that one locked too, late)
+    let mut now = Vec::with_capacity(dropped.len());
+    for (relid, before) in dropped {
+        let table = facts(relid)?;
+        if let Some(parent) = table.parent.filter(|parent| before.parent != Some(*parent)) {
+            unsafe { pg_sys::LockRelationOid(parent, exclusive) };
+        }
+        now.push((relid, table));
+    }
+    let dropped = now;
     for (relid, table) in &dropped {
         if let (true, Some(parent)) = (in_attached_tree(table, &dropped), table.parent) {
             unsafe { capture_tree(parent, *relid, Op::Delete, exclusive)? };
@@ -252,7 +252,7 @@ pub fn set_partition_truncate_triggers(
             if !holds_rows {
                 continue;
             }
-            let quoted = unsafe { quoted_name(relid) };
+            let quoted = unsafe { crate::capture::quoted_name(relid)? };
             // (looked up first: DROP TRIGGER IF EXISTS tells the caller it skipped, per partition)
             let truncate = vec![TRIGGER_NAMES[4].to_string()];
             if !queries::run(client, extension, &queries::CAPTURE_TRIGGERS, &[relid.into(), truncate.into()])?.is_empty() {
@@ -264,15 +264,6 @@ pub fn set_partition_truncate_triggers(
         }
         Ok(())
     })
-}
-
-/// `"schema"."table"` of `relid`.
-unsafe fn quoted_name(relid: pg_sys::Oid) -> String {
-    unsafe {
-        let namespace = CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid))).to_string_lossy();
-        let name = CStr::from_ptr(pg_sys::get_rel_name(relid)).to_string_lossy();
-        format!("{}.{}", quote_ident(&namespace), quote_ident(&name))
-    }
 }
 
 /// The table `name` names, without locking it; InvalidOid when there is none (`IF EXISTS`).

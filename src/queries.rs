@@ -1,9 +1,10 @@
 //! Every query the extension runs at runtime, and the cache of their prepared plans.
 //!
 //! `@extschema@` stands for the extension's schema, as in the extension script. Tables and
-//! functions are always qualified. The capture trigger's queries run under the writer's
-//! search_path, so their operators are qualified too; all other queries run inside functions
-//! that pin `search_path = pg_catalog, pg_temp`, where operators can only resolve to pg_catalog.
+//! functions are always qualified. The capture trigger's queries and the DDL event trigger's
+//! run under the caller's search_path, so their operators are qualified too (a test checks);
+//! all other queries run inside functions that pin `search_path = pg_catalog, pg_temp`, where
+//! operators can only resolve to pg_catalog.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -216,8 +217,21 @@ pub static SAVE_ATTACHMENT: Sql = Sql {
     args: &[OID, TEXTS, TEXTS, TEXTS, TEXT],
 };
 
+/// The tables a CREATE TABLE (or CREATE SCHEMA) made that are partitions, from the event
+/// trigger's record of the command.
+pub static PARTITIONS_MADE: Sql = Sql {
+    text: "SELECT DISTINCT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() c \
+           JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) c.objid \
+           WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+             AND c.objsubid OPERATOR(pg_catalog.=) 0 AND k.relispartition \
+             AND k.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog.\"char\"[])",
+    args: &[],
+};
+
+/// (run by the DDL event trigger too, under the caller's search_path)
 pub static CAPTURE_TRIGGERS: Sql = Sql {
-    text: "SELECT tgname::text FROM pg_catalog.pg_trigger WHERE tgrelid = $1 AND tgname = ANY ($2)",
+    text: "SELECT tgname::text FROM pg_catalog.pg_trigger \
+           WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND tgname::text OPERATOR(pg_catalog.=) ANY ($2)",
     args: &[OID, TEXTS],
 };
 
@@ -977,3 +991,33 @@ pub static SINK_FAILED: Sql = Sql {
              backing_off_until = $3",
     args: &[INT4, TEXT, TIME],
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The queries that run under the caller's search_path, where an operator written bare
+    /// resolves to whatever a schema earlier on the path holds, and runs as the extension owner.
+    #[test]
+    fn queries_run_under_the_callers_search_path_qualify_every_operator() {
+        for sql in [&CURRENT_SEGMENT, &ATTACHMENT_CONFIG, &DROPPED_TABLE, &TABLES_IN_TREE, &CAPTURE_TRIGGERS, &PARTITIONS_MADE] {
+            let mut text = sql.text.replace("@extschema@", "s");
+            // what may stand: qualified operators, string literals, casts and parameters
+            while let Some(start) = text.find("OPERATOR(pg_catalog.") {
+                let end = start + text[start..].find(')').expect("a closed OPERATOR()");
+                text.replace_range(start..=end, " ");
+            }
+            let mut bare = String::new();
+            let mut in_literal = false;
+            for c in text.chars() {
+                if c == '\'' {
+                    in_literal = !in_literal;
+                } else if !in_literal {
+                    bare.push(c);
+                }
+            }
+            let bare = bare.replace("::", " ");
+            assert!(!bare.contains(|c| "=<>+-*/|!~@#%^&?".contains(c)), "an operator written bare in: {}", sql.text);
+        }
+    }
+}

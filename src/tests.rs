@@ -481,6 +481,17 @@ mod tests {
         run(r#"INSERT INTO docs VALUES (1, '{"a": "\u0000"}')"#);
     }
 
+    /// The same refusal in a statement whose transition table spilled to disk, whose rows are
+    /// read into memory that is reset per row: the error path freed a row after its memory was
+    /// gone.
+    #[pg_test(error = "outbox: column \"doc\" of table public.docs holds a value that a jsonb payload cannot: unsupported Unicode escape sequence (\\u0000 cannot be converted to text.)")]
+    fn a_json_value_jsonb_cannot_hold_is_refused_in_a_spilled_statement() {
+        run("CREATE TABLE docs (id int PRIMARY KEY, doc json, filler text)");
+        run("SELECT outbox_attach('docs', payload_columns => ARRAY['doc'])");
+        run("SET LOCAL work_mem = '64kB'");
+        run(r#"INSERT INTO docs SELECT g, CASE WHEN g = 3000 THEN '{"a": "\u0000"}' ELSE '{"a": 1}' END::json, repeat('x', 200) FROM generate_series(1, 5000) g"#);
+    }
+
     #[pg_test]
     fn json_values_and_composites_holding_them_reach_payloads_as_jsonb() {
         run("CREATE TYPE tagged AS (tag text, doc json)");
@@ -931,6 +942,22 @@ mod tests {
         assert_eq!(captured_by("TRUNCATE more.docs_d"), json!([["EMBED_DELETE", 41]]));
         run("SELECT outbox_detach('docs')");
         assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox%'"), 0, "detach takes every trigger off");
+    }
+
+    /// A large partition leaving is written a part at a time, every row once.
+    #[pg_test]
+    fn a_large_partition_detached_is_captured_whole() {
+        run("CREATE TABLE docs (id int PRIMARY KEY) PARTITION BY RANGE (id)");
+        run("CREATE TABLE docs_a PARTITION OF docs FOR VALUES FROM (0) TO (1000000)");
+        run("SELECT outbox_attach('docs')");
+        run("INSERT INTO docs SELECT generate_series(1, 70000)");
+        let since = count("SELECT coalesce(max(id), 0) FROM outbox_events");
+        run("ALTER TABLE docs DETACH PARTITION docs_a");
+        assert_eq!(
+            count(&format!("SELECT count(DISTINCT payload->'key'->>'id') FROM outbox_events WHERE id > {since} AND type = 'EMBED_DELETE'")),
+            70000
+        );
+        assert_eq!(count(&format!("SELECT count(*) FROM outbox_events WHERE id > {since}")), 70000);
     }
 
     /// A partition's TRUNCATE trigger left behind by a DETACH that fired no event trigger

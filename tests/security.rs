@@ -304,8 +304,33 @@ fn create_extension_and_every_security_definer_function_ignore_hostile_objects()
     assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0);
     let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
     assert!(metrics.contains("outbox_delivered_total{subscription=\"default\"} 7"), "{metrics}");
+    // the DDL event trigger runs under the caller's search_path, partly as the extension owner
+    c.batch_execute(
+        "CREATE TABLE public.parts (id bigint PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE public.parts_a PARTITION OF public.parts FOR VALUES FROM (0) TO (10);
+         SELECT outbox_attach('public.parts');
+         CREATE TABLE public.parts_b PARTITION OF public.parts FOR VALUES FROM (10) TO (20);
+         CREATE TABLE public.parts_c (id bigint PRIMARY KEY);
+         INSERT INTO public.parts_c VALUES (21);
+         ALTER TABLE public.parts ATTACH PARTITION public.parts_c FOR VALUES FROM (20) TO (30);
+         INSERT INTO public.parts VALUES (1), (11);
+         TRUNCATE public.parts_a;
+         ALTER TABLE public.parts DETACH PARTITION public.parts_c;
+         DROP TABLE public.parts_b;
+         TRUNCATE public.parts;
+         SELECT outbox_detach('public.parts');",
+    )
+    .unwrap();
     c.batch_execute("SELECT outbox_detach('public.chunks'); SELECT outbox_unsubscribe('search'); DROP TABLE public.chunks").unwrap();
     c.batch_execute("RESET search_path").unwrap();
+    let parts: String = c
+        .query_one(
+            "SELECT string_agg(type || ' ' || coalesce(payload->'key'->>'id', ''), ', ' ORDER BY id) FROM evil.outbox_events WHERE payload->>'table' = 'public.parts'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(parts, "EMBED_UPSERT 21, EMBED_UPSERT 1, EMBED_UPSERT 11, EMBED_DELETE 1, EMBED_DELETE 21, EMBED_DELETE 11, EMBED_TRUNCATE ");
     let calls: Vec<String> = c.query("SELECT what FROM public.attack_log", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert!(calls.is_empty(), "hostile objects were called: {calls:?}");
     assert_eq!(
