@@ -813,7 +813,20 @@ fn write_log_rows(extension: &Extension, pending: &Pending) -> Result<(), Outbox
         .log_segments
         .get(slot as usize)
         .ok_or_else(|| OutboxError::Capture("outbox_log".into(), format!("no log segment {slot}")))?;
-    for row in log_rows(events) {
+    let rows = log_rows(events);
+    // What writing a row allocates is garbage once it is written: where there are many (a
+    // partition leaving its tree is written part after part in one call), each row's goes with
+    // the next. (Not for one row: a context costs a single-row transaction more than it saves.)
+    let scratch = (rows.len() > 1).then(|| unsafe {
+        pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"outbox log row".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        )
+    });
+    let written = rows.into_iter().try_for_each(|row| {
         let events = &events[row];
         let first = &events[0];
         let shape = pending.shape(first.source);
@@ -832,9 +845,20 @@ fn write_log_rows(extension: &Extension, pending: &Pending) -> Result<(), Outbox
             key_hashes: &hashes,
             table_hash: table_hash(first.source),
         };
-        unsafe { append(segment, extension.event_id_seq, &row)? };
+        unsafe {
+            let previous = scratch.map(|context| pg_sys::MemoryContextSwitchTo(context));
+            let appended = append(segment, extension.event_id_seq, &row);
+            if let (Some(context), Some(previous)) = (scratch, previous) {
+                pg_sys::MemoryContextSwitchTo(previous);
+                pg_sys::MemoryContextReset(context);
+            }
+            appended
+        }
+    });
+    if let Some(context) = scratch {
+        unsafe { pg_sys::MemoryContextDelete(context) };
     }
-    Ok(())
+    written
 }
 
 /// The attachment of the trigger's table, from the backend cache or freshly loaded. The

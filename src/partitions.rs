@@ -53,7 +53,10 @@ unsafe fn capture_partition_changes(fcinfo: pg_sys::FunctionCallInfo) -> Result<
     match unsafe { (*command).type_ } {
         pg_sys::NodeTag::T_AlterTableStmt => unsafe { capture_attached_and_detached(command.cast()) },
         pg_sys::NodeTag::T_DropStmt => unsafe { capture_dropped(command.cast()) },
-        pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_CreateSchemaStmt => give_new_partitions_their_trigger(),
+        pg_sys::NodeTag::T_CreateStmt if unsafe { !(*command.cast::<pg_sys::CreateStmt>()).partbound.is_null() } => {
+            give_new_partitions_their_trigger()
+        }
+        pg_sys::NodeTag::T_CreateSchemaStmt => give_new_partitions_their_trigger(),
         _ => Ok(()),
     }
 }
@@ -138,26 +141,26 @@ unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), Outbox
             let rows = extension.as_owner(|| queries::run(client, &extension, &queries::DROPPED_TABLE, &[relid.into(), caller.into()]))?;
             if rows.is_empty() {
                 // dropped by another session meanwhile: this drop finds it gone too
-                return Ok(DroppedTable { droppable: false, parent: None, attached_and_above: Vec::new() });
+                return Ok(None);
             }
             let row = rows.first();
-            Ok::<_, OutboxError>(DroppedTable {
+            Ok::<_, OutboxError>(Some(DroppedTable {
                 droppable: row.get::<bool>(1)?.unwrap_or(false),
                 parent: row.get::<pg_sys::Oid>(2)?,
                 attached_and_above: row.get::<Vec<pg_sys::Oid>>(3)?.unwrap_or_default(),
-            })
+            }))
         })
     };
     // what the drop will drop before it stops, and which of those are partitions to capture
     let mut dropped = Vec::new();
     for relid in named {
-        if relid == pg_sys::InvalidOid {
+        let table = if relid == pg_sys::InvalidOid { None } else { facts(relid)? };
+        let Some(table) = table else {
             if missing_ok {
                 continue;
             }
             break;
-        }
-        let table = facts(relid)?;
+        };
         if !table.droppable {
             break;
         }
@@ -180,7 +183,7 @@ unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), Outbox
     // this waited (a partition moved to another parent has that one locked too, late)
     let mut now = Vec::with_capacity(dropped.len());
     for (relid, before) in dropped {
-        let table = facts(relid)?;
+        let Some(table) = facts(relid)? else { continue };
         if let Some(parent) = table.parent.filter(|parent| before.parent != Some(*parent)) {
             unsafe { pg_sys::LockRelationOid(parent, exclusive) };
         }

@@ -230,8 +230,8 @@ pub static PARTITIONS_MADE: Sql = Sql {
 
 /// (run by the DDL event trigger too, under the caller's search_path)
 pub static CAPTURE_TRIGGERS: Sql = Sql {
-    text: "SELECT tgname::text FROM pg_catalog.pg_trigger \
-           WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND tgname::text OPERATOR(pg_catalog.=) ANY ($2)",
+    text: "SELECT tgname::pg_catalog.text FROM pg_catalog.pg_trigger \
+           WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND tgname::pg_catalog.text OPERATOR(pg_catalog.=) ANY ($2)",
     args: &[OID, TEXTS],
 };
 
@@ -996,8 +996,9 @@ pub static SINK_FAILED: Sql = Sql {
 mod tests {
     use super::*;
 
-    /// The queries that run under the caller's search_path, where an operator written bare
-    /// resolves to whatever a schema earlier on the path holds, and runs as the extension owner.
+    /// The queries that run under the caller's search_path, where an operator or a type written
+    /// bare resolves to whatever a schema earlier on the path holds (a domain's CHECK runs for
+    /// each value cast to it), and runs as the extension owner.
     #[test]
     fn queries_run_under_the_callers_search_path_qualify_every_operator() {
         for sql in [&CURRENT_SEGMENT, &ATTACHMENT_CONFIG, &DROPPED_TABLE, &TABLES_IN_TREE, &CAPTURE_TRIGGERS, &PARTITIONS_MADE] {
@@ -1015,6 +1016,9 @@ mod tests {
                 } else if !in_literal {
                     bare.push(c);
                 }
+            }
+            for (i, _) in bare.match_indices("::") {
+                assert!(bare[i + 2..].starts_with("pg_catalog."), "a type written bare in: {}", sql.text);
             }
             let bare = bare.replace("::", " ");
             assert!(!bare.contains(|c| "=<>+-*/|!~@#%^&?".contains(c)), "an operator written bare in: {}", sql.text);

@@ -379,3 +379,36 @@ fn the_schema_owner_cannot_rename_the_extensions_schema_to_plant_objects() {
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM pg_roles WHERE rolname = 'mallory' AND rolsuper"), 0);
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM s.outbox_events"), 1);
 }
+
+/// The DDL event trigger reads the catalog under the caller's search_path, partly as the
+/// extension owner: a type named there (a domain whose CHECK runs for each value cast to it)
+/// would run the caller's code with the owner's rights. Every type it names is qualified.
+#[test]
+fn partition_ddl_ignores_hostile_types_on_the_callers_search_path() {
+    let cluster = shared();
+    let db = cluster.database("hostile_types");
+    let mut c = cluster.connect(&db);
+    c.batch_execute(
+        "CREATE TABLE public.attack_log (what text);
+         CREATE SCHEMA evil;
+         CREATE FUNCTION evil.pwn(pg_catalog.text) RETURNS boolean LANGUAGE sql
+             AS $$ INSERT INTO public.attack_log VALUES ('called') RETURNING true $$;
+         CREATE DOMAIN evil.text AS pg_catalog.text CHECK (evil.pwn(VALUE));
+         CREATE DOMAIN evil.oid AS pg_catalog.oid CHECK (evil.pwn(VALUE::pg_catalog.text));
+         CREATE DOMAIN evil.regclass AS pg_catalog.regclass CHECK (evil.pwn(VALUE::pg_catalog.text));
+         CREATE TABLE public.parts (id bigint PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE public.parts_a PARTITION OF public.parts FOR VALUES FROM (0) TO (10);
+         SELECT outbox_attach('public.parts');
+         SET search_path = evil, pg_catalog;
+         CREATE TABLE public.parts_b PARTITION OF public.parts FOR VALUES FROM (10) TO (20);
+         INSERT INTO public.parts VALUES (1), (11);
+         TRUNCATE public.parts_b;
+         ALTER TABLE public.parts DETACH PARTITION public.parts_a;
+         DROP TABLE public.parts_b;
+         RESET search_path;",
+    )
+    .unwrap();
+    let calls: Vec<String> = c.query("SELECT what FROM public.attack_log", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(calls.is_empty(), "hostile types were used: {calls:?}");
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_events WHERE type = 'EMBED_DELETE'"), 2, "TRUNCATE of parts_b, DETACH of parts_a");
+}
