@@ -465,7 +465,8 @@ unsafe fn capture_truncate(trigger: &pg_sys::TriggerData, attachment: &Attachmen
             let mut truncated = t.borrow_mut();
             truncated.iter().position(|noted| *noted == this).map(|i| truncated.swap_remove(i)).is_some()
         });
-        return if noted { Ok(()) } else { unsafe { capture_table_rows(relid, relation, Op::Delete) } };
+        // (the trigger's attachment is resolved against this partition's columns already)
+        return if noted { Ok(()) } else { unsafe { capture_every_row(attachment, relation, Op::Delete) } };
     }
     let partitioned = unsafe { (*(*relation).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
     let partitions = if partitioned {
@@ -628,6 +629,12 @@ pub unsafe fn capture_table_rows(parent: pg_sys::Oid, relation: pg_sys::Relation
         return Ok(());
     };
     let attachment = unsafe { attachment_for_columns_of(config, relation)? };
+    unsafe { capture_every_row(&attachment, relation, op) }
+}
+
+/// Every row of `relation` as events of `op` of `attachment` (resolved against its columns),
+/// read with a snapshot taken now and written a part at a time.
+unsafe fn capture_every_row(attachment: &Attachment, relation: pg_sys::Relation, op: Op) -> Result<(), OutboxError> {
     unsafe {
         if (*(*relation).rd_rel).relam != pg_sys::HEAP_TABLE_AM_OID {
             return Err(OutboxError::Capture(
@@ -650,7 +657,7 @@ pub unsafe fn capture_table_rows(parent: pg_sys::Oid, relation: pg_sys::Relation
         let parts = || -> Result<(), OutboxError> {
             loop {
                 let (mut rows, mut exhausted) = (0, false);
-                let mut batch = Batch::new(&attachment, 0, pg_sys::GetCurrentCommandId(false));
+                let mut batch = Batch::new(attachment, 0, pg_sys::GetCurrentCommandId(false));
                 capture_rows(
                     &mut batch,
                     (*relation).rd_att,
