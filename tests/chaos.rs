@@ -56,6 +56,31 @@ fn connect_retrying(cluster: &Cluster, stop: &AtomicBool) -> Option<Client> {
     None
 }
 
+/// What the outbox recorded of `ids`: their log rows, and each ledger row (claims, acks, fails,
+/// expiries) and retry of every subscription that names one of them.
+fn history(c: &mut Client, ids: &[i64]) -> String {
+    let mut lines = vec![format!("ids {ids:?}")];
+    let queries = [
+        "SELECT format('log base %s n %s txid %s created %s', base, n, txid, created_at) FROM outbox_log
+         WHERE base = ANY (SELECT id - (id - 1) % 4096 FROM unnest($1::bigint[]) id) ORDER BY base",
+        "SELECT format('ledger %s kind %s claim %s at %s holds %s of %s', s.name, l.kind, l.claim_id, l.at,
+                       ARRAY(SELECT e FROM unnest(l.event_ids) e WHERE e = ANY ($1)), cardinality(l.event_ids))
+         FROM outbox_ledger l JOIN outbox_subscriptions s ON s.id = l.subscription_id
+         WHERE l.event_ids && $1 ORDER BY l.at",
+        "SELECT format('retry %s event %s attempts %s visible %s leased %s', s.name, r.event_id, r.attempts, r.visible_at, r.leased_until)
+         FROM outbox_retries r JOIN outbox_subscriptions s ON s.id = r.subscription_id WHERE r.event_id = ANY ($1)",
+        "SELECT format('subscription %s done %s/%s window %s/%s cursor %s floor %s', name, done_snapshot, done_seq,
+                       window_snapshot, window_seq, window_cursor, straddle_floor) FROM outbox_subscriptions",
+    ];
+    for query in queries {
+        match c.query(query, &[&ids]) {
+            Ok(rows) => lines.extend(rows.iter().map(|r| r.get::<_, String>(0))),
+            Err(e) => lines.push(format!("{query}: {e}")),
+        }
+    }
+    lines.join("\n")
+}
+
 #[test]
 fn chaos_loses_nothing_and_repeats_only_what_was_in_flight() {
     let cluster = Arc::new(Cluster::start(&[
@@ -206,7 +231,15 @@ fn chaos_loses_nothing_and_repeats_only_what_was_in_flight() {
         let missing = events.iter().filter(|id| !seen.contains_key(id)).count();
         let repeats: u32 = seen.values().map(|n| n - 1).sum();
         println!("{name}: {missing} missing, {repeats} repeated deliveries (bound {bound})");
-        assert_eq!(missing, 0, "{name} never received {missing} events");
+        if missing > 0 {
+            let ids: Vec<i64> = events.iter().copied().filter(|id| !seen.contains_key(id)).collect();
+            let unreadable = recorder.received().iter().filter(|r| !r.body.is_array()).count();
+            panic!(
+                "{name} never received {missing} events ({unreadable} posts were not a JSON array)\n{}\n{}",
+                history(&mut c, &ids),
+                cluster.log()
+            );
+        }
         assert!(repeats <= bound, "{name}: {repeats} repeats, more than the in-flight batches allow ({bound})");
     }
 }
