@@ -136,8 +136,7 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     // crash means a delivery repeated, which at-least-once allows, and the worker gives back
     // whatever its predecessor had in flight when it starts.
     // Its queries name tables by schema; operators and functions come from pg_catalog only.
-    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp"))
-        .unwrap_or_else(|e| OutboxError::from(e).raise());
+    in_transaction(|| Ok(Spi::run("SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp")?));
     WORKER_LATCH.get().store((unsafe { pg_sys::MyLatch }) as usize, Ordering::Release);
     log!("outbox worker started for database \"{database}\"");
     let mut worker = Worker::new();
@@ -268,6 +267,8 @@ struct Worker {
     /// When the worker next runs retention (`outbox_purge`) for this database.
     next_retention: Instant,
     sinks: HashMap<i32, SinkRunner>,
+    /// Subscriptions whose options the worker cannot use, with the reason it last gave.
+    refused: HashMap<i32, String>,
     runners_made: u64,
     results: mpsc::Receiver<HttpResult>,
     results_sender: mpsc::Sender<HttpResult>,
@@ -276,6 +277,14 @@ struct Worker {
     /// The function sink a worker before this one was ended to stop, and how many times
     /// running: backed off once, when its first runner is made.
     overrun: Option<(i32, u32)>,
+}
+
+/// Runs `work` in a transaction of its own. An error is raised inside it, so the transaction
+/// rolls back with everything it did, and ends the worker (the next one gives back what this
+/// one had in flight): returned out of `BackgroundWorker::transaction`, which commits whatever
+/// its closure returns, an error committed the work done before it.
+fn in_transaction<R>(work: impl FnOnce() -> Result<R, OutboxError>) -> R {
+    BackgroundWorker::transaction(AssertUnwindSafe(|| work().unwrap_or_else(|e| e.raise())))
 }
 
 fn extension_created() -> bool {
@@ -308,6 +317,7 @@ impl Worker {
         Worker {
             next_retention: Instant::now(),
             sinks: HashMap::new(),
+            refused: HashMap::new(),
             runners_made: 0,
             results,
             results_sender,
@@ -349,10 +359,10 @@ impl Worker {
     fn round(&mut self) -> Duration {
         self.settle_answers();
         if Instant::now() >= self.next_retention {
-            BackgroundWorker::transaction(retain).unwrap_or_else(|e| e.raise());
+            in_transaction(retain);
             self.next_retention = Instant::now() + retention_interval(guc::retention());
         }
-        let (mut wait, functions, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.deliver())).unwrap_or_else(|e| e.raise());
+        let (mut wait, functions, jobs) = in_transaction(|| self.deliver());
         self.post_all(jobs);
         // A function sink's call holds the loop for as long as it runs (up to its timeout):
         // each runs in a transaction of its own, and the HTTP sinks that answered meanwhile
@@ -360,9 +370,9 @@ impl Worker {
         // calls, an HTTP batch waited for every function sink, and with function calls just
         // under their timeout a reviewer's HTTP sinks fell further behind by the second.)
         for subscription in functions {
-            let busy = BackgroundWorker::transaction(AssertUnwindSafe(|| self.run_function_sink(subscription))).unwrap_or_else(|e| e.raise());
+            let busy = in_transaction(|| self.run_function_sink(subscription));
             self.settle_answers();
-            let (_, http_busy, jobs) = BackgroundWorker::transaction(AssertUnwindSafe(|| self.claim_http())).unwrap_or_else(|e| e.raise());
+            let (_, http_busy, jobs) = in_transaction(|| self.claim_http());
             self.post_all(jobs);
             if busy || http_busy {
                 wait = Duration::ZERO;
@@ -373,7 +383,7 @@ impl Worker {
 
     fn settle_answers(&mut self) {
         while let Ok(result) = self.results.try_recv() {
-            BackgroundWorker::transaction(AssertUnwindSafe(|| self.settle(result))).unwrap_or_else(|e| e.raise());
+            in_transaction(|| self.settle(result));
         }
     }
 
@@ -491,14 +501,28 @@ impl Worker {
                 }
             }
             seen.insert(id);
-            let sink = match Sink::parse(&sink_name, &options.0) {
-                Ok(sink) => sink,
+            let usable = Sink::parse(&sink_name, &options.0).and_then(|sink| Ok((sink, guc::retry_policy().with_overrides(&options.0)?)));
+            let (sink, policy) = match usable {
+                Ok(usable) => {
+                    self.refused.remove(&id);
+                    usable
+                }
                 Err(e) => {
-                    warning!("outbox: subscription \"{name}\" is not delivered: {e}");
+                    // Options changed by an UPDATE are not checked as outbox_subscribe checks
+                    // them. Such a subscription waits until they are mended, said once in the
+                    // log and in the backlog; a retry option the worker could not read ended
+                    // every round, and no sink was delivered. What its runner had in flight is
+                    // given back by the runner made once they are mended.
+                    let reason = format!("not delivered, its options are invalid: {e}");
+                    if self.refused.get(&id) != Some(&reason) {
+                        warning!("outbox: subscription \"{name}\" is {reason}");
+                        record_error(client, extension, id, &reason, None)?;
+                        self.refused.insert(id, reason);
+                    }
+                    self.sinks.remove(&id);
                     continue;
                 }
             };
-            let policy = guc::retry_policy().with_overrides(&options.0)?;
             let changed = self.sinks.get(&id).is_none_or(|r| r.sink != sink || r.name != name);
             if changed {
                 // whatever this subscription had in flight belongs to a runner (or a worker)
@@ -541,6 +565,7 @@ impl Worker {
             }
         }
         self.sinks.retain(|id, _| seen.contains(id));
+        self.refused.retain(|id, _| seen.contains(id));
         let now = Instant::now();
         let next_due = due_at
             .into_iter()

@@ -166,6 +166,50 @@ fn a_batch_in_flight_when_its_subscription_changes_is_delivered_again() {
     c.batch_execute("SELECT outbox_unsubscribe('search_rotate')").unwrap();
 }
 
+/// Options changed by an UPDATE, which nothing checks as `outbox_subscribe` does, into ones
+/// the worker cannot use stop their subscription alone: the worker says why once, in its log
+/// and the backlog, goes on delivering the others, and delivers the subscription once they are
+/// mended. (A bad retry option ended every round of the worker, and no sink got anything.)
+#[test]
+fn a_subscription_whose_options_the_worker_cannot_use_waits_alone() {
+    let _serial = serial();
+    let (mangled, sound) = (Recorder::start(|_| Reply::status(200)), Recorder::start(|_| Reply::status(200)));
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_mangled");
+    http_sink(&mut c, "search_mangled", &mangled, "");
+    http_sink(&mut c, "search_sound", &sound, "");
+    let warnings = || cluster().log().matches("subscription \"search_mangled\" is not delivered").count();
+    let before = warnings();
+    let mut written = 0i64;
+    let url_back = format!("jsonb_set(options, '{{url}}', '\"{}\"')", mangled.url());
+    for (round, (broken, mended, why)) in [
+        ("options || '{\"max_attempts\": 0}'", "options - 'max_attempts'", "max_attempts must be a positive integer"),
+        ("jsonb_set(options, '{url}', '\"ftp://x\"')", url_back.as_str(), "url must start with http://"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        c.batch_execute(&format!("UPDATE outbox_subscriptions SET options = {broken} WHERE name = 'search_mangled'")).unwrap();
+        let refused = |c: &mut Client| backlog(c, "search_mangled").get::<_, Option<String>>("last_error").unwrap_or_default();
+        assert!(eventually(Duration::from_secs(10), || refused(&mut c).contains(why)), "{}", refused(&mut c));
+        c.batch_execute(&format!("INSERT INTO docs_mangled SELECT g, 'x' FROM generate_series({}, {}) g", written + 1, written + 3)).unwrap();
+        written += 3;
+        assert!(eventually(Duration::from_secs(10), || sound.delivered_keys().len() as i64 == written), "{:?}", sound.delivered_keys());
+        // a few more rounds of the worker, which say nothing more
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(mangled.delivered_keys().len() as i64, written - 3, "delivered with options it cannot use");
+        assert_eq!(backlog(&mut c, "search_mangled").get::<_, i64>("pending"), 3);
+        assert!(refused(&mut c).contains("not delivered, its options are invalid"), "{}", refused(&mut c));
+        assert_eq!(warnings(), before + round + 1, "said once");
+        c.batch_execute(&format!("UPDATE outbox_subscriptions SET options = {mended} WHERE name = 'search_mangled'")).unwrap();
+        assert!(eventually(Duration::from_secs(10), || settled(&mut c, "search_mangled")), "{:?}", backlog(&mut c, "search_mangled"));
+        let mut keys = mangled.delivered_keys();
+        keys.sort_unstable();
+        assert_eq!(keys, (1..=written).collect::<Vec<_>>());
+    }
+    c.batch_execute("SELECT outbox_unsubscribe('search_mangled'); SELECT outbox_unsubscribe('search_sound')").unwrap();
+}
+
 #[test]
 fn a_rejected_batch_is_split_until_the_poison_event_is_alone() {
     let _serial = serial();
