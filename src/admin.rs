@@ -34,6 +34,12 @@ fn check_subscription_name(name: &str) -> Result<(), OutboxError> {
 
 pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> Result<(), OutboxError> {
     check_subscription_name(name)?;
+    // A subscription starts at the snapshot it is made with, and purges are held off from the
+    // lock below on: under REPEATABLE READ that snapshot is the transaction's, taken before
+    // it, and a purge in between emptied events committed after it, which were this one's.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(OutboxError::NeedsReadCommitted("outbox_subscribe"));
+    }
     let parsed = Sink::parse(sink, options)?;
     SubscriptionOptions::parse(options)?;
     let extension = Extension::current()?;

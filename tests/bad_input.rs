@@ -41,6 +41,26 @@ fn all_refused(c: &mut Client, cases: &[(&str, &str)]) {
     assert_eq!(scalar_i64(c, "SELECT 1::bigint"), 1, "the server survived");
 }
 
+/// A subscription starts at the snapshot it is made with, and purges are held off from its
+/// lock on; under REPEATABLE READ or SERIALIZABLE that snapshot is the transaction's, taken
+/// before, and a purge in between emptied events committed after it, which were the new
+/// subscription's. So `outbox_subscribe` refuses to run there, as `outbox_purge` does.
+#[test]
+fn subscribing_and_purging_need_read_committed() {
+    let mut c = setup("bad_isolation");
+    let before = state(&mut c);
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        for (call, name) in [("SELECT outbox_subscribe('late')", "outbox_subscribe"), ("SELECT outbox_purge()", "outbox_purge")] {
+            let message = error_of(&mut c, &format!("BEGIN ISOLATION LEVEL {level}; {call}"));
+            assert!(message.contains(&format!("outbox: {name} must run in a READ COMMITTED transaction")), "{level}: {message}");
+            c.batch_execute("ROLLBACK").unwrap();
+            assert_eq!(state(&mut c), before, "{level}: {call} changed something");
+        }
+    }
+    c.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT outbox_subscribe('late'); COMMIT; SELECT outbox_purge()").unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox_subscriptions WHERE name = 'late'"), 1);
+}
+
 #[test]
 fn nulls_are_named_in_the_error() {
     let mut c = setup("bad_nulls");
