@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 use serde_json::Value;
 
 use crate::consume::{add_pending, now, required, single, subscription_by_name, timestamp};
-use crate::metrics::SubscriptionMetrics;
+use crate::metrics::{Retention, SubscriptionMetrics};
 use crate::ordering::OrderKey;
 use crate::error::OutboxError;
 use crate::ext::Extension;
@@ -197,7 +197,7 @@ pub fn purge_dead_letters(older_than: &pgrx::datum::Interval, subscription: Opti
 /// `outbox_metrics()`: the Prometheus text exposition of every subscription.
 pub fn metrics() -> Result<String, OutboxError> {
     let extension = Extension::current()?;
-    let (subscriptions, worker_up) = Spi::connect_mut(|client| {
+    let (subscriptions, worker_up, oldest_retained) = Spi::connect_mut(|client| {
         let worker = single(run(client, &extension, &q::WORKER_STATE, &[])?)?;
         let has_sinks: bool = required(&worker, 1)?;
         let worker_up = has_sinks.then_some(required::<bool>(&worker, 2)?);
@@ -220,9 +220,11 @@ pub fn metrics() -> Result<String, OutboxError> {
                 })
             })
             .collect::<Result<Vec<_>, OutboxError>>()?;
-        Ok::<_, OutboxError>((subscriptions, worker_up))
+        let oldest_retained = run(client, &extension, &q::OLDEST_RETAINED, &[])?.into_iter().next().map(|row| required::<f64>(&row, 1)).transpose()?;
+        Ok::<_, OutboxError>((subscriptions, worker_up, oldest_retained))
     })?;
-    Ok(crate::metrics::render(&subscriptions, worker_up))
+    let retention = Retention { seconds: guc::retention().as_secs_f64(), oldest_retained_age_seconds: oldest_retained.unwrap_or(0.0).max(0.0) };
+    Ok(crate::metrics::render(&subscriptions, worker_up, Some(&retention)))
 }
 
 pub fn requeue_dead(subscription: Option<&str>, ids: Option<Vec<Option<i64>>>) -> Result<i64, OutboxError> {
@@ -285,7 +287,14 @@ pub fn purge() -> Result<i64, OutboxError> {
                 pg_sys::ConditionalLockRelationOid(log, pg_sys::AccessExclusiveLock as i32)
                     && pg_sys::ConditionalLockRelationOid(ledger, pg_sys::AccessExclusiveLock as i32)
             };
-            if !locked || !retirable(client, slot)? {
+            if !locked {
+                // A transaction that read or wrote the segment holds it until it ends (a session
+                // idle in a transaction after reading outbox_backlog, an open or prepared writer),
+                // and until then retention stalls at it (outbox_oldest_retained_age_seconds).
+                pgrx::notice!("outbox_purge: segment {slot} is due but another transaction is using it; it is emptied once that transaction ends");
+                continue;
+            }
+            if !retirable(client, slot)? {
                 continue;
             }
             removed += run(client, &extension, &q::SEGMENT_EVENTS, &[slot.into()])?.first().get::<i64>(1)?.unwrap_or(0);

@@ -30,6 +30,16 @@ pub struct SubscriptionMetrics {
     pub sink_up: Option<bool>,
 }
 
+/// The log as a whole: a segment is emptied once all its events are processed and older than
+/// the retention, so the oldest event stays within about 1.25 retentions (a segment is
+/// written for a quarter of one) unless something holds retention back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Retention {
+    pub seconds: f64,
+    /// 0 when the log is empty.
+    pub oldest_retained_age_seconds: f64,
+}
+
 fn escape_label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -52,7 +62,7 @@ struct Family<'a> {
 
 /// Renders the metrics in the Prometheus text format, one family at a time. `worker_up` is
 /// given when some subscription has a sink, so a missing delivery worker can be alerted on.
-pub fn render(subscriptions: &[SubscriptionMetrics], worker_up: Option<bool>) -> String {
+pub fn render(subscriptions: &[SubscriptionMetrics], worker_up: Option<bool>, retention: Option<&Retention>) -> String {
     let mut out = String::new();
     if let Some(up) = worker_up {
         let _ = writeln!(
@@ -60,6 +70,18 @@ pub fn render(subscriptions: &[SubscriptionMetrics], worker_up: Option<bool>) ->
             "# HELP outbox_worker_up 1 while the delivery worker runs for this database.\n# TYPE outbox_worker_up gauge\noutbox_worker_up {}",
             u8::from(up)
         );
+    }
+    if let Some(retention) = retention {
+        for (name, help, value) in [
+            ("outbox_retention_seconds", "outbox.retention: how long processed events are kept.", retention.seconds),
+            (
+                "outbox_oldest_retained_age_seconds",
+                "Age of the oldest event still in the log, processed or not (0 when the log is empty).",
+                retention.oldest_retained_age_seconds,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", number(value));
+        }
     }
     let gauge = |name, help| Family { name, kind: "gauge", help };
     let counter = |name, help| Family { name, kind: "counter", help };
@@ -144,9 +166,12 @@ mod tests {
             latency_sum_seconds: 0.04,
             sink_up: Some(false),
         };
-        let text = render(&[m, SubscriptionMetrics { subscription: "default".into(), ..Default::default() }], Some(true));
+        let retention = Retention { seconds: 86400.0, oldest_retained_age_seconds: 3600.5 };
+        let text = render(&[m, SubscriptionMetrics { subscription: "default".into(), ..Default::default() }], Some(true), Some(&retention));
         assert!(text.starts_with("# HELP outbox_worker_up"));
         assert!(text.contains("\noutbox_worker_up 1\n"));
+        assert!(text.contains("# TYPE outbox_retention_seconds gauge\noutbox_retention_seconds 86400\n"));
+        assert!(text.contains("# TYPE outbox_oldest_retained_age_seconds gauge\noutbox_oldest_retained_age_seconds 3600.5\n"));
         assert!(text.contains("# TYPE outbox_backlog_events gauge\n"));
         assert!(text.contains("outbox_backlog_events{subscription=\"search \\\"eu\\\"\"} 7\n"));
         assert!(text.contains("outbox_oldest_pending_age_seconds{subscription=\"search \\\"eu\\\"\"} 12.5\n"));
@@ -170,6 +195,6 @@ mod tests {
 
     #[test]
     fn nothing_to_report_renders_nothing() {
-        assert_eq!(render(&[], None), "");
+        assert_eq!(render(&[], None, None), "");
     }
 }

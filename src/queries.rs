@@ -729,6 +729,13 @@ pub static WORKER_STATE: Sql = Sql {
     args: &[],
 };
 
+/// How old the oldest event still in the log is, processed or not (no row when it is empty):
+/// by id, which the `base` index reads from the first segment's start.
+pub static OLDEST_RETAINED: Sql = Sql {
+    text: "SELECT extract(epoch FROM pg_catalog.now() - l.created_at)::float8 FROM @extschema@.outbox_log l ORDER BY l.base LIMIT 1",
+    args: &[],
+};
+
 /// Per subscription: its backlog, and its counters summed over every stats bucket.
 pub static METRICS: Sql = Sql {
     text: "SELECT b.subscription, b.pending, b.in_flight, b.retrying, b.dead, \

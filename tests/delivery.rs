@@ -696,6 +696,42 @@ fn purge_removes_processed_events_after_retention_and_keeps_the_rest() {
     assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0, "a day of retention keeps it");
 }
 
+/// TRUNCATE needs every other transaction to be done with a segment: a session idle in a
+/// transaction after reading the outbox holds every segment it read, and retention stalls
+/// there until it ends. `outbox_purge` says so, and `outbox_oldest_retained_age_seconds` shows
+/// the stall (the OutboxRetentionStalled alert watches it).
+#[test]
+fn a_transaction_holding_a_segment_stalls_retention_visibly() {
+    let (db, mut c) = setup("retention_held", "");
+    let notices = Arc::new(Mutex::new(Vec::new()));
+    let heard = notices.clone();
+    let mut purger = shared()
+        .dsn(&db)
+        .parse::<postgres::Config>()
+        .unwrap()
+        .notice_callback(move |notice| heard.lock().unwrap().push(notice.message().to_string()))
+        .connect(NoTls)
+        .unwrap();
+    insert(&mut c, 1..=5);
+    let all = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"));
+    c.execute("SELECT outbox_ack($1)", &[&all]).unwrap();
+    let retained = |c: &mut Client| {
+        let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+        (sample(&metrics, "outbox_oldest_retained_age_seconds").unwrap(), sample(&metrics, "outbox_retention_seconds").unwrap())
+    };
+    let mut idle = shared().connect(&db);
+    idle.batch_execute("BEGIN; SELECT count(*) FROM outbox_backlog").unwrap();
+    purger.batch_execute("SET outbox.retention = 0; SELECT outbox_purge()").unwrap(); // starts a new segment
+    assert_eq!(scalar_i64(&mut purger, "SELECT outbox_purge()"), 0, "the idle reader holds the old segment");
+    let said = notices.lock().unwrap().clone();
+    assert!(said.iter().any(|n| n.contains("segment 0 is due but another transaction is using it")), "{said:?}");
+    let (age, retention) = retained(&mut purger);
+    assert!(age > 0.0 && retention == 0.0, "{age} {retention}");
+    idle.batch_execute("COMMIT").unwrap();
+    assert_eq!(scalar_i64(&mut purger, "SELECT outbox_purge()"), 5);
+    assert_eq!(retained(&mut purger).0, 0.0, "an empty log");
+}
+
 /// Ids alone do not say which hand-out an ack or fail means. A consumer whose lease expired
 /// after the event was handed out again used to settle the newer hand-out: a late fail handed
 /// it to a third consumer (or dead-lettered it) while the second still held it, and a late ack
