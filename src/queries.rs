@@ -966,6 +966,12 @@ pub static FUNCTION_SINK: Sql = Sql {
     args: &[TEXT],
 };
 
+/// The name a subscription has now, if it still exists.
+pub static SUBSCRIPTION_NAME: Sql = Sql {
+    text: "SELECT s.name FROM @extschema@.outbox_subscriptions s WHERE s.id = $1",
+    args: &[INT4],
+};
+
 /// The owner a function sink's function had when it was subscribed. (Read from the row as
 /// jsonb: a database not yet updated to 0.8.0 has no such column, and no owner recorded.)
 pub static SUBSCRIBED_FUNCTION_OWNER: Sql = Sql {

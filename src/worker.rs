@@ -136,7 +136,11 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     // crash means a delivery repeated, which at-least-once allows, and the worker gives back
     // whatever its predecessor had in flight when it starts.
     // Its queries name tables by schema; operators and functions come from pg_catalog only.
-    in_transaction(|| Ok(Spi::run("SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp")?));
+    // It writes (claims, acks) whatever the database's default says: a database read-only by
+    // default, whose writers turn it off, had the worker restart every second.
+    in_transaction(|| {
+        Ok(Spi::run("SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp; SET default_transaction_read_only = off")?)
+    });
     WORKER_LATCH.get().store((unsafe { pg_sys::MyLatch }) as usize, Ordering::Release);
     log!("outbox worker started for database \"{database}\"");
     let mut worker = Worker::new();
@@ -708,9 +712,22 @@ fn apply_function(
     let function_oid: pg_sys::Oid = required(&target, 1)?;
     let owner: pg_sys::Oid = required(&target, 2)?;
     let mut pending = VecDeque::from([ids]);
+    let name = runner.name.clone();
     while let Some(piece) = pending.pop_front() {
         let body = batch_body(piece.iter().map(|id| events[id].as_str()));
-        match call_in_subtransaction(function_oid, owner, &body, timeout, subscription) {
+        // A function that removes or renames its own subscription fails its call: the ack by
+        // name after it failed, and the next worker called it again, every second, while no
+        // other sink was delivered.
+        let outcome = call_in_subtransaction(function_oid, owner, &body, timeout, subscription, &mut || {
+            let now_named = run(client, extension, &q::SUBSCRIPTION_NAME, &[subscription.into()])
+                .and_then(|t| if t.is_empty() { Ok(None) } else { Ok(t.first().get::<String>(1)?) });
+            match now_named {
+                Ok(Some(current)) if current == name => None,
+                Ok(_) => Some(format!("the function removed or renamed its own subscription \"{name}\"; that is rolled back with its call")),
+                Err(e) => Some(e.to_string()),
+            }
+        });
+        match outcome {
             Ok(()) => {
                 let sent = piece.len();
                 consume::ack_in(client, extension, piece, &runner.name)?;
@@ -835,17 +852,18 @@ impl Watchdog {
 
 /// Runs `function(batch)` as `owner` in a subtransaction, cancelled after `timeout` (and the
 /// worker ended at twice that); an ERROR rolls the subtransaction back and comes back as its
-/// message.
+/// message, as does a reason `refuse` gives once the function has returned.
 fn call_in_subtransaction(
     function: pg_sys::Oid,
     owner: pg_sys::Oid,
     batch: &str,
     timeout: Duration,
     subscription: i32,
+    refuse: &mut dyn FnMut() -> Option<String>,
 ) -> Result<(), CallFailed> {
     let started = std::time::Instant::now();
     let watchdog = Watchdog::arm(subscription, timeout.saturating_mul(2));
-    let outcome = unsafe { call_as_owner(function, owner, batch, timeout, started) };
+    let outcome = unsafe { call_as_owner(function, owner, batch, timeout, started, refuse) };
     watchdog.disarm();
     outcome
 }
@@ -856,11 +874,13 @@ unsafe fn call_as_owner(
     batch: &str,
     timeout: Duration,
     started: std::time::Instant,
+    refuse: &mut dyn FnMut() -> Option<String>,
 ) -> Result<(), CallFailed> {
     unsafe {
         let batch = std::ffi::CString::new(batch).map_err(|e| CallFailed::Raised(e.to_string()))?;
         let memory = pg_sys::CurrentMemoryContext;
         let resources = pg_sys::CurrentResourceOwner;
+        let refuse = std::panic::AssertUnwindSafe(refuse);
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(memory);
         let outcome = PgTryBuilder::new(|| {
@@ -899,6 +919,11 @@ unsafe fn call_as_owner(
             pg_sys::SetUserIdAndSecContext(user, context);
             // nor do session advisory locks it took (which a rollback keeps too)
             pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
+            // (moved in whole: a closure capturing the field alone would not be unwind-safe)
+            let refuse = refuse;
+            if let Some(reason) = (refuse.0)() {
+                pgrx::error!("{reason}");
+            }
             Ok(late)
         })
         .catch_others(|error| {

@@ -405,6 +405,49 @@ fn function_sink_errors_fail_only_the_poison_event() {
     assert!(error.contains("cannot embed document 7"), "{error}");
 }
 
+/// A function that removes or renames its own subscription fails its call, which is rolled
+/// back: the ack by name after it failed, the next worker called it again, and the worker
+/// restarted every second while no other sink was delivered. The other sinks go on, and so
+/// does the worker.
+#[test]
+fn a_function_sink_that_removes_its_own_subscription_fails_alone() {
+    let _serial = serial();
+    let recorder = Recorder::start(|_| Reply::status(200));
+    let mut c = cluster().connect("postgres");
+    c.batch_execute(
+        "CREATE TABLE docs_selfish (id bigint PRIMARY KEY, content text);
+         SELECT outbox_attach('docs_selfish');
+         CREATE TABLE applied_selfish (id bigint PRIMARY KEY);
+         CREATE FUNCTION apply_selfish(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM jsonb_array_elements(batch) e WHERE e->'payload'->'key'->>'id' = '3') THEN
+                 PERFORM outbox_unsubscribe('mirror_selfish');
+             ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(batch) e WHERE e->'payload'->'key'->>'id' = '5') THEN
+                 UPDATE outbox_subscriptions SET name = 'renamed_selfish' WHERE name = 'mirror_selfish';
+             END IF;
+             INSERT INTO applied_selfish SELECT (e->'payload'->'key'->>'id')::bigint FROM jsonb_array_elements(batch) e;
+         END $$;
+         SELECT outbox_subscribe('mirror_selfish', 'function', '{\"function\": \"public.apply_selfish\", \"max_attempts\": 1}');",
+    )
+    .unwrap();
+    http_sink(&mut c, "search_selfish", &recorder, "");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let worker = worker_pid(&mut c);
+    c.batch_execute("INSERT INTO docs_selfish SELECT g, 'x' FROM generate_series(1, 8) g").unwrap();
+    assert!(eventually(Duration::from_secs(15), || settled(&mut c, "mirror_selfish")), "{:?}", backlog(&mut c, "mirror_selfish"));
+    let applied: Vec<i64> = c.query("SELECT id FROM applied_selfish ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(applied, [1, 2, 4, 6, 7, 8]);
+    let dead: Vec<String> = c.query("SELECT last_error FROM outbox_dead_letters WHERE subscription = 'mirror_selfish'", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead.iter().all(|e| e.contains("the function removed or renamed its own subscription \"mirror_selfish\"")), "{dead:?}");
+    assert!(eventually(Duration::from_secs(5), || settled(&mut c, "search_selfish")));
+    let mut keys = recorder.delivered_keys();
+    keys.sort_unstable();
+    assert_eq!(keys, (1..=8).collect::<Vec<_>>(), "the other sink got everything once");
+    assert_eq!(worker_pid(&mut c), worker, "the worker did not restart");
+    c.batch_execute("SELECT outbox_unsubscribe('mirror_selfish'); SELECT outbox_unsubscribe('search_selfish')").unwrap();
+}
+
 /// A function sink whose function sleeps until `hang_<name>` is emptied, applying the batch's
 /// keys to `applied_<name>` once it returns.
 fn hanging_function_sink(c: &mut Client, name: &str, options: &str) {
@@ -871,6 +914,28 @@ fn settings_a_function_sink_makes_do_not_outlive_its_call() {
     assert_eq!(scalar_i64(&mut c, "SELECT count(*)::bigint FROM public.applied_meddle"), 30);
     let calls: Vec<String> = c.query("SELECT what FROM public.attack_log", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert!(calls.is_empty(), "the worker called the sink owner's objects: {calls:?}");
+}
+
+/// The worker writes (claims, acks) whatever the database's default says: in a database
+/// read-only by default (`ALTER DATABASE … SET default_transaction_read_only = on`), whose
+/// writers turn it off, it restarted every second and delivered nothing.
+#[test]
+fn the_worker_delivers_in_a_database_read_only_by_default() {
+    let recorder = Recorder::start(|_| Reply::status(200));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_read_only");
+    http_sink(&mut c, "search_read_only", &recorder, "");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    c.batch_execute("ALTER DATABASE postgres SET default_transaction_read_only = on").unwrap();
+    // the next worker connects with it (this session does not: it connected before)
+    let before = terminate_worker(&mut c);
+    assert!(eventually(Duration::from_secs(10), || worker_pid(&mut c).is_some_and(|p| p != before)), "restarted");
+    let worker = worker_pid(&mut c);
+    c.batch_execute("INSERT INTO docs_read_only VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(10), || settled(&mut c, "search_read_only")), "{:?}", backlog(&mut c, "search_read_only"));
+    assert_eq!(recorder.delivered_keys(), [1]);
+    assert_eq!(worker_pid(&mut c), worker, "the same worker delivered it");
 }
 
 /// Separate clusters: these stop and restart the server.
