@@ -42,8 +42,9 @@ use crate::sink::{batch_body, halves, idempotency_key, judge, BatchLimit, Breake
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"outbox_worker_latch") };
 /// Whether the worker has sinks to serve: capture wakes it only then.
 static WORKER_HAS_SINKS: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"outbox_worker_has_sinks") };
-/// The function sink whose call the worker was last ended to stop (subscription id, high 32
-/// bits) and how many times running (low 32 bits): the next worker backs it off that much.
+/// The function sink whose call the worker last ended in (subscription id, high 32 bits) and
+/// how many times running (low 32 bits): the next worker backs it off that much. Set for each
+/// call and put back when the call returns.
 static STUCK_SINK: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"outbox_stuck_sink") };
 /// Set in the postmaster when the library is preloaded; backends inherit it.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -278,7 +279,7 @@ struct Worker {
     results_sender: mpsc::Sender<HttpResult>,
     wake_read: UnixStream,
     wake_write: UnixStream,
-    /// The function sink a worker before this one was ended to stop, and how many times
+    /// The function sink a worker before this one ended in a call of, and how many times
     /// running: backed off once, when its first runner is made.
     overrun: Option<(i32, u32)>,
 }
@@ -540,13 +541,14 @@ impl Worker {
                 log!("outbox: delivering subscription \"{name}\" to its {sink_name} sink");
                 let mut breaker = Breaker::default();
                 if let Some((_, overruns)) = self.overrun.take_if(|(stuck, _)| *stuck == id) {
-                    // a worker before this one was ended to stop a call of this sink: calling it
-                    // again at once would hold up every other sink as long again
+                    // a worker before this one ended in a call of this sink: calling it again
+                    // at once would hold up every other sink as long again, or end this worker
                     for _ in 0..overruns.min(32) {
                         breaker.unavailable(Instant::now(), None, &policy, random_unit());
                     }
                     let until = breaker.open_until().map(|u| u.saturating_duration_since(Instant::now()));
-                    let reason = "a call ran past twice its timeout, and the worker was restarted to end it";
+                    let reason = "the worker ended during a call and was restarted (the call ran past twice its timeout, \
+                                  or the function or an administrator ended the worker)";
                     warning!("outbox: sink of subscription \"{name}\": {reason}; backing off for {until:?}");
                     record_error(client, extension, id, reason, until)?;
                 }
@@ -805,33 +807,44 @@ mod call_timer {
 /// Ends the worker (SIGTERM to itself, which `die` handles) when a function sink's call
 /// outlives its timeout by as much again: a function that catches the cancel (`EXCEPTION WHEN
 /// query_canceled`) in a loop stops for nothing less, and would hold up every other sink for
-/// as long as it ran. The next worker backs that sink off (see `Worker::refresh`) rather than
-/// calling it again at once.
+/// as long as it ran. Whatever ends the worker during a call (that, or the function ending it
+/// with a FATAL, or `pg_terminate_backend` of its own backend), the next worker backs that sink
+/// off (see `Worker::refresh`) rather than calling it again at once: a function that ended the
+/// worker at each call had it restart every second, and no other sink was delivered.
 struct Watchdog {
     disarm: mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
+    /// Whether it ended the worker.
+    thread: std::thread::JoinHandle<bool>,
+    /// What STUCK_SINK held before the call, put back when the call returns.
+    before: u64,
 }
 
 impl Watchdog {
     fn arm(subscription: i32, after: Duration) -> Watchdog {
+        let stuck = STUCK_SINK.get();
+        let before = stuck.load(Ordering::Acquire);
+        let times = match before {
+            last if last != 0 && (last >> 32) as i32 == subscription => ((last & u64::from(u32::MAX)) + 1).min(u64::from(u32::MAX)),
+            _ => 1,
+        };
+        stuck.store(((subscription as u32 as u64) << 32) | times, Ordering::Release);
         let (disarm, disarmed) = mpsc::channel::<()>();
         let thread = spawn_without_signals(move || {
-            if disarmed.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout) {
-                let stuck = STUCK_SINK.get();
-                let times = match stuck.load(Ordering::Acquire) {
-                    last if (last >> 32) as i32 == subscription => ((last & u64::from(u32::MAX)) + 1).min(u64::from(u32::MAX)),
-                    _ => 1,
-                };
-                stuck.store(((subscription as u32 as u64) << 32) | times, Ordering::Release);
+            let overran = disarmed.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout);
+            if overran {
                 unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
             }
+            overran
         });
-        Watchdog { disarm, thread }
+        Watchdog { disarm, thread, before }
     }
 
+    /// The call returned: the worker lives on, unless the watchdog ended it just then.
     fn disarm(self) {
         let _ = self.disarm.send(());
-        let _ = self.thread.join();
+        if !self.thread.join().unwrap_or(false) {
+            STUCK_SINK.get().store(self.before, Ordering::Release);
+        }
     }
 
     /// The sink delivered: its earlier overruns no longer count.
@@ -843,7 +856,7 @@ impl Watchdog {
         }
     }
 
-    /// The sink whose call a worker was last ended to stop, and how many times running.
+    /// The sink whose call a worker last ended in, and how many times running.
     fn overrun() -> Option<(i32, u32)> {
         let last = STUCK_SINK.get().load(Ordering::Acquire);
         (last != 0).then_some(((last >> 32) as i32, (last & u64::from(u32::MAX)) as u32))
@@ -1005,7 +1018,7 @@ fn spawn_lane(http: HttpSink, results: mpsc::Sender<HttpResult>, mut wake: UnixS
 
 /// A thread of the worker that never calls Postgres, spawned with every signal blocked, so
 /// that signals reach the main thread, whose handlers Postgres expects to run.
-fn spawn_without_signals(work: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+fn spawn_without_signals<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();

@@ -703,6 +703,48 @@ fn a_function_sink_that_keeps_catching_the_cancel_is_ended_with_the_worker() {
     assert_eq!(applied, HashSet::from([1, 2]));
 }
 
+/// A function that ends the worker in its call (a FATAL, or `pg_terminate_backend` of its own
+/// backend, which a superuser's function may do) had the worker restart every second, calling
+/// it again each time, and nothing the other sinks were sent was acked. The next worker backs
+/// that sink off, as after a call that ran past twice its timeout, and the others go on.
+#[test]
+fn a_function_sink_that_ends_the_worker_is_backed_off() {
+    let fast = Recorder::start(|_| Reply::status(200));
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_fatal");
+    c.batch_execute(
+        "CREATE TABLE fatal_flag (on_ boolean); INSERT INTO fatal_flag VALUES (true);
+         CREATE TABLE applied_fatal (id bigint);
+         CREATE FUNCTION apply_fatal(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM fatal_flag) THEN
+                 PERFORM pg_terminate_backend(pg_backend_pid());
+             END IF;
+             INSERT INTO applied_fatal SELECT (e->'payload'->'key'->>'id')::bigint FROM jsonb_array_elements(batch) e;
+         END $$;
+         SELECT outbox_subscribe('fatal', 'function', '{\"function\": \"public.apply_fatal\", \"backoff_base\": \"3s\", \"backoff_max\": \"5s\"}');",
+    )
+    .unwrap();
+    http_sink(&mut c, "beside_fatal", &fast, "");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let first = worker_pid(&mut c).unwrap();
+    c.batch_execute("INSERT INTO docs_fatal VALUES (1, 'x')").unwrap();
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some_and(|p| p != first)), "the function ended the worker");
+    let error = || backlog(&mut cluster.connect("postgres"), "fatal").get::<_, Option<String>>("last_error").unwrap_or_default();
+    assert!(eventually(Duration::from_secs(5), || error().contains("the worker ended during a call")), "{}", error());
+    // backing off: the other sink gets its events, acked by this worker
+    let second = worker_pid(&mut c);
+    c.batch_execute("INSERT INTO docs_fatal VALUES (2, 'x')").unwrap();
+    assert!(eventually(Duration::from_millis(1500), || settled(&mut c, "beside_fatal")), "{:?}", backlog(&mut c, "beside_fatal"));
+    assert!(fast.delivered_keys().contains(&2));
+    assert_eq!(worker_pid(&mut c), second, "the function was not called again at once");
+    c.batch_execute("DELETE FROM fatal_flag").unwrap();
+    assert!(eventually(Duration::from_secs(20), || settled(&mut c, "fatal")), "{:?}", backlog(&mut c, "fatal"));
+    let applied: HashSet<i64> = c.query("SELECT id FROM applied_fatal", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(applied, HashSet::from([1, 2]));
+}
+
 /// A replay or requeue held open locks the subscriptions the worker claims from; SIGTERM must
 /// still end the worker at once.
 #[test]
