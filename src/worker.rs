@@ -44,7 +44,7 @@ static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"outbox_wor
 static WORKER_HAS_SINKS: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"outbox_worker_has_sinks") };
 /// The function sink whose call the worker last ended in (subscription id, high 32 bits) and
 /// how many times running (low 32 bits): the next worker backs it off that much. Set for each
-/// call and put back when the call returns.
+/// call and cleared when the call returns: a call that returns, in time or not, ends the run.
 static STUCK_SINK: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"outbox_stuck_sink") };
 /// Set in the postmaster when the library is preloaded; backends inherit it.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -137,10 +137,13 @@ pub extern "C-unwind" fn outbox_worker_main(_arg: pg_sys::Datum) {
     // crash means a delivery repeated, which at-least-once allows, and the worker gives back
     // whatever its predecessor had in flight when it starts.
     // Its queries name tables by schema; operators and functions come from pg_catalog only.
-    // It writes (claims, acks) whatever the database's default says: a database read-only by
-    // default, whose writers turn it off, had the worker restart every second.
+    // It writes (claims, acks) and purges in READ COMMITTED whatever the database's defaults
+    // say: a database read-only or REPEATABLE READ by default had it restart every second.
     in_transaction(|| {
-        Ok(Spi::run("SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp; SET default_transaction_read_only = off")?)
+        Ok(Spi::run(
+            "SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp; \
+             SET default_transaction_read_only = off; SET default_transaction_isolation = 'read committed'",
+        )?)
     });
     WORKER_LATCH.get().store((unsafe { pg_sys::MyLatch }) as usize, Ordering::Release);
     log!("outbox worker started for database \"{database}\"");
@@ -210,6 +213,8 @@ struct SinkRunner {
     lane: Option<mpsc::Sender<HttpJob>>,
     in_flight: Option<InFlight>,
     last_success_recorded: Option<Instant>,
+    /// How many workers in a row ended during a call of this function sink (STUCK_SINK).
+    calls_ended_worker: u32,
 }
 
 impl SinkRunner {
@@ -280,7 +285,8 @@ struct Worker {
     wake_read: UnixStream,
     wake_write: UnixStream,
     /// The function sink a worker before this one ended in a call of, and how many times
-    /// running: backed off once, when its first runner is made.
+    /// running: backed off once, when its first runner is made (which keeps the count for
+    /// its next call).
     overrun: Option<(i32, u32)>,
 }
 
@@ -540,10 +546,11 @@ impl Worker {
                 };
                 log!("outbox: delivering subscription \"{name}\" to its {sink_name} sink");
                 let mut breaker = Breaker::default();
-                if let Some((_, overruns)) = self.overrun.take_if(|(stuck, _)| *stuck == id) {
+                let ended = self.overrun.take_if(|(stuck, _)| *stuck == id).map_or(0, |(_, times)| times);
+                if ended > 0 {
                     // a worker before this one ended in a call of this sink: calling it again
                     // at once would hold up every other sink as long again, or end this worker
-                    for _ in 0..overruns.min(32) {
+                    for _ in 0..ended.min(32) {
                         breaker.unavailable(Instant::now(), None, &policy, random_unit());
                     }
                     let until = breaker.open_until().map(|u| u.saturating_duration_since(Instant::now()));
@@ -564,6 +571,7 @@ impl Worker {
                         lane,
                         in_flight: None,
                         last_success_recorded: None,
+                        calls_ended_worker: ended,
                     },
                 );
             } else if let Some(runner) = self.sinks.get_mut(&id) {
@@ -643,7 +651,6 @@ impl Worker {
 }
 
 fn record_success(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32, runner: &mut SinkRunner) -> Result<(), OutboxError> {
-    Watchdog::forgive(subscription);
     if let Transition::Recovered = runner.breaker.delivered() {
         log!("outbox: sink of subscription \"{}\" is delivering again", runner.name);
         runner.last_success_recorded = None;
@@ -720,7 +727,8 @@ fn apply_function(
         // A function that removes or renames its own subscription fails its call: the ack by
         // name after it failed, and the next worker called it again, every second, while no
         // other sink was delivered.
-        let outcome = call_in_subtransaction(function_oid, owner, &body, timeout, subscription, &mut || {
+        let watchdog = Watchdog::arm(subscription, runner.calls_ended_worker, timeout.saturating_mul(2));
+        let outcome = call_in_subtransaction(function_oid, owner, &body, timeout, &mut || {
             let now_named = run(client, extension, &q::SUBSCRIPTION_NAME, &[subscription.into()])
                 .and_then(|t| if t.is_empty() { Ok(None) } else { Ok(t.first().get::<String>(1)?) });
             match now_named {
@@ -729,6 +737,9 @@ fn apply_function(
                 Err(e) => Some(e.to_string()),
             }
         });
+        // it returned, in time or not: the worker lives on
+        watchdog.disarm();
+        runner.calls_ended_worker = 0;
         match outcome {
             Ok(()) => {
                 let sent = piece.len();
@@ -815,19 +826,14 @@ struct Watchdog {
     disarm: mpsc::Sender<()>,
     /// Whether it ended the worker.
     thread: std::thread::JoinHandle<bool>,
-    /// What STUCK_SINK held before the call, put back when the call returns.
-    before: u64,
 }
 
 impl Watchdog {
-    fn arm(subscription: i32, after: Duration) -> Watchdog {
-        let stuck = STUCK_SINK.get();
-        let before = stuck.load(Ordering::Acquire);
-        let times = match before {
-            last if last != 0 && (last >> 32) as i32 == subscription => ((last & u64::from(u32::MAX)) + 1).min(u64::from(u32::MAX)),
-            _ => 1,
-        };
-        stuck.store(((subscription as u32 as u64) << 32) | times, Ordering::Release);
+    /// Marks a call of `subscription`'s sink, `ended_before` calls of which in a row ended a
+    /// worker, and ends the worker if it lasts `after`.
+    fn arm(subscription: i32, ended_before: u32, after: Duration) -> Watchdog {
+        let times = u64::from(ended_before.saturating_add(1));
+        STUCK_SINK.get().store(((subscription as u32 as u64) << 32) | times, Ordering::Release);
         let (disarm, disarmed) = mpsc::channel::<()>();
         let thread = spawn_without_signals(move || {
             let overran = disarmed.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout);
@@ -836,23 +842,14 @@ impl Watchdog {
             }
             overran
         });
-        Watchdog { disarm, thread, before }
+        Watchdog { disarm, thread }
     }
 
     /// The call returned: the worker lives on, unless the watchdog ended it just then.
     fn disarm(self) {
         let _ = self.disarm.send(());
         if !self.thread.join().unwrap_or(false) {
-            STUCK_SINK.get().store(self.before, Ordering::Release);
-        }
-    }
-
-    /// The sink delivered: its earlier overruns no longer count.
-    fn forgive(subscription: i32) {
-        let stuck = STUCK_SINK.get();
-        let last = stuck.load(Ordering::Acquire);
-        if last != 0 && (last >> 32) as i32 == subscription {
-            let _ = stuck.compare_exchange(last, 0, Ordering::AcqRel, Ordering::Acquire);
+            STUCK_SINK.get().store(0, Ordering::Release);
         }
     }
 
@@ -863,22 +860,18 @@ impl Watchdog {
     }
 }
 
-/// Runs `function(batch)` as `owner` in a subtransaction, cancelled after `timeout` (and the
-/// worker ended at twice that); an ERROR rolls the subtransaction back and comes back as its
-/// message, as does a reason `refuse` gives once the function has returned.
+/// Runs `function(batch)` as `owner` in a subtransaction, cancelled after `timeout`; an ERROR
+/// rolls the subtransaction back and comes back as its message, as does a reason `refuse`
+/// gives once the function has returned.
 fn call_in_subtransaction(
     function: pg_sys::Oid,
     owner: pg_sys::Oid,
     batch: &str,
     timeout: Duration,
-    subscription: i32,
     refuse: &mut dyn FnMut() -> Option<String>,
 ) -> Result<(), CallFailed> {
     let started = std::time::Instant::now();
-    let watchdog = Watchdog::arm(subscription, timeout.saturating_mul(2));
-    let outcome = unsafe { call_as_owner(function, owner, batch, timeout, started, refuse) };
-    watchdog.disarm();
-    outcome
+    unsafe { call_as_owner(function, owner, batch, timeout, started, refuse) }
 }
 
 unsafe fn call_as_owner(

@@ -958,18 +958,23 @@ fn settings_a_function_sink_makes_do_not_outlive_its_call() {
     assert!(calls.is_empty(), "the worker called the sink owner's objects: {calls:?}");
 }
 
-/// The worker writes (claims, acks) whatever the database's default says: in a database
-/// read-only by default (`ALTER DATABASE … SET default_transaction_read_only = on`), whose
-/// writers turn it off, it restarted every second and delivered nothing.
+/// The worker writes (claims, acks) and purges in READ COMMITTED whatever the database's
+/// defaults say: in a database read-only by default (`ALTER DATABASE … SET
+/// default_transaction_read_only = on`, whose writers turn it off), or REPEATABLE READ by
+/// default (which `outbox_purge` refuses), it restarted every second and delivered nothing.
 #[test]
-fn the_worker_delivers_in_a_database_read_only_by_default() {
+fn the_worker_delivers_whatever_the_database_defaults_say() {
     let recorder = Recorder::start(|_| Reply::status(200));
     let cluster = own_cluster();
     let mut c = cluster.connect("postgres");
     table(&mut c, "docs_read_only");
     http_sink(&mut c, "search_read_only", &recorder, "");
     assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
-    c.batch_execute("ALTER DATABASE postgres SET default_transaction_read_only = on").unwrap();
+    c.batch_execute(
+        "ALTER DATABASE postgres SET default_transaction_read_only = on;
+         ALTER DATABASE postgres SET default_transaction_isolation = 'repeatable read'",
+    )
+    .unwrap();
     // the next worker connects with it (this session does not: it connected before)
     let before = terminate_worker(&mut c);
     assert!(eventually(Duration::from_secs(10), || worker_pid(&mut c).is_some_and(|p| p != before)), "restarted");
