@@ -724,10 +724,10 @@ fn apply_function(
     let name = runner.name.clone();
     while let Some(piece) = pending.pop_front() {
         let body = batch_body(piece.iter().map(|id| events[id].as_str()));
+        let watchdog = Watchdog::arm(subscription, runner.calls_ended_worker, timeout.saturating_mul(2));
         // A function that removes or renames its own subscription fails its call: the ack by
         // name after it failed, and the next worker called it again, every second, while no
         // other sink was delivered.
-        let watchdog = Watchdog::arm(subscription, runner.calls_ended_worker, timeout.saturating_mul(2));
         let outcome = call_in_subtransaction(function_oid, owner, &body, timeout, &mut || {
             let now_named = run(client, extension, &q::SUBSCRIPTION_NAME, &[subscription.into()])
                 .and_then(|t| if t.is_empty() { Ok(None) } else { Ok(t.first().get::<String>(1)?) });
