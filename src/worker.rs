@@ -1040,6 +1040,11 @@ fn post_batch(http: &HttpSink, job: &HttpJob) -> Outcome {
         request = request.with_header(name.as_str(), value.as_str());
     }
     match request.send_lazy() {
+        // (minreq's word for an answer whose first line is not an HTTP status line, or none)
+        Ok(response) if response.status_code == 503 && response.reason_phrase == "Server did not provide a status line" => Outcome::Unavailable {
+            reason: "the sink answered without an HTTP status line (it closed the connection, or does not speak HTTP)".into(),
+            retry_after: None,
+        },
         Ok(response) => {
             let status = response.status_code.clamp(0, 999) as u16;
             let retry_after = response.headers.get("retry-after").cloned();

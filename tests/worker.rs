@@ -120,6 +120,32 @@ fn server_errors_are_retried_until_the_sink_takes_the_batch() {
 
 /// minreq follows redirects by default: a 307 sent the batch, with its credentials, to the
 /// Location's server, and that server's 200 acked it.
+/// A sink that answers something other than HTTP is down, and `last_error` says what it
+/// answered: the HTTP client reads a missing status line as a 503, which the sink never sent.
+#[test]
+fn an_answer_without_a_status_line_is_named() {
+    let _serial = serial();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 65536]);
+            let _ = std::io::Write::write_all(&mut stream, b"SSH-2.0-OpenSSH_9.2\r\n\r\n");
+        }
+    });
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_garbled");
+    c.batch_execute(&format!("SELECT outbox_subscribe('search_garbled', 'http', '{{\"url\": \"http://127.0.0.1:{port}/events\"}}')")).unwrap();
+    c.batch_execute("INSERT INTO docs_garbled VALUES (1, 'x')").unwrap();
+    let error = |c: &mut Client| backlog(c, "search_garbled").get::<_, Option<String>>("last_error").unwrap_or_default();
+    assert!(eventually(Duration::from_secs(10), || !error(&mut c).is_empty()));
+    let said = error(&mut c);
+    assert!(said.contains("the sink answered without an HTTP status line") && !said.contains("503"), "{said}");
+    assert_eq!(backlog(&mut c, "search_garbled").get::<_, i64>("dead"), 0, "the sink is down, the event not at fault");
+    c.batch_execute("SELECT outbox_unsubscribe('search_garbled')").unwrap();
+}
+
 #[test]
 fn a_redirect_is_not_followed() {
     let _serial = serial();
