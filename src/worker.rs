@@ -454,7 +454,7 @@ impl Worker {
                     continue;
                 }
                 let batch_size = runner.limit.of(runner.batch_size());
-                let events = claim_rendered(client, &extension, &runner.name, batch_size)?;
+                let events = claim_for(client, &extension, id, runner, batch_size)?;
                 if events.is_empty() {
                     continue;
                 }
@@ -481,7 +481,7 @@ impl Worker {
         let Sink::Function { function, timeout, .. } = runner.sink.clone() else { return Ok(false) };
         Spi::connect_mut(|client| {
             let batch_size = runner.limit.of(runner.batch_size());
-            let events = claim_rendered(client, &extension, &runner.name, batch_size)?;
+            let events = claim_for(client, &extension, subscription, runner, batch_size)?;
             if events.is_empty() {
                 return Ok(false);
             }
@@ -672,6 +672,61 @@ fn record_error(
     let until = backing_off.map(|d| consume::timestamp(consume::now() + d.as_micros() as i64));
     run(client, extension, &q::SINK_FAILED, &[subscription.into(), error.into(), until.into()])?;
     Ok(())
+}
+
+/// Claims a batch for `runner`'s sink, in a subtransaction. A claim that fails (the
+/// subscription's delivery state damaged by hand: a claim row naming a ledger segment that
+/// does not exist) backs that sink off with the error as its `last_error`: it ended the worker,
+/// whose next round failed the same way, and no sink was delivered.
+fn claim_for(
+    client: &mut SpiClient<'_>,
+    extension: &Extension,
+    subscription: i32,
+    runner: &mut SinkRunner,
+    batch_size: i32,
+) -> Result<Vec<(i64, String)>, OutboxError> {
+    match in_subtransaction(|| claim_rendered(client, extension, &runner.name, batch_size)) {
+        Ok(events) => Ok(events),
+        Err(reason) => {
+            runner.back_off(client, extension, subscription, std::iter::empty(), &format!("its claim failed: {reason}"), None)?;
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// Runs `work` in a subtransaction: an ERROR it raises, or an error it returns, rolls back what
+/// it did and comes back as its message, and the transaction goes on.
+fn in_subtransaction<T>(work: impl FnOnce() -> Result<T, OutboxError>) -> Result<T, String> {
+    unsafe {
+        let memory = pg_sys::CurrentMemoryContext;
+        let resources = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(memory);
+        // (the outcome, and whether the subtransaction is rolled back already)
+        let (outcome, rolled_back) = PgTryBuilder::new(AssertUnwindSafe(|| (work().map_err(|e| e.to_string()), false)))
+            .catch_others(|error| {
+                pg_sys::MemoryContextSwitchTo(memory);
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+                let message = match error {
+                    pg_sys::panic::CaughtError::PostgresError(report)
+                    | pg_sys::panic::CaughtError::ErrorReport(report)
+                    | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => report.message().to_string(),
+                };
+                (Err(message), true)
+            })
+            .execute();
+        // (finished outside the try: an error in finishing it is the worker's own)
+        if !rolled_back {
+            if outcome.is_ok() {
+                pg_sys::ReleaseCurrentSubTransaction();
+            } else {
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            }
+        }
+        pg_sys::MemoryContextSwitchTo(memory);
+        pg_sys::CurrentResourceOwner = resources;
+        outcome
+    }
 }
 
 /// Claims a batch for the worker, each event rendered as the JSON object a sink receives.

@@ -236,6 +236,41 @@ fn a_subscription_whose_options_the_worker_cannot_use_waits_alone() {
     c.batch_execute("SELECT outbox_unsubscribe('search_mangled'); SELECT outbox_unsubscribe('search_sound')").unwrap();
 }
 
+/// A claim that fails on one subscription's delivery state (damaged by hand: a claim row
+/// naming a ledger segment that does not exist) backs that sink off with the error as its
+/// `last_error`; it ended the worker, whose next round failed the same way, and no sink was
+/// delivered. Once the state is mended, the sink delivers again.
+#[test]
+fn a_claim_that_fails_backs_off_its_sink_alone() {
+    let _serial = serial();
+    let (damaged, sound) = (Recorder::start(|_| Reply::status(200)), Recorder::start(|_| Reply::status(200)));
+    let mut c = cluster().connect("postgres");
+    table(&mut c, "docs_damaged");
+    http_sink(&mut c, "search_damaged", &damaged, ", \"backoff_base\": \"200ms\", \"backoff_max\": \"1s\"");
+    http_sink(&mut c, "search_beside", &sound, "");
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    let worker = worker_pid(&mut c);
+    c.batch_execute(
+        "INSERT INTO outbox_claims SELECT id, 999998, 99, now() - interval '1 hour', 1, 1, now()
+         FROM outbox_subscriptions WHERE name = 'search_damaged';
+         INSERT INTO docs_damaged SELECT g, 'x' FROM generate_series(1, 3) g",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || sound.delivered_keys().len() == 3), "{:?}", sound.delivered_keys());
+    let error = |c: &mut Client| backlog(c, "search_damaged").get::<_, Option<String>>("last_error").unwrap_or_default();
+    assert!(eventually(Duration::from_secs(5), || error(&mut c).contains("its claim failed")), "{}", error(&mut c));
+    assert!(error(&mut c).contains("outbox_ledger_99"), "{}", error(&mut c));
+    assert!(damaged.delivered_keys().is_empty());
+    assert!(eventually(Duration::from_secs(5), || settled(&mut c, "search_beside")));
+    assert_eq!(worker_pid(&mut c), worker, "the worker went on");
+    c.batch_execute("DELETE FROM outbox_claims WHERE claim_id = 999998").unwrap();
+    assert!(eventually(Duration::from_secs(10), || settled(&mut c, "search_damaged")), "{:?}", backlog(&mut c, "search_damaged"));
+    let mut keys = damaged.delivered_keys();
+    keys.sort_unstable();
+    assert_eq!(keys, [1, 2, 3]);
+    c.batch_execute("SELECT outbox_unsubscribe('search_damaged'); SELECT outbox_unsubscribe('search_beside')").unwrap();
+}
+
 #[test]
 fn a_rejected_batch_is_split_until_the_poison_event_is_alone() {
     let _serial = serial();
