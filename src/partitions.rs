@@ -16,7 +16,7 @@ use crate::error::{OrRaise, OutboxError};
 use crate::ext::Extension;
 use crate::queries;
 use crate::shape::Op;
-use crate::triggers::{quote_ident, truncate_statement, TRIGGER_NAMES};
+use crate::triggers::{drop_statement, truncate_statement, TRIGGER_NAMES};
 
 function_info_v1!(pg_finfo_outbox_capture_partition_changes);
 
@@ -259,7 +259,7 @@ pub fn set_partition_truncate_triggers(
             // (looked up first: DROP TRIGGER IF EXISTS tells the caller it skipped, per partition)
             let truncate = vec![TRIGGER_NAMES[4].to_string()];
             if !queries::run(client, extension, &queries::CAPTURE_TRIGGERS, &[relid.into(), truncate.into()])?.is_empty() {
-                client.update(&format!("DROP TRIGGER {} ON {quoted}", quote_ident(TRIGGER_NAMES[4])), None, &[])?;
+                client.update(&drop_statement(&quoted, TRIGGER_NAMES[4]), None, &[])?;
             }
             if let Some(generation) = generation {
                 client.update(&truncate_statement(&quoted, &function, generation), None, &[])?;

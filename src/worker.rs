@@ -685,37 +685,46 @@ fn claim_for(
     runner: &mut SinkRunner,
     batch_size: i32,
 ) -> Result<Vec<(i64, String)>, OutboxError> {
-    match in_subtransaction(|| claim_rendered(client, extension, &runner.name, batch_size)) {
-        Ok(events) => Ok(events),
-        Err(reason) => {
-            runner.back_off(client, extension, subscription, std::iter::empty(), &format!("its claim failed: {reason}"), None)?;
-            Ok(Vec::new())
-        }
-    }
+    let reason = match in_subtransaction(|| claim_rendered(client, extension, &runner.name, batch_size)) {
+        Ok(events) => return Ok(events),
+        Err(SubtransactionFailed::Raised(report)) => report.message().to_string(),
+        Err(SubtransactionFailed::Returned(error)) => error.to_string(),
+    };
+    runner.back_off(client, extension, subscription, std::iter::empty(), &format!("its claim failed: {reason}"), None)?;
+    Ok(Vec::new())
 }
 
-/// Runs `work` in a subtransaction: an ERROR it raises, or an error it returns, rolls back what
-/// it did and comes back as its message, and the transaction goes on.
-fn in_subtransaction<T>(work: impl FnOnce() -> Result<T, OutboxError>) -> Result<T, String> {
+/// How work in a subtransaction failed; either way the subtransaction is rolled back.
+enum SubtransactionFailed<E> {
+    /// It raised this ERROR.
+    Raised(pg_sys::panic::ErrorReportWithLevel),
+    /// It returned this error.
+    Returned(E),
+}
+
+/// Runs `work` in a subtransaction, released when it returns `Ok` and rolled back when it
+/// returns an error or raises one; the transaction goes on either way.
+fn in_subtransaction<T, E>(work: impl FnOnce() -> Result<T, E>) -> Result<T, SubtransactionFailed<E>> {
     unsafe {
         let memory = pg_sys::CurrentMemoryContext;
         let resources = pg_sys::CurrentResourceOwner;
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(memory);
         // (the outcome, and whether the subtransaction is rolled back already)
-        let (outcome, rolled_back) = PgTryBuilder::new(AssertUnwindSafe(|| (work().map_err(|e| e.to_string()), false)))
+        let (outcome, rolled_back) = PgTryBuilder::new(AssertUnwindSafe(|| (work().map_err(SubtransactionFailed::Returned), false)))
             .catch_others(|error| {
                 pg_sys::MemoryContextSwitchTo(memory);
                 pg_sys::RollbackAndReleaseCurrentSubTransaction();
-                let message = match error {
+                let report = match error {
                     pg_sys::panic::CaughtError::PostgresError(report)
                     | pg_sys::panic::CaughtError::ErrorReport(report)
-                    | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => report.message().to_string(),
+                    | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => report,
                 };
-                (Err(message), true)
+                (Err(SubtransactionFailed::Raised(report)), true)
             })
             .execute();
-        // (finished outside the try: an error in finishing it is the worker's own)
+        // Finished outside the try: an error in finishing it is the worker's own, and the catch
+        // must not roll back a second time, the level above.
         if !rolled_back {
             if outcome.is_ok() {
                 pg_sys::ReleaseCurrentSubTransaction();
@@ -926,25 +935,9 @@ fn call_in_subtransaction(
     refuse: &mut dyn FnMut() -> Option<String>,
 ) -> Result<(), CallFailed> {
     let started = std::time::Instant::now();
-    unsafe { call_as_owner(function, owner, batch, timeout, started, refuse) }
-}
-
-unsafe fn call_as_owner(
-    function: pg_sys::Oid,
-    owner: pg_sys::Oid,
-    batch: &str,
-    timeout: Duration,
-    started: std::time::Instant,
-    refuse: &mut dyn FnMut() -> Option<String>,
-) -> Result<(), CallFailed> {
     unsafe {
         let batch = std::ffi::CString::new(batch).map_err(|e| CallFailed::Raised(e.to_string()))?;
-        let memory = pg_sys::CurrentMemoryContext;
-        let resources = pg_sys::CurrentResourceOwner;
-        let refuse = std::panic::AssertUnwindSafe(refuse);
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(memory);
-        let outcome = PgTryBuilder::new(|| {
+        let outcome = in_subtransaction(|| {
             let mut user = pg_sys::InvalidOid;
             let mut context = 0;
             pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
@@ -978,55 +971,30 @@ unsafe fn call_as_owner(
             let late = call_timer::stop() || started.elapsed() >= timeout;
             pg_sys::AtEOXact_GUC(false, nest_level);
             pg_sys::SetUserIdAndSecContext(user, context);
-            // nor do session advisory locks it took (which a rollback keeps too)
-            pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
-            // (moved in whole: a closure capturing the field alone would not be unwind-safe)
-            let refuse = refuse;
-            if let Some(reason) = (refuse.0)() {
+            if let Some(reason) = refuse() {
                 pgrx::error!("{reason}");
             }
-            Ok(late)
-        })
-        .catch_others(|error| {
-            call_timer::stop();
-            pg_sys::MemoryContextSwitchTo(memory);
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            // (after the rollback, which releases the LWLocks an error may have left held)
-            pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
-            pg_sys::MemoryContextSwitchTo(memory);
-            pg_sys::CurrentResourceOwner = resources;
-            Err(match error {
-                pg_sys::panic::CaughtError::PostgresError(report)
-                | pg_sys::panic::CaughtError::ErrorReport(report)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => {
-                    if report.sql_error_code() == pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
-                        CallFailed::Cancelled(report.message().to_string())
-                    } else if started.elapsed() >= timeout {
-                        // (it caught the cancel, then failed: the sink was too slow all the same)
-                        CallFailed::Cancelled(format!("the call ran past its timeout, then failed: {}", report.message()))
-                    } else {
-                        CallFailed::Raised(report.message().to_string())
-                    }
-                }
-            })
-        })
-        .execute();
-        // The subtransaction is finished outside the try: an error in finishing it is the
-        // worker's own, and the catch above must not roll back a second time, the level above.
-        let late = outcome?;
-        if late {
-            // past its timeout (it caught the cancel, or ran on where it checks for none): the
-            // batch goes back as if it had been cancelled
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        } else {
-            pg_sys::ReleaseCurrentSubTransaction();
+            // past its timeout (it caught the cancel, or ran on where it checks for none): rolled
+            // back, and the batch goes back as if it had been cancelled
+            if late { Err(()) } else { Ok(()) }
+        });
+        // (an error left the timer armed)
+        call_timer::stop();
+        // Nor do session advisory locks it took outlive it, which the subtransaction's end keeps
+        // (released after a rollback, which releases the LWLocks an error may have left held).
+        pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID);
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(SubtransactionFailed::Returned(())) => Err(CallFailed::Cancelled("the call ran past its timeout".into())),
+            Err(SubtransactionFailed::Raised(report)) if report.sql_error_code() == pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
+                Err(CallFailed::Cancelled(report.message().to_string()))
+            }
+            // (it caught the cancel, then failed: the sink was too slow all the same)
+            Err(SubtransactionFailed::Raised(report)) if started.elapsed() >= timeout => {
+                Err(CallFailed::Cancelled(format!("the call ran past its timeout, then failed: {}", report.message())))
+            }
+            Err(SubtransactionFailed::Raised(report)) => Err(CallFailed::Raised(report.message().to_string())),
         }
-        pg_sys::MemoryContextSwitchTo(memory);
-        pg_sys::CurrentResourceOwner = resources;
-        if late {
-            return Err(CallFailed::Cancelled("the call ran past its timeout".into()));
-        }
-        Ok(())
     }
 }
 
