@@ -70,12 +70,29 @@ AS 'MODULE_PATHNAME', 'outbox_claim';
 -- in_flight: leased; retrying: failed or expired, waiting for their next attempt. For sink
 -- subscriptions, what the delivery worker last saw of the sink.
 CREATE VIEW @extschema@.outbox_backlog AS
+WITH reach AS MATERIALIZED (
+    -- Past the last id a subscription handed out (its window cursor, or the end of its done
+    -- part), every event in the log is waiting: no transaction there needs checking against
+    -- its snapshots. That part, most of a large backlog, is counted in one pass over the log
+    -- for every subscription at once, by how many subscriptions' reach each row is past.
+    SELECT s.id, GREATEST(s.window_cursor, s.done_seq, s.straddle_floor) AS handed_to
+    FROM @extschema@.outbox_subscriptions s
+), reaches AS MATERIALIZED (
+    SELECT pg_catalog.array_agg(r.handed_to ORDER BY r.handed_to) AS bounds FROM reach r
+), beyond AS MATERIALIZED (
+    SELECT pg_catalog.width_bucket(l.base OPERATOR(pg_catalog.-) 1, a.bounds) AS past,
+           pg_catalog.sum(l.n) AS waiting,
+           pg_catalog.min(l.created_at) AS oldest
+    FROM reaches a
+    JOIN @extschema@.outbox_log l ON l.base OPERATOR(pg_catalog.>) a.bounds[1]
+    GROUP BY 1
+)
 SELECT s.name AS subscription,
-       w.waiting OPERATOR(pg_catalog.+) r.pending AS pending,
+       w.waiting OPERATOR(pg_catalog.+) f.waiting OPERATOR(pg_catalog.+) r.pending AS pending,
        c.in_flight OPERATOR(pg_catalog.+) r.in_flight AS in_flight,
        c.expired OPERATOR(pg_catalog.+) r.retrying AS retrying,
        d.dead,
-       pg_catalog.now() OPERATOR(pg_catalog.-) LEAST(w.oldest, r.oldest, c.oldest) AS oldest_pending_age,
+       pg_catalog.now() OPERATOR(pg_catalog.-) LEAST(w.oldest, f.oldest, r.oldest, c.oldest) AS oldest_pending_age,
        lat.latency AS avg_propagation_latency,
        p.p99 AS p99_propagation_latency,
        s.sink,
@@ -85,20 +102,28 @@ SELECT s.name AS subscription,
        coalesce(k.backing_off_until OPERATOR(pg_catalog.>) pg_catalog.now(), false) AS backing_off,
        k.backing_off_until
 FROM @extschema@.outbox_subscriptions s
+JOIN reach h ON h.id OPERATOR(pg_catalog.=) s.id
 LEFT JOIN @extschema@.outbox_sink_state k ON k.subscription_id OPERATOR(pg_catalog.=) s.id
 CROSS JOIN LATERAL (
+    SELECT coalesce(pg_catalog.sum(b.waiting), 0)::bigint AS waiting, pg_catalog.min(b.oldest) AS oldest
+    FROM beyond b, reaches a
+    WHERE b.past OPERATOR(pg_catalog.>=) pg_catalog.width_bucket(h.handed_to, a.bounds)
+) f
+CROSS JOIN LATERAL (
+    -- up to its reach: what is left of the window, and the stragglers
     SELECT coalesce(pg_catalog.sum(x.waiting), 0)::bigint AS waiting,
            pg_catalog.min(x.created_at) FILTER (WHERE x.waiting OPERATOR(pg_catalog.>) 0) AS oldest
     FROM (
         SELECT l.created_at,
-               CASE WHEN pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot)
-                         AND l.base OPERATOR(pg_catalog.<=) s.window_seq
+               CASE WHEN l.base OPERATOR(pg_catalog.<=) s.window_seq
+                         AND pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot)
                     THEN GREATEST(0, LEAST(l.n::bigint,
                          l.base OPERATOR(pg_catalog.+) l.n OPERATOR(pg_catalog.-) 1 OPERATOR(pg_catalog.-) s.window_cursor))
                     ELSE l.n::bigint
                END AS waiting
         FROM @extschema@.outbox_log l
         WHERE l.base OPERATOR(pg_catalog.>) s.straddle_floor
+          AND l.base OPERATOR(pg_catalog.<=) h.handed_to
           AND (l.base OPERATOR(pg_catalog.>) s.done_seq
                OR NOT pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot))
     ) x

@@ -82,12 +82,13 @@ CREATE EVENT TRIGGER outbox_check_altered_tables ON ddl_command_end WHEN TAG IN 
 
 -- Rows that join or leave a captured partition tree without a write: ATTACH PARTITION brings
 -- a table's rows in (captured as UPSERTs), DETACH PARTITION and DROP TABLE of a partition take
--- them out (DELETEs, read before the drop). Partitions that join (ATTACH, CREATE TABLE …
+-- them out (DELETEs, read before the drop), as do DROP SCHEMA … CASCADE and DROP OWNED of a
+-- schema or role a partition belongs to. Partitions that join (ATTACH, CREATE TABLE …
 -- PARTITION OF, also inside CREATE SCHEMA) get their TRUNCATE trigger; those that leave lose
 -- it. src/partitions.rs reads the command's parse tree.
 CREATE EVENT TRIGGER outbox_capture_attached_partitions ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE SCHEMA')
     EXECUTE FUNCTION @extschema@.outbox_capture_partition_changes();
-CREATE EVENT TRIGGER outbox_capture_dropped_partitions ON ddl_command_start WHEN TAG IN ('DROP TABLE')
+CREATE EVENT TRIGGER outbox_capture_dropped_partitions ON ddl_command_start WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
     EXECUTE FUNCTION @extschema@.outbox_capture_partition_changes();
 
 CREATE FUNCTION @extschema@.outbox_forget_dropped_tables() RETURNS event_trigger

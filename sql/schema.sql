@@ -66,10 +66,23 @@ CREATE SEQUENCE @extschema@.outbox_event_id_seq AS bigint INCREMENT BY 4096 STAR
 -- Which segment new log and ledger rows go to.
 CREATE TABLE @extschema@.outbox_rotation (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    current_slot smallint NOT NULL,
+    current_slot smallint NOT NULL CHECK (current_slot OPERATOR(pg_catalog.>=) 0 AND current_slot OPERATOR(pg_catalog.<) 8),
     switched_at timestamptz NOT NULL
 );
 INSERT INTO @extschema@.outbox_rotation (current_slot, switched_at) VALUES (0, pg_catalog.now());
+
+-- Capture and retention read the one row: without it every write to an attached table
+-- failed, and the worker restarted every second. DELETE and TRUNCATE of it are refused
+-- (DROP EXTENSION takes the table whole).
+CREATE FUNCTION @extschema@.outbox_keep_rotation() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'outbox: outbox_rotation keeps its one row, which names the log segment new events go to'
+        USING ERRCODE = 'restrict_violation';
+END
+$$;
+CREATE TRIGGER outbox_keep_rotation BEFORE DELETE OR TRUNCATE ON @extschema@.outbox_rotation
+    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.outbox_keep_rotation();
 
 CREATE TABLE @extschema@.outbox_log (
     slot smallint NOT NULL,

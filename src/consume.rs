@@ -9,7 +9,7 @@
 //! `outbox_retries`.
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::hash::{BuildHasher, Hasher};
 
@@ -431,17 +431,19 @@ fn bury(
 }
 
 /// Buries the claim's retry candidates whose last hand-out's lease is over, as far as their
-/// rows still say so (see BURY_EXPIRED_RETRIES), and counts those buried.
+/// rows still say so (see BURY_EXPIRED_RETRIES), and counts those buried, each a dead letter
+/// and, unless a rescue counted it, a failed delivery.
 fn bury_expired_retries(client: &mut SpiClient<'_>, extension: &Extension, subscription: i32, ids: Vec<i64>, now: Micros) -> Result<(), OutboxError> {
     if ids.is_empty() {
         return Ok(());
     }
     let args = [subscription.into(), ids.into(), "lease expired".into(), timestamp(now).into()];
-    let buried: i64 = required(&single(run(client, extension, &q::BURY_EXPIRED_RETRIES, &args)?)?, 1)?;
+    let counts = single(run(client, extension, &q::BURY_EXPIRED_RETRIES, &args)?)?;
+    let (buried, failed): (i64, i64) = (required(&counts, 1)?, required(&counts, 2)?);
     if buried == 0 {
         return Ok(());
     }
-    count_stats(client, extension, subscription, now, Stats { dead: buried, ..Stats::default() })
+    count_stats(client, extension, subscription, now, Stats { failed, dead: buried, ..Stats::default() })
 }
 
 #[derive(Default)]
@@ -906,18 +908,26 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
             let candidates =
                 run(client, &extension, &q::RETRY_CANDIDATES, &[sub.into(), timestamp(now).into(), batch_size.into()])?;
             let mut lease_ids = Vec::new();
+            // A retry hand-out whose lease ran out is a failed delivery, counted when its event
+            // is handed out again or buried (one still held back by its row is found again).
+            // An event a rescue gave back (leased until then) was counted by the rescue.
+            let mut expired = HashSet::new();
             let mut dead = Vec::new();
             for row in candidates {
                 let id: i64 = required(&row, 1)?;
                 let key = OrderKey { key_hash: required(&row, 2)?, table_hash: required(&row, 3)? };
                 let attempts: i32 = required(&row, 4)?;
                 let lease_expired: bool = required(&row, 5)?;
+                let leased_by_retry_claim: bool = required(&row, 6)?;
                 if lease_expired && policy.exhausted(attempts) {
                     dead.push(id);
                     continue;
                 }
                 if !blocked.blocks(key) {
                     lease_ids.push(id);
+                    if leased_by_retry_claim {
+                        expired.insert(id);
+                    }
                 }
                 blocked.add(key);
             }
@@ -933,6 +943,10 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                     .into_iter()
                     .map(|row| Ok((required::<i64>(&row, 1)?, required::<i32>(&row, 2)?)))
                     .collect::<Result<Vec<_>, OutboxError>>()?;
+                let failed = leased.iter().filter(|(id, _)| expired.contains(id)).count() as i64;
+                if failed > 0 {
+                    count_stats(client, &extension, sub, now, Stats { failed, ..Stats::default() })?;
+                }
                 remember_leases(sub, &leased, micros_of(timestamp(expires)), now);
                 claimed.extend(leased.into_iter().map(|(id, attempts)| Claimed { id, attempts, event: None }));
             }

@@ -1,11 +1,14 @@
 //! Rows that join or leave a captured partition tree by DDL rather than by writes: `ALTER
 //! TABLE … ATTACH PARTITION` brings a table's rows in, and `DETACH PARTITION` and `DROP TABLE`
-//! of a partition take them out, without firing a row trigger. An event trigger reads the
+//! of a partition (or `DROP SCHEMA … CASCADE` and `DROP OWNED` of its schema or owner) take
+//! them out, without firing a row trigger. An event trigger reads the
 //! command's parse tree for the tables concerned and captures their rows as UPSERTs or
 //! DELETEs of the attached table (`capture::capture_table_rows`). It also keeps the TRUNCATE
 //! trigger each partition of an attached tree has of its own (statement triggers are not
 //! cloned to partitions) on the partitions that join, by ATTACH or CREATE TABLE … PARTITION
 //! OF, and takes it off those that leave.
+
+use std::collections::HashSet;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -21,8 +24,8 @@ use crate::triggers::{drop_statement, truncate_statement, TRIGGER_NAMES};
 function_info_v1!(pg_finfo_outbox_capture_partition_changes);
 
 /// The event trigger function behind `outbox_capture_partition_changes`: ALTER TABLE at
-/// ddl_command_end (the rows are where the command left them), DROP TABLE at
-/// ddl_command_start (the rows are still there).
+/// ddl_command_end (the rows are where the command left them), DROP TABLE, DROP SCHEMA and
+/// DROP OWNED at ddl_command_start (the rows are still there).
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn outbox_capture_partition_changes(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
@@ -53,6 +56,7 @@ unsafe fn capture_partition_changes(fcinfo: pg_sys::FunctionCallInfo) -> Result<
     match unsafe { (*command).type_ } {
         pg_sys::NodeTag::T_AlterTableStmt => unsafe { capture_attached_and_detached(command.cast()) },
         pg_sys::NodeTag::T_DropStmt => unsafe { capture_dropped(command.cast()) },
+        pg_sys::NodeTag::T_DropOwnedStmt => unsafe { capture_dropped_owned(command.cast()) },
         pg_sys::NodeTag::T_CreateStmt if unsafe { !(*command.cast::<pg_sys::CreateStmt>()).partbound.is_null() } => {
             give_new_partitions_their_trigger()
         }
@@ -127,34 +131,19 @@ fn give_new_partitions_their_trigger() -> Result<(), OutboxError> {
 /// drop), and takes nothing when no named table is a partition of an attached tree: an
 /// ordinary DROP TABLE waits for no lock it would not have waited for.
 unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), OutboxError> {
-    if unsafe { (*statement).removeType } != pg_sys::ObjectType::OBJECT_TABLE {
-        return Ok(());
+    match unsafe { (*statement).removeType } {
+        pg_sys::ObjectType::OBJECT_TABLE => {}
+        pg_sys::ObjectType::OBJECT_SCHEMA => return unsafe { capture_dropped_schemas(statement) },
+        _ => return Ok(()),
     }
     let missing_ok = unsafe { (*statement).missing_ok };
     let names = unsafe { PgList::<pg_sys::List>::from_pg((*statement).objects) };
     let named: Vec<pg_sys::Oid> = names.iter_ptr().map(|name| unsafe { relation_named(pg_sys::makeRangeVarFromNameList(name)) }).collect();
     let extension = Extension::current()?;
-    let caller = unsafe { pg_sys::GetUserId() };
-    let facts = |relid: pg_sys::Oid| {
-        // as the owner: the caller need not read outbox_attachments
-        Spi::connect_mut(|client| {
-            let rows = extension.as_owner(|| queries::run(client, &extension, &queries::DROPPED_TABLE, &[relid.into(), caller.into()]))?;
-            if rows.is_empty() {
-                // dropped by another session meanwhile: this drop finds it gone too
-                return Ok(None);
-            }
-            let row = rows.first();
-            Ok::<_, OutboxError>(Some(DroppedTable {
-                droppable: row.get::<bool>(1)?.unwrap_or(false),
-                parent: row.get::<pg_sys::Oid>(2)?,
-                attached_and_above: row.get::<Vec<pg_sys::Oid>>(3)?.unwrap_or_default(),
-            }))
-        })
-    };
     // what the drop will drop before it stops, and which of those are partitions to capture
     let mut dropped = Vec::new();
     for relid in named {
-        let table = if relid == pg_sys::InvalidOid { None } else { facts(relid)? };
+        let table = if relid == pg_sys::InvalidOid { None } else { dropped_table(&extension, relid)? };
         let Some(table) = table else {
             if missing_ok {
                 continue;
@@ -166,10 +155,78 @@ unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), Outbox
         }
         dropped.push((relid, table));
     }
-    let in_attached_tree = |table: &DroppedTable, dropped: &[(pg_sys::Oid, DroppedTable)]| {
-        !table.attached_and_above.is_empty() && !table.attached_and_above.iter().any(|a| dropped.iter().any(|(d, _)| d == a))
-    };
-    if !dropped.iter().any(|(_, table)| in_attached_tree(table, &dropped)) {
+    let gone: HashSet<pg_sys::Oid> = dropped.iter().map(|(relid, _)| *relid).collect();
+    unsafe { capture_leaving_partitions(&extension, dropped, &gone) }
+}
+
+/// DROP SCHEMA … CASCADE drops every table in the schemas, and with a partitioned one every
+/// partition below it, wherever that is: the partitions among them whose attached tree stays
+/// are captured as DROP TABLE of them is. (Without CASCADE a schema holding a table is not
+/// dropped.) The schemas are locked first, as the drop locks them, so that no table is
+/// created in one or moved into it between this reading and the drop.
+unsafe fn capture_dropped_schemas(statement: *mut pg_sys::DropStmt) -> Result<(), OutboxError> {
+    if unsafe { (*statement).behavior } != pg_sys::DropBehavior::DROP_CASCADE {
+        return Ok(());
+    }
+    let names = unsafe { PgList::<pg_sys::Node>::from_pg((*statement).objects) };
+    let mut schemas = Vec::new();
+    for name in names.iter_ptr() {
+        let schema = unsafe { pg_sys::get_namespace_oid(pg_sys::NameListToString(pg_sys::lappend(std::ptr::null_mut(), name.cast())), true) };
+        if schema != pg_sys::InvalidOid {
+            unsafe { pg_sys::LockDatabaseObject(pg_sys::NamespaceRelationId, schema, 0, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
+            schemas.push(schema);
+        }
+    }
+    unsafe { capture_dropped_with(schemas, Vec::new()) }
+}
+
+/// DROP OWNED BY drops the roles' tables, CASCADE or not (a partition goes with its
+/// parent): the partitions among them whose attached tree stays are captured as DROP TABLE
+/// of them is.
+unsafe fn capture_dropped_owned(statement: *mut pg_sys::DropOwnedStmt) -> Result<(), OutboxError> {
+    let specs = unsafe { PgList::<pg_sys::RoleSpec>::from_pg((*statement).roles) };
+    let roles: Vec<pg_sys::Oid> =
+        specs.iter_ptr().map(|role| unsafe { pg_sys::get_rolespec_oid(role, true) }).filter(|role| *role != pg_sys::InvalidOid).collect();
+    unsafe { capture_dropped_with(Vec::new(), roles) }
+}
+
+/// The tables in `schemas` or owned by `owners` go, with every partition below them: those
+/// that are partitions of a table that stays are the ones whose rows leave a tree.
+unsafe fn capture_dropped_with(schemas: Vec<pg_sys::Oid>, owners: Vec<pg_sys::Oid>) -> Result<(), OutboxError> {
+    if schemas.is_empty() && owners.is_empty() {
+        return Ok(());
+    }
+    let extension = Extension::current()?;
+    let tables = Spi::connect_mut(|client| {
+        queries::run(client, &extension, &queries::TABLES_DROPPED_WITH, &[schemas.into(), owners.into()])?
+            .into_iter()
+            .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<pg_sys::Oid>(2)?)))
+            .collect::<Result<Vec<_>, OutboxError>>()
+    })?;
+    let gone: HashSet<pg_sys::Oid> = tables.iter().map(|(relid, _)| *relid).collect();
+    let mut leaving = Vec::new();
+    for (relid, parent) in tables {
+        if parent.is_some_and(|parent| !gone.contains(&parent)) {
+            if let Some(table) = dropped_table(&extension, relid)? {
+                leaving.push((relid, table));
+            }
+        }
+    }
+    unsafe { capture_leaving_partitions(&extension, leaving, &gone) }
+}
+
+/// Of the tables in `dropped`, the partitions of an attached tree that stays (no table `gone`
+/// is it or above it) have their rows, and those of every partition below them, captured as
+/// DELETEs. Each is locked first, after its parent, as the drop is about to lock them; nothing
+/// is locked when none is such a partition.
+unsafe fn capture_leaving_partitions(
+    extension: &Extension,
+    dropped: Vec<(pg_sys::Oid, DroppedTable)>,
+    gone: &HashSet<pg_sys::Oid>,
+) -> Result<(), OutboxError> {
+    let in_attached_tree =
+        |table: &DroppedTable| !table.attached_and_above.is_empty() && !table.attached_and_above.iter().any(|a| gone.contains(a));
+    if !dropped.iter().any(|(_, table)| in_attached_tree(table)) {
         return Ok(());
     }
     let exclusive = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
@@ -183,19 +240,37 @@ unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), Outbox
     // this waited (a partition moved to another parent has that one locked too, late)
     let mut now = Vec::with_capacity(dropped.len());
     for (relid, before) in dropped {
-        let Some(table) = facts(relid)? else { continue };
+        let Some(table) = dropped_table(extension, relid)? else { continue };
         if let Some(parent) = table.parent.filter(|parent| before.parent != Some(*parent)) {
             unsafe { pg_sys::LockRelationOid(parent, exclusive) };
         }
         now.push((relid, table));
     }
-    let dropped = now;
-    for (relid, table) in &dropped {
-        if let (true, Some(parent)) = (in_attached_tree(table, &dropped), table.parent) {
+    for (relid, table) in &now {
+        if let (true, Some(parent)) = (in_attached_tree(table), table.parent) {
             unsafe { capture_tree(parent, *relid, Op::Delete, exclusive)? };
         }
     }
     Ok(())
+}
+
+/// `relid` as the current user drops it; None when it is gone (dropped by another session
+/// meanwhile: the drop finds it gone too). Read as the extension's owner: the caller need not
+/// read outbox_attachments.
+fn dropped_table(extension: &Extension, relid: pg_sys::Oid) -> Result<Option<DroppedTable>, OutboxError> {
+    let caller = unsafe { pg_sys::GetUserId() };
+    Spi::connect_mut(|client| {
+        let rows = extension.as_owner(|| queries::run(client, extension, &queries::DROPPED_TABLE, &[relid.into(), caller.into()]))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let row = rows.first();
+        Ok(Some(DroppedTable {
+            droppable: row.get::<bool>(1)?.unwrap_or(false),
+            parent: row.get::<pg_sys::Oid>(2)?,
+            attached_and_above: row.get::<Vec<pg_sys::Oid>>(3)?.unwrap_or_default(),
+        }))
+    })
 }
 
 /// A table a DROP TABLE names, as it is now.

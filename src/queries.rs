@@ -53,7 +53,7 @@ impl ForRelease {
 }
 
 use pg_sys::{
-    BOOLOID as BOOL, INT2OID as INT2, INT4OID as INT4, INT8ARRAYOID as INT8S, INT8OID as INT8, JSONBOID as JSONB, OIDOID as OID, TEXTARRAYOID as TEXTS, TEXTOID as TEXT, TIMESTAMPTZARRAYOID as TIMES,
+    BOOLOID as BOOL, INT2OID as INT2, INT4OID as INT4, INT8ARRAYOID as INT8S, INT8OID as INT8, JSONBOID as JSONB, OIDARRAYOID as OIDS, OIDOID as OID, TEXTARRAYOID as TEXTS, TEXTOID as TEXT, TIMESTAMPTZARRAYOID as TIMES,
     TIMESTAMPTZOID as TIME, INTERVALOID as INTERVAL,
 };
 
@@ -165,6 +165,22 @@ pub static DROPPED_TABLE: Sql = Sql {
          WHERE c.oid OPERATOR(pg_catalog.=) $1"
     ),
     args: &[OID, OID],
+};
+
+/// The tables a DROP SCHEMA … CASCADE of the schemas `$1` or a DROP OWNED BY the roles `$2`
+/// drops: those in the schemas or owned by the roles, and every partition below them, which
+/// goes with its parent. Each with the table it is a partition of.
+pub static TABLES_DROPPED_WITH: Sql = Sql {
+    text: "WITH named AS (SELECT c.oid FROM pg_catalog.pg_class c \
+                          WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog.\"char\"[]) \
+                            AND (c.relnamespace OPERATOR(pg_catalog.=) ANY ($1) OR c.relowner OPERATOR(pg_catalog.=) ANY ($2))) \
+           SELECT g.relid, i.inhparent \
+           FROM (SELECT n.oid AS relid FROM named n \
+                 UNION SELECT t.relid::pg_catalog.oid FROM named n, pg_catalog.pg_partition_tree(n.oid) t) g \
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) g.relid \
+           LEFT JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) g.relid AND c.relispartition \
+           ORDER BY g.relid",
+    args: &[OIDS, OIDS],
 };
 
 /// `$1` and every table of its partition tree, parents before their partitions, and whether
@@ -427,7 +443,8 @@ pub static RESOLVED_EVENTS: Sql = Sql {
 /// late ack or fail of an expired hand-out may commit while the claim runs, so what the claim
 /// then does to a candidate (LEASE_RETRIES, BURY_EXPIRED_RETRIES) checks the row again.
 pub static RETRY_CANDIDATES: Sql = Sql {
-    text: "SELECT r.event_id, r.key_hash, r.table_hash, r.attempts, r.leased_until IS NOT NULL \
+    text: "SELECT r.event_id, r.key_hash, r.table_hash, r.attempts, r.leased_until IS NOT NULL, \
+                  coalesce(r.leased_until > r.visible_at, false) \
            FROM @extschema@.outbox_retries r \
            WHERE r.subscription_id = $1 AND r.visible_at <= $2 \
              AND (r.leased_until IS NULL OR r.leased_until <= $2) \
@@ -681,14 +698,17 @@ pub static BURY: Sql = Sql {
 };
 
 /// Buries the retry hand-outs among $2 whose lease is still over at $4 (and that are still
-/// due: not processed meanwhile), with last error $3; returns how many. Buried by id alone,
+/// due: not processed meanwhile), with last error $3; returns how many, and how many of them
+/// had been leased by a claim of the retry table (not given back by a rescue, which counted
+/// them). Buried by id alone,
 /// an event whose late ack committed while the claim ran was processed and dead at once (and
 /// a requeue sent it out again).
 pub static BURY_EXPIRED_RETRIES: Sql = Sql {
     text: concat!(
         "WITH gone AS (DELETE FROM @extschema@.outbox_retries r \
                        WHERE r.subscription_id = $1 AND r.event_id = ANY ($2) AND r.leased_until <= $4 AND r.visible_at <= $4 \
-                       RETURNING r.event_id, r.attempts, r.key_hash, r.table_hash, r.type, r.payload, r.created_at), \
+                       RETURNING r.event_id, r.attempts, r.key_hash, r.table_hash, r.type, r.payload, r.created_at, \
+                                 r.leased_until > r.visible_at AS leased), \
               dead AS (SELECT g.event_id AS id, g.attempts, g.key_hash, g.table_hash, \
                               coalesce(g.type, e.type) AS type, coalesce(g.payload, e.payload) AS payload, \
                               coalesce(g.created_at, e.created_at) AS created_at \
@@ -696,7 +716,7 @@ pub static BURY_EXPIRED_RETRIES: Sql = Sql {
               buried AS (",
         insert_dead_letters!("$3", "$4"),
         " RETURNING 1) \
-         SELECT pg_catalog.count(*) FROM buried"
+         SELECT (SELECT pg_catalog.count(*) FROM buried), (SELECT pg_catalog.count(*) FROM gone WHERE gone.leased)"
     ),
     args: &[INT4, INT8S, TEXT, TIME],
 };
@@ -991,16 +1011,18 @@ pub static RECORD_ROLES: Sql = Sql {
     args: &[TEXT, OID, OID],
 };
 
+/// (The times are when the answer came, not when the worker's transaction began: a call
+/// cancelled at its timeout ended that much later.)
 pub static SINK_SUCCEEDED: Sql = Sql {
-    text: "INSERT INTO @extschema@.outbox_sink_state (subscription_id, last_success_at) VALUES ($1, pg_catalog.now()) \
-           ON CONFLICT (subscription_id) DO UPDATE SET last_success_at = pg_catalog.now(), backing_off_until = NULL",
+    text: "INSERT INTO @extschema@.outbox_sink_state (subscription_id, last_success_at) VALUES ($1, pg_catalog.clock_timestamp()) \
+           ON CONFLICT (subscription_id) DO UPDATE SET last_success_at = pg_catalog.clock_timestamp(), backing_off_until = NULL",
     args: &[INT4],
 };
 
 pub static SINK_FAILED: Sql = Sql {
     text: "INSERT INTO @extschema@.outbox_sink_state (subscription_id, last_error, last_error_at, backing_off_until) \
-           VALUES ($1, $2, pg_catalog.now(), $3) \
-           ON CONFLICT (subscription_id) DO UPDATE SET last_error = $2, last_error_at = pg_catalog.now(), \
+           VALUES ($1, $2, pg_catalog.clock_timestamp(), $3) \
+           ON CONFLICT (subscription_id) DO UPDATE SET last_error = $2, last_error_at = pg_catalog.clock_timestamp(), \
              backing_off_until = $3",
     args: &[INT4, TEXT, TIME],
 };

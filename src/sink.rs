@@ -172,10 +172,12 @@ impl Sink {
     }
 }
 
-/// A function sink's function is looked up as `name(jsonb)`: a name with more in it, such as
-/// `f(int8, int8 --)`, resolved to a function of other arguments, which the worker then called
-/// with one jsonb (a reviewer crashed the server in a loop with it). So only a name, or a
-/// schema and a name, each a plain or a double-quoted identifier.
+/// A function sink's function is looked up as `schema.name(jsonb)`: a name with more in it,
+/// such as `f(int8, int8 --)`, resolved to a function of other arguments, which the worker then
+/// called with one jsonb (a reviewer crashed the server in a loop with it). So only a schema
+/// and a name, each a plain or a double-quoted identifier. The schema is needed: the lookup
+/// runs with `search_path` pinned to pg_catalog, as every query of outbox_subscribe and of the
+/// worker does, so a bare name could only ever find a built-in function.
 fn check_function_name(function: &str) -> Result<(), OutboxError> {
     fn identifier(rest: &str) -> Option<&str> {
         if let Some(quoted) = rest.strip_prefix('"') {
@@ -200,13 +202,17 @@ fn check_function_name(function: &str) -> Result<(), OutboxError> {
     let valid = after_first.is_some_and(|rest| rest.is_empty() || rest.strip_prefix('.').and_then(identifier) == Some(""));
     if !valid {
         return Err(invalid(format!(
-            "function must name a function as name or schema.name, without its arguments (it is called as name(jsonb)), got {function:?}"
+            "function must name a function as schema.name, without its arguments (it is called as schema.name(jsonb)), got {function:?}"
         )));
     }
+    let Some(schema) = after_first.filter(|rest| !rest.is_empty()).map(|rest| &function[..function.len() - rest.len()]) else {
+        return Err(invalid(format!(
+            "function must be qualified with its schema, as schema.name (it is looked up with search_path = pg_catalog), got {function:?}"
+        )));
+    };
     // (the worker's session has temporary schemas of its own, where the function is not)
-    let schema = after_first.filter(|rest| !rest.is_empty()).map(|rest| &function[..function.len() - rest.len()]);
-    let schema = schema.map(|s| s.strip_prefix('"').and_then(|q| q.strip_suffix('"')).map_or_else(|| s.to_lowercase(), |q| q.replace("\"\"", "\"")));
-    if schema.is_some_and(|s| s == "pg_temp" || s.starts_with("pg_temp_")) {
+    let schema = schema.strip_prefix('"').and_then(|q| q.strip_suffix('"')).map_or_else(|| schema.to_lowercase(), |q| q.replace("\"\"", "\""));
+    if schema == "pg_temp" || schema.starts_with("pg_temp_") {
         return Err(invalid(format!("function {function:?} is in a temporary schema, which the delivery worker does not see")));
     }
     Ok(())
@@ -418,12 +424,16 @@ mod tests {
 
     #[test]
     fn a_function_sink_names_a_function_and_nothing_more() {
-        for function in ["apply", "app.apply", "\"My App\".\"Apply \"\"v2\"\"\"", "_f$1", "über.änderung"] {
+        for function in ["app.apply", "\"My App\".\"Apply \"\"v2\"\"\"", "_s._f$1", "über.änderung"] {
             assert!(Sink::parse("function", &json!({ "function": function })).is_ok(), "{function}");
         }
-        for function in ["app.f(int8, int8 --)", "f(jsonb)", "app.f --", "a.b.c", "a.", ".f", "\"unclosed", "\"\"", "1f", "f;", "f g", "app.\"f\"x"] {
+        for function in ["app.f(int8, int8 --)", "app.f(jsonb)", "app.f --", "a.b.c", "a.", ".f", "\"unclosed", "\"\"", "1f", "app.f;", "app.f g", "app.\"f\"x"] {
             let error = Sink::parse("function", &json!({ "function": function })).unwrap_err().to_string();
-            assert!(error.contains("must name a function as name or schema.name"), "{function}: {error}");
+            assert!(error.contains("must name a function as schema.name"), "{function}: {error}");
+        }
+        for function in ["apply", "_f$1", "\"Apply\""] {
+            let error = Sink::parse("function", &json!({ "function": function })).unwrap_err().to_string();
+            assert!(error.contains("must be qualified with its schema"), "{function}: {error}");
         }
         for function in ["pg_temp.f", "PG_TEMP.f", "\"pg_temp_3\".f"] {
             let error = Sink::parse("function", &json!({ "function": function })).unwrap_err().to_string();
@@ -484,8 +494,8 @@ mod tests {
     fn bad_sink_options_are_named() {
         let cases = [
             ("function", json!({}), "a function sink needs"),
-            ("function", json!({"function": "f", "url": "x"}), "unknown option \"url\" for a function sink"),
-            ("function", json!({"function": "f", "timeout": "2h"}), "timeout must be between 1s and 1h"),
+            ("function", json!({"function": "app.f", "url": "x"}), "unknown option \"url\" for a function sink"),
+            ("function", json!({"function": "app.f", "timeout": "2h"}), "timeout must be between 1s and 1h"),
             ("http", json!({}), "an http sink needs"),
             ("http", json!({"url": "ftp://x"}), "url must start with http://"),
             ("http", json!({"url": "http:///path"}), "names no host"),

@@ -900,6 +900,40 @@ mod tests {
         assert_eq!(captured_by("DROP TABLE top, low"), json!([]));
     }
 
+    /// DROP SCHEMA … CASCADE and DROP OWNED drop partitions with no DROP TABLE naming them:
+    /// their rows are captured as DROP TABLE of them captures them, read before the drop, with
+    /// those of partitions elsewhere below a dropped partitioned one. A partition that goes
+    /// with its attached table, and tables outside attached trees, add nothing.
+    #[pg_test]
+    fn partitions_dropped_with_their_schema_or_owner_capture_their_rows_as_deletes() {
+        run("CREATE TABLE docs (id int PRIMARY KEY, body text) PARTITION BY RANGE (id)");
+        run("CREATE SCHEMA tenant_a");
+        run("CREATE TABLE tenant_a.docs_a PARTITION OF docs FOR VALUES FROM (0) TO (10)");
+        run("CREATE TABLE tenant_a.docs_b PARTITION OF docs FOR VALUES FROM (10) TO (30) PARTITION BY RANGE (id)");
+        run("CREATE TABLE public.docs_b1 PARTITION OF tenant_a.docs_b FOR VALUES FROM (10) TO (20)");
+        run("CREATE TABLE tenant_a.plain (id int PRIMARY KEY)");
+        run("CREATE TABLE docs_c PARTITION OF docs FOR VALUES FROM (30) TO (40)");
+        run("CREATE ROLE outbox_test_tenant_b");
+        run("CREATE TABLE docs_d PARTITION OF docs FOR VALUES FROM (40) TO (50)");
+        run("ALTER TABLE docs_d OWNER TO outbox_test_tenant_b");
+        run("INSERT INTO docs VALUES (1, 'a'), (11, 'b1'), (31, 'c'), (41, 'd')");
+        run("INSERT INTO tenant_a.plain VALUES (1)");
+        run("SELECT outbox_attach('docs')");
+        assert_eq!(
+            captured_by("DROP SCHEMA IF EXISTS no_such_schema, tenant_a CASCADE"),
+            json!([["EMBED_DELETE", 1], ["EMBED_DELETE", 11]])
+        );
+        assert_eq!(count("SELECT count(*) FROM pg_class WHERE relname = 'docs_b1'"), 0, "dropped with its parent");
+        assert_eq!(captured_by("DROP OWNED BY outbox_test_tenant_b"), json!([["EMBED_DELETE", 41]]));
+        assert_eq!(captured_by("INSERT INTO docs VALUES (32, 'c')"), json!([["EMBED_UPSERT", 32]]), "the rest is captured as before");
+
+        // the attached table goes with its owner's other tables: nothing, as for any attached table
+        run("ALTER TABLE docs OWNER TO outbox_test_tenant_b");
+        assert_eq!(captured_by("DROP OWNED BY outbox_test_tenant_b"), json!([]));
+        assert_eq!(count("SELECT count(*) FROM pg_class WHERE relname IN ('docs', 'docs_c')"), 0);
+        run("DROP ROLE outbox_test_tenant_b");
+    }
+
     /// A partition truncated by itself loses its rows without a trigger of the attached table
     /// firing: its own TRUNCATE trigger captures each as a DELETE, before they go. Truncated
     /// with the attached table, it adds nothing to the TRUNCATE. New partitions get the

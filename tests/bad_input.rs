@@ -149,7 +149,7 @@ fn unknown_names_and_wrong_values_are_refused() {
             ("SELECT outbox_subscribe('s', options => '[1]')", "options"),
             ("SELECT outbox_subscribe('s', options => '{\"max_attempts\": \"many\"}')", "max_attempts must be a positive integer"),
             ("SELECT outbox_subscribe('s', 'http', '{}')", "url"),
-            ("SELECT outbox_subscribe('s', 'function', '{\"function\": \"no_such_fn\"}')", "no_such_fn"),
+            ("SELECT outbox_subscribe('s', 'function', '{\"function\": \"public.no_such_fn\"}')", "function public.no_such_fn(jsonb) does not exist"),
             ("SELECT outbox_unsubscribe('nope')", "subscription \"nope\" does not exist"),
             ("SELECT * FROM outbox_claim(subscription => 'nope')", "subscription \"nope\" does not exist"),
             ("SELECT * FROM outbox_claim(0)", "batch_size must be between 1 and 10000, got 0"),
@@ -257,6 +257,29 @@ fn a_malformed_log_row_is_named_and_loses_nothing() {
     c.batch_execute("UPDATE outbox_log SET key_hashes = key_hashes[1:2] WHERE base = 1").unwrap();
     let claimed = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!(claimed.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2]);
+}
+
+/// Capture and retention read outbox_rotation's one row, the segment new events go to: a row
+/// deleted by hand failed every write to an attached table. Deleting it, truncating the table
+/// and naming a segment past the eight are refused, and capture goes on.
+#[test]
+fn the_rotation_row_stays_and_names_a_segment() {
+    let mut c = setup("rotation_row");
+    let before: String = c.query_one("SELECT current_slot || ' ' || switched_at FROM outbox_rotation", &[]).unwrap().get(0);
+    for (sql, expected) in [
+        ("DELETE FROM outbox_rotation", "outbox_rotation keeps its one row"),
+        ("TRUNCATE outbox_rotation", "outbox_rotation keeps its one row"),
+        ("UPDATE outbox_rotation SET current_slot = 8", "outbox_rotation_current_slot_check"),
+        ("UPDATE outbox_rotation SET current_slot = -1", "outbox_rotation_current_slot_check"),
+    ] {
+        let message = error_of(&mut c, sql);
+        assert!(message.contains(expected), "{sql}: {message}");
+    }
+    let after: String = c.query_one("SELECT current_slot || ' ' || switched_at FROM outbox_rotation", &[]).unwrap().get(0);
+    assert_eq!(after, before);
+    c.batch_execute("INSERT INTO chunks VALUES (3, 1, 'c', '{0.5}')").unwrap();
+    assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(10)").iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_purge()"), 0, "retention runs");
 }
 
 /// Capture reads each log segment's columns once per backend. A change to them committed by

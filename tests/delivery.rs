@@ -1157,6 +1157,51 @@ fn oldest_pending_age_leaves_out_the_settled_part_of_a_claim() {
     assert!(oldest(&mut c) < 1.0);
 }
 
+/// The backlog counts the log past each subscription's last handed-out id in one pass for
+/// all of them, and below it row by row against the subscription's snapshots. Three
+/// subscriptions at three points, a straggler among them: each one's `pending` and oldest
+/// pending event are what its claims then hand out.
+#[test]
+fn pending_is_what_claims_hand_out_wherever_each_subscription_is() {
+    let (db, mut c) = setup("pending_reach", "");
+    c.batch_execute("SELECT outbox_subscribe('partway'); SELECT outbox_subscribe('untouched')").unwrap();
+    let mut early = shared().connect(&db);
+    early.batch_execute("BEGIN; INSERT INTO chunks VALUES (1000, 1, 'early', '{1}')").unwrap(); // the lowest id
+    c.batch_execute("INSERT INTO chunks SELECT g, 1, 'bulk', '{1}' FROM generate_series(1, 50) g").unwrap(); // one log row
+    // 'partway' has handed out the bulk row's first event only: its cursor is the row's base
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(1, 'partway')");
+    assert_eq!(first.iter().map(|e| e.2).collect::<Vec<_>>(), [1]);
+    insert(&mut c, 51..=60);
+    // 'default' is past the bulk row and five single rows, the early transaction still running
+    assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(55)").len(), 55);
+    early.batch_execute("COMMIT").unwrap();
+    insert(&mut c, 61..=65);
+
+    for (subscription, expected) in [("default", 11), ("partway", 65), ("untouched", 66)] {
+        let row = c
+            .query_one(
+                "SELECT pending, extract(epoch FROM now() - oldest_pending_age)::float8 FROM outbox_backlog WHERE subscription = $1",
+                &[&subscription],
+            )
+            .unwrap();
+        let (pending, oldest): (i64, f64) = (row.get(0), row.get(1));
+        let mut handed_out = Vec::new();
+        loop {
+            let batch = c
+                .query("SELECT id, extract(epoch FROM created_at)::float8 FROM outbox_claim(7, $1)", &[&subscription])
+                .unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            handed_out.extend(batch.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, f64>(1))));
+        }
+        assert_eq!(pending, handed_out.len() as i64, "{subscription}: pending is what its claims hand out");
+        assert_eq!(pending, expected, "{subscription}");
+        let first_captured = handed_out.iter().map(|e| e.1).fold(f64::MAX, f64::min);
+        assert!((oldest - first_captured).abs() < 0.001, "{subscription}: oldest pending {oldest}, first handed out {first_captured}");
+    }
+}
+
 #[test]
 fn a_write_aimed_at_a_partition_is_captured_at_commit() {
     let cluster = shared();
@@ -1210,6 +1255,28 @@ fn metrics_report_backlog_counters_and_latency_per_subscription() {
     assert_eq!(sample(&metrics, "outbox_worker_up").unwrap(), 0.0, "this cluster does not preload the worker");
 
     promtool_check_metrics(&metrics);
+}
+
+/// Every lease that runs out is a failed delivery once a claim finds it, the first hand-out's
+/// and each later one's alike, and the last one allowed a dead letter as well.
+#[test]
+fn every_expired_lease_counts_as_a_failure() {
+    let (_, mut c) = setup("expiries_counted", "");
+    c.batch_execute("SELECT outbox_subscribe('s', options => '{\"max_attempts\": 3}')").unwrap();
+    insert(&mut c, 1..=1);
+    let counters = |c: &mut Client| -> (f64, f64) {
+        let metrics: String = c.query_one("SELECT outbox_metrics()", &[]).unwrap().get(0);
+        let s = |name: &str| sample(&metrics, &format!("{name}{{subscription=\"s\"}}")).unwrap();
+        (s("outbox_failures_total"), s("outbox_dead_lettered_total"))
+    };
+    for attempt in 1..=3 {
+        let claimed = claim(&mut c, "SELECT * FROM outbox_claim(1, 's', lease => '300 milliseconds')");
+        assert_eq!(claimed.iter().map(|e| e.3).collect::<Vec<_>>(), [attempt], "hand-out {attempt}");
+        assert_eq!(counters(&mut c), (f64::from(attempt - 1), 0.0), "each lease before hand-out {attempt} counted once");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(1, 's')").is_empty(), "three hand-outs are all it gets");
+    assert_eq!(counters(&mut c), (3.0, 1.0));
 }
 
 /// Every ack adds to the minute's delivery counters and keeps their row locked until it

@@ -534,10 +534,27 @@ fn a_function_sink_past_its_timeout_is_cancelled_and_backs_off_without_holding_u
     hanging_function_sink(&mut c, "hung", ", \"timeout\": \"1s\", \"backoff_base\": \"2s\", \"backoff_max\": \"3s\", \"max_attempts\": 1");
     http_sink(&mut c, "beside_hung", &fast, "");
     std::thread::sleep(Duration::from_millis(500));
+    let started: f64 = c.query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[]).unwrap().get(0);
     for id in 1..=5i64 {
         c.execute("INSERT INTO docs_hang VALUES ($1, 'x')", &[&id]).unwrap();
         // a round calls the function for at most its timeout, then the sink backs off
         assert!(eventually(Duration::from_millis(2500), || fast.delivered_keys().contains(&id)), "event {id} held up");
+        if id == 1 {
+            // the first call failed when it was cancelled, a second after it began
+            let mut failed_at = None;
+            assert!(
+                eventually(Duration::from_millis(2500), || {
+                    failed_at = c
+                        .query_one("SELECT extract(epoch FROM last_error_at)::float8 FROM outbox_backlog WHERE subscription = 'hung'", &[])
+                        .unwrap()
+                        .get::<_, Option<f64>>(0);
+                    failed_at.is_some()
+                }),
+                "the first call's failure is recorded"
+            );
+            let after = failed_at.unwrap() - started;
+            assert!(after >= 1.0, "the failure is dated {after:.3} s after the event, before the call's timeout ran out");
+        }
     }
     // down from the first timeout until it delivers again, during its probes too
     let mut samples = Vec::new();
@@ -583,7 +600,8 @@ fn a_function_sink_calls_only_the_function_its_subscriber_could_have_called() {
     )
     .unwrap();
     for (function, expected) in [
-        ("public.two_args(int8, int8 --)", "must name a function as name or schema.name"),
+        ("public.two_args(int8, int8 --)", "must name a function as schema.name"),
+        ("a_set", "function must be qualified with its schema, as schema.name"),
         ("public.a_procedure", "function public.a_procedure(jsonb) does not exist"),
         ("public.a_set", "function public.a_set(jsonb) does not exist"),
     ] {
