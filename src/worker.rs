@@ -46,6 +46,11 @@ static WORKER_HAS_SINKS: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"outbox_
 /// how many times running (low 32 bits): the next worker backs it off that much. Set for each
 /// call and cleared when the call returns: a call that returns, in time or not, ends the run.
 static STUCK_SINK: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"outbox_stuck_sink") };
+/// STUCK_SINK kept in the data directory as well, with the postmaster's start time: a call
+/// that takes the server down (the kernel's OOM killer, a crash in C code) has every process
+/// restarted and shared memory made anew, and the next worker called the sink again at once,
+/// into the same crash. A postmaster started afresh (after a stop) ignores the file.
+const STUCK_SINK_FILE: &str = "outbox_sink_in_call";
 /// Set in the postmaster when the library is preloaded; backends inherit it.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -897,7 +902,10 @@ impl Watchdog {
     /// worker, and ends the worker if it lasts `after`.
     fn arm(subscription: i32, ended_before: u32, after: Duration) -> Watchdog {
         let times = u64::from(ended_before.saturating_add(1));
-        STUCK_SINK.get().store(((subscription as u32 as u64) << 32) | times, Ordering::Release);
+        let mark = ((subscription as u32 as u64) << 32) | times;
+        STUCK_SINK.get().store(mark, Ordering::Release);
+        // (a file that cannot be written costs only the guard against a crash loop)
+        let _ = std::fs::write(STUCK_SINK_FILE, format!("{} {mark}", unsafe { pg_sys::PgStartTime }));
         let (disarm, disarmed) = mpsc::channel::<()>();
         let thread = spawn_without_signals(move || {
             let overran = disarmed.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout);
@@ -914,12 +922,24 @@ impl Watchdog {
         let _ = self.disarm.send(());
         if !self.thread.join().unwrap_or(false) {
             STUCK_SINK.get().store(0, Ordering::Release);
+            let _ = std::fs::remove_file(STUCK_SINK_FILE);
         }
     }
 
-    /// The sink whose call a worker last ended in, and how many times running.
+    /// The sink whose call a worker last ended in, and how many times running: from shared
+    /// memory, or after a crash restart from the file.
     fn overrun() -> Option<(i32, u32)> {
-        let last = STUCK_SINK.get().load(Ordering::Acquire);
+        let mut last = STUCK_SINK.get().load(Ordering::Acquire);
+        if last == 0 {
+            let started = unsafe { pg_sys::PgStartTime };
+            last = std::fs::read_to_string(STUCK_SINK_FILE)
+                .ok()
+                .and_then(|text| {
+                    let (postmaster, mark) = text.split_once(' ')?;
+                    (postmaster.parse::<i64>().ok()? == started).then(|| mark.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+        }
         (last != 0).then_some(((last >> 32) as i32, (last & u64::from(u32::MAX)) as u32))
     }
 }

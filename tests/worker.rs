@@ -824,6 +824,46 @@ fn a_function_sink_that_ends_the_worker_is_backed_off() {
     assert_eq!(applied, HashSet::from([1, 2]));
 }
 
+/// A call that takes the server down with it (the kernel's OOM killer, a crash in C code; here
+/// SIGKILL of the worker in the call) has the postmaster restart every process and make shared
+/// memory anew. The worker after the restart still backs that sink off, from the mark the call
+/// left in the data directory, rather than calling it again at once into the same crash.
+#[test]
+fn a_function_sink_whose_call_crashed_the_server_is_backed_off_after_the_restart() {
+    let cluster = own_cluster();
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "docs_crash");
+    c.batch_execute(
+        "CREATE TABLE crash_flag (on_ boolean); INSERT INTO crash_flag VALUES (true);
+         CREATE TABLE applied_crash (id bigint);
+         CREATE FUNCTION apply_crash(batch jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             WHILE EXISTS (SELECT 1 FROM crash_flag) LOOP PERFORM pg_sleep(0.05); END LOOP;
+             INSERT INTO applied_crash SELECT (e->'payload'->'key'->>'id')::bigint FROM jsonb_array_elements(batch) e;
+         END $$;
+         SELECT outbox_subscribe('crash', 'function', '{\"function\": \"public.apply_crash\", \"timeout\": \"1min\", \"backoff_base\": \"3s\", \"backoff_max\": \"5s\"}');",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || worker_pid(&mut c).is_some()));
+    c.batch_execute("INSERT INTO docs_crash VALUES (1, 'x')").unwrap();
+    let in_call = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox delivery worker' AND wait_event = 'PgSleep'";
+    assert!(eventually(Duration::from_secs(10), || scalar_i64(&mut c, in_call) == 1), "the worker is in the call");
+    let pid = worker_pid(&mut c).unwrap();
+    let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    drop(c);
+    // every backend ends with it; connect again once the server is back
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = cluster.connect("postgres");
+    let error = || backlog(&mut cluster.connect("postgres"), "crash").get::<_, Option<String>>("last_error").unwrap_or_default();
+    assert!(eventually(Duration::from_secs(10), || error().contains("the worker ended during a call")), "{}", error());
+    assert_eq!(scalar_i64(&mut c, in_call), 0, "the function was not called again at once");
+    c.batch_execute("DELETE FROM crash_flag").unwrap();
+    assert!(eventually(Duration::from_secs(20), || settled(&mut c, "crash")), "{:?}", backlog(&mut c, "crash"));
+    let applied: Vec<i64> = c.query("SELECT id FROM applied_crash", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(applied, [1]);
+}
+
 /// A replay or requeue held open locks the subscriptions the worker claims from; SIGTERM must
 /// still end the worker at once.
 #[test]
