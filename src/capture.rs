@@ -67,6 +67,15 @@ enum Encoding {
     Int8,
     Bool,
     Text,
+    /// float4 and float8, and arrays of them (an embedding): spelled as `to_json` spells them
+    /// with extra_float_digits at least 1, the shortest exact decimal (by the function
+    /// float4out and float8out call), NaN and the infinities as strings. Through `to_json`, a
+    /// 384-float embedding cost 1,500 instructions a float: an output function call, a
+    /// palloc'd string and a JSON number check for each.
+    Float4,
+    Float8,
+    Float4Array,
+    Float8Array,
     /// Postgres' own `to_json`, for every other type, so payloads match `to_json` exactly.
     ToJson(*mut pg_sys::FmgrInfo),
     /// `to_jsonb`, for types that can hold json text as it was written (json, and arrays,
@@ -80,7 +89,7 @@ impl Encoding {
     /// Whether encoding a value may allocate in the current memory context (a text value can
     /// be compressed or stored out of line).
     fn allocates(&self) -> bool {
-        matches!(self, Encoding::Text | Encoding::ToJson(_) | Encoding::ToJsonb(_))
+        matches!(self, Encoding::Text | Encoding::Float4Array | Encoding::Float8Array | Encoding::ToJson(_) | Encoding::ToJsonb(_))
     }
 }
 
@@ -1045,6 +1054,10 @@ unsafe fn encoding_for(typid: pg_sys::Oid, typmod: i32, collation: pg_sys::Oid, 
         pg_sys::INT4OID => Encoding::Int4,
         pg_sys::INT8OID => Encoding::Int8,
         pg_sys::BOOLOID => Encoding::Bool,
+        pg_sys::FLOAT4OID => Encoding::Float4,
+        pg_sys::FLOAT8OID => Encoding::Float8,
+        pg_sys::FLOAT4ARRAYOID => Encoding::Float4Array,
+        pg_sys::FLOAT8ARRAYOID => Encoding::Float8Array,
         pg_sys::TEXTOID | pg_sys::VARCHAROID if utf8 => Encoding::Text,
         _ if unsafe { holds_json(typid) } => Encoding::ToJsonb(unsafe { json_function(c"to_jsonb", pg_sys::JSONBOID, typid, typmod, collation, memory) }),
         _ => Encoding::ToJson(unsafe { json_function(c"to_json", pg_sys::JSONOID, typid, typmod, collation, memory) }),
@@ -1166,6 +1179,10 @@ unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut Stri
         Encoding::Int4 => push_int(out, i64::from(value.value() as i32)),
         Encoding::Int8 => push_int(out, value.value() as i64),
         Encoding::Bool => out.push_str(if value.value() != 0 { "true" } else { "false" }),
+        Encoding::Float4 => push_float(out, Float::Four(f32::from_bits(value.value() as u32))),
+        Encoding::Float8 => push_float(out, Float::Eight(f64::from_bits(value.value() as u64))),
+        Encoding::Float4Array => unsafe { push_float_array(out, value, pg_sys::FLOAT4OID) },
+        Encoding::Float8Array => unsafe { push_float_array(out, value, pg_sys::FLOAT8OID) },
         Encoding::Text => unsafe {
             let text = pg_sys::pg_detoast_datum_packed(value.cast_mut_ptr());
             push_json_string(out, pgrx::varlena::text_to_rust_str_unchecked(text));
@@ -1187,6 +1204,83 @@ unsafe fn encode_value(encoding: &Encoding, value: pg_sys::Datum, out: &mut Stri
 unsafe extern "C" {
     /// (utils/bytea.h, which pgrx does not bind)
     static bytea_output: core::ffi::c_int;
+    /// (common/shortest_dec.h, which pgrx does not bind) What float4out and float8out write
+    /// when extra_float_digits is above 0, NaN and the infinities included, unterminated;
+    /// they return its length.
+    fn float_to_shortest_decimal_bufn(f: f32, result: *mut core::ffi::c_char) -> core::ffi::c_int;
+    fn double_to_shortest_decimal_bufn(f: f64, result: *mut core::ffi::c_char) -> core::ffi::c_int;
+}
+
+#[derive(Clone, Copy)]
+enum Float {
+    Four(f32),
+    Eight(f64),
+}
+
+/// A float as `to_json` writes it: a number, or NaN and the infinities as strings (JSON has no
+/// such numbers).
+fn push_float(out: &mut String, value: Float) {
+    // DOUBLE_SHORTEST_DECIMAL_LEN, the longer of the two
+    let mut buf = [0u8; 25];
+    let (length, finite) = match value {
+        Float::Four(f) => (unsafe { float_to_shortest_decimal_bufn(f, buf.as_mut_ptr().cast()) }, f.is_finite()),
+        Float::Eight(f) => (unsafe { double_to_shortest_decimal_bufn(f, buf.as_mut_ptr().cast()) }, f.is_finite()),
+    };
+    // SAFETY: ASCII (digits, sign, point and exponent, or NaN and Infinity), so still UTF-8;
+    // checking it cost a fifth as much as writing it
+    let bytes = unsafe { out.as_mut_vec() };
+    if finite {
+        bytes.extend_from_slice(&buf[..length as usize]);
+    } else {
+        bytes.push(b'"');
+        bytes.extend_from_slice(&buf[..length as usize]);
+        bytes.push(b'"');
+    }
+}
+
+/// A float4[] or float8[] as `to_json` writes it: nested JSON arrays, one level per dimension
+/// (bounds dropped), NULL elements as null.
+unsafe fn push_float_array(out: &mut String, value: pg_sys::Datum, element_type: pg_sys::Oid) {
+    let array = unsafe { pg_sys::pg_detoast_datum(value.cast_mut_ptr()).cast::<pg_sys::ArrayType>() };
+    let mut raw = unsafe { pgrx::array::RawArray::from_ptr(std::ptr::NonNull::new_unchecked(array)) };
+    let dims: Vec<usize> = raw.dims().iter().map(|&d| d as usize).collect();
+    out.reserve(raw.len() * 12);
+    let nulls = raw.nulls().map(|bitmap| unsafe { bitmap.as_ref() });
+    // elements are stored one after another (four or eight bytes, as aligned), NULLs left out
+    let data = raw.data::<u8>().as_ptr().cast::<u8>();
+    let (mut item, mut stored) = (0usize, 0usize);
+    let mut next = |out: &mut String| {
+        let present = nulls.is_none_or(|bitmap| bitmap[item / 8] & (1 << (item % 8)) != 0);
+        item += 1;
+        if !present {
+            out.push_str("null");
+            return;
+        }
+        let float = unsafe {
+            if element_type == pg_sys::FLOAT4OID {
+                Float::Four(data.add(stored * 4).cast::<f32>().read_unaligned())
+            } else {
+                Float::Eight(data.add(stored * 8).cast::<f64>().read_unaligned())
+            }
+        };
+        stored += 1;
+        push_float(out, float);
+    };
+    fn dimension(out: &mut String, dims: &[usize], next: &mut dyn FnMut(&mut String)) {
+        out.push('[');
+        for i in 0..dims.first().copied().unwrap_or(0) {
+            if i > 0 {
+                out.push(',');
+            }
+            if dims.len() == 1 {
+                next(out);
+            } else {
+                dimension(out, &dims[1..], next);
+            }
+        }
+        out.push(']');
+    }
+    dimension(out, &dims, &mut next);
 }
 
 /// `bytea_output = hex`

@@ -162,57 +162,110 @@ unsafe fn capture_dropped(statement: *mut pg_sys::DropStmt) -> Result<(), Outbox
 /// DROP SCHEMA … CASCADE drops every table in the schemas, and with a partitioned one every
 /// partition below it, wherever that is: the partitions among them whose attached tree stays
 /// are captured as DROP TABLE of them is. (Without CASCADE a schema holding a table is not
-/// dropped.) The schemas are locked first, as the drop locks them, so that no table is
-/// created in one or moved into it between this reading and the drop.
+/// dropped.) Nothing is read or locked unless the caller may drop every schema named: the
+/// drop then stops with an error, as it would have without outbox. The schemas are locked
+/// first, as the drop locks them, so that no table is made in one or moved into it meanwhile.
 unsafe fn capture_dropped_schemas(statement: *mut pg_sys::DropStmt) -> Result<(), OutboxError> {
     if unsafe { (*statement).behavior } != pg_sys::DropBehavior::DROP_CASCADE {
         return Ok(());
     }
     let names = unsafe { PgList::<pg_sys::Node>::from_pg((*statement).objects) };
-    let mut schemas = Vec::new();
-    for name in names.iter_ptr() {
-        let schema = unsafe { pg_sys::get_namespace_oid(pg_sys::NameListToString(pg_sys::lappend(std::ptr::null_mut(), name.cast())), true) };
-        if schema != pg_sys::InvalidOid {
-            unsafe { pg_sys::LockDatabaseObject(pg_sys::NamespaceRelationId, schema, 0, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
-            schemas.push(schema);
-        }
+    let schemas: Vec<pg_sys::Oid> = names
+        .iter_ptr()
+        .map(|name| unsafe { pg_sys::get_namespace_oid(pg_sys::NameListToString(pg_sys::lappend(std::ptr::null_mut(), name.cast())), true) })
+        .filter(|schema| *schema != pg_sys::InvalidOid)
+        .collect();
+    let extension = Extension::current()?;
+    let caller = unsafe { pg_sys::GetUserId() };
+    let droppable = Spi::connect_mut(|client| {
+        Ok::<_, OutboxError>(queries::run(client, &extension, &queries::SCHEMAS_DROPPABLE, &[schemas.clone().into(), caller.into()])?.first().get::<bool>(1)?)
+    })?;
+    if droppable != Some(true) {
+        return Ok(());
     }
-    unsafe { capture_dropped_with(schemas, Vec::new()) }
+    unsafe { capture_dropped_with(&extension, schemas, Vec::new()) }
 }
 
 /// DROP OWNED BY drops the roles' tables, CASCADE or not (a partition goes with its
-/// parent): the partitions among them whose attached tree stays are captured as DROP TABLE
-/// of them is.
+/// parent), and with CASCADE their schemas with whatever is in them: the partitions among
+/// them whose attached tree stays are captured as DROP TABLE of them is. Nothing is read or
+/// locked unless the caller has the privileges of every role named (the drop stops
+/// otherwise).
 unsafe fn capture_dropped_owned(statement: *mut pg_sys::DropOwnedStmt) -> Result<(), OutboxError> {
     let specs = unsafe { PgList::<pg_sys::RoleSpec>::from_pg((*statement).roles) };
-    let roles: Vec<pg_sys::Oid> =
-        specs.iter_ptr().map(|role| unsafe { pg_sys::get_rolespec_oid(role, true) }).filter(|role| *role != pg_sys::InvalidOid).collect();
-    unsafe { capture_dropped_with(Vec::new(), roles) }
-}
-
-/// The tables in `schemas` or owned by `owners` go, with every partition below them: those
-/// that are partitions of a table that stays are the ones whose rows leave a tree.
-unsafe fn capture_dropped_with(schemas: Vec<pg_sys::Oid>, owners: Vec<pg_sys::Oid>) -> Result<(), OutboxError> {
-    if schemas.is_empty() && owners.is_empty() {
+    let roles: Vec<pg_sys::Oid> = specs.iter_ptr().map(|role| unsafe { pg_sys::get_rolespec_oid(role, true) }).collect();
+    let caller = unsafe { pg_sys::GetUserId() };
+    if roles.iter().any(|&role| role == pg_sys::InvalidOid || !unsafe { pg_sys::has_privs_of_role(caller, role) }) {
         return Ok(());
     }
     let extension = Extension::current()?;
-    let tables = Spi::connect_mut(|client| {
-        queries::run(client, &extension, &queries::TABLES_DROPPED_WITH, &[schemas.into(), owners.into()])?
-            .into_iter()
-            .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<pg_sys::Oid>(2)?)))
-            .collect::<Result<Vec<_>, OutboxError>>()
-    })?;
-    let gone: HashSet<pg_sys::Oid> = tables.iter().map(|(relid, _)| *relid).collect();
-    let mut leaving = Vec::new();
-    for (relid, parent) in tables {
-        if parent.is_some_and(|parent| !gone.contains(&parent)) {
-            if let Some(table) = dropped_table(&extension, relid)? {
-                leaving.push((relid, table));
+    let mut schemas = Vec::new();
+    if unsafe { (*statement).behavior } == pg_sys::DropBehavior::DROP_CASCADE {
+        schemas = Spi::connect_mut(|client| {
+            Ok::<_, OutboxError>(
+                queries::run(client, &extension, &queries::SCHEMAS_OWNED, &[roles.clone().into()])?.first().get::<Vec<pg_sys::Oid>>(1)?.unwrap_or_default(),
+            )
+        })?;
+    }
+    unsafe { capture_dropped_with(&extension, schemas, roles) }
+}
+
+/// The tables in `schemas` or owned by `owners` go, with every partition below them: those
+/// that are partitions of an attached tree that stays have their rows leave it. The schemas
+/// are locked first. Locking the partitions to capture (and their parents) can wait for a
+/// session that holds them, which can move one out of a schema, give it to another owner or
+/// make a new one meanwhile: once the locks are held, the tables are listed again, until the
+/// list holds still.
+unsafe fn capture_dropped_with(extension: &Extension, schemas: Vec<pg_sys::Oid>, owners: Vec<pg_sys::Oid>) -> Result<(), OutboxError> {
+    if schemas.is_empty() && owners.is_empty() {
+        return Ok(());
+    }
+    for &schema in &schemas {
+        unsafe { pg_sys::LockDatabaseObject(pg_sys::NamespaceRelationId, schema, 0, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
+    }
+    let list = || {
+        Spi::connect_mut(|client| {
+            queries::run(client, extension, &queries::TABLES_DROPPED_WITH, &[schemas.clone().into(), owners.clone().into()])?
+                .into_iter()
+                .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<pg_sys::Oid>(2)?)))
+                .collect::<Result<Vec<_>, OutboxError>>()
+        })
+    };
+    let mut tables = list()?;
+    loop {
+        let gone: HashSet<pg_sys::Oid> = tables.iter().map(|(relid, _)| *relid).collect();
+        let mut leaving = Vec::new();
+        for &(relid, parent) in &tables {
+            if parent.is_some_and(|parent| !gone.contains(&parent)) {
+                if let Some(table) = dropped_table(extension, relid)?.filter(|table| in_attached_tree(table, &gone)) {
+                    leaving.push((relid, table));
+                }
             }
         }
+        lock_with_parents(&leaving);
+        let again = list()?;
+        if again == tables {
+            return unsafe { capture_leaving_partitions(extension, leaving, &gone) };
+        }
+        tables = again;
     }
-    unsafe { capture_leaving_partitions(&extension, leaving, &gone) }
+}
+
+/// Whether `table` is a partition of an attached tree that stays: no table `gone` is its
+/// attached table or above it.
+fn in_attached_tree(table: &DroppedTable, gone: &HashSet<pg_sys::Oid>) -> bool {
+    !table.attached_and_above.is_empty() && !table.attached_and_above.iter().any(|a| gone.contains(a))
+}
+
+/// Takes the lock a drop takes of each table, after its parent's, as the drop does.
+fn lock_with_parents(tables: &[(pg_sys::Oid, DroppedTable)]) {
+    let exclusive = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
+    for (relid, table) in tables {
+        if let Some(parent) = table.parent {
+            unsafe { pg_sys::LockRelationOid(parent, exclusive) };
+        }
+        unsafe { pg_sys::LockRelationOid(*relid, exclusive) };
+    }
 }
 
 /// Of the tables in `dropped`, the partitions of an attached tree that stays (no table `gone`
@@ -224,18 +277,11 @@ unsafe fn capture_leaving_partitions(
     dropped: Vec<(pg_sys::Oid, DroppedTable)>,
     gone: &HashSet<pg_sys::Oid>,
 ) -> Result<(), OutboxError> {
-    let in_attached_tree =
-        |table: &DroppedTable| !table.attached_and_above.is_empty() && !table.attached_and_above.iter().any(|a| gone.contains(a));
-    if !dropped.iter().any(|(_, table)| in_attached_tree(table)) {
+    if !dropped.iter().any(|(_, table)| in_attached_tree(table, gone)) {
         return Ok(());
     }
     let exclusive = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
-    for (relid, table) in &dropped {
-        if let Some(parent) = table.parent {
-            unsafe { pg_sys::LockRelationOid(parent, exclusive) };
-        }
-        unsafe { pg_sys::LockRelationOid(*relid, exclusive) };
-    }
+    lock_with_parents(&dropped);
     // with the locks held, as the tables are now: one may have joined or left a tree while
     // this waited (a partition moved to another parent has that one locked too, late)
     let mut now = Vec::with_capacity(dropped.len());
@@ -247,7 +293,7 @@ unsafe fn capture_leaving_partitions(
         now.push((relid, table));
     }
     for (relid, table) in &now {
-        if let (true, Some(parent)) = (in_attached_tree(table), table.parent) {
+        if let (true, Some(parent)) = (in_attached_tree(table, gone), table.parent) {
             unsafe { capture_tree(parent, *relid, Op::Delete, exclusive)? };
         }
     }

@@ -167,6 +167,19 @@ pub static DROPPED_TABLE: Sql = Sql {
     args: &[OID, OID],
 };
 
+/// Whether role `$2` may drop every schema of `$1` (it has the privileges of its owner).
+pub static SCHEMAS_DROPPABLE: Sql = Sql {
+    text: "SELECT coalesce(pg_catalog.bool_and(pg_catalog.pg_has_role($2, n.nspowner, 'USAGE')), true) \
+           FROM pg_catalog.pg_namespace n WHERE n.oid OPERATOR(pg_catalog.=) ANY ($1)",
+    args: &[OIDS, OID],
+};
+
+/// The schemas the roles `$1` own.
+pub static SCHEMAS_OWNED: Sql = Sql {
+    text: "SELECT pg_catalog.array_agg(n.oid) FROM pg_catalog.pg_namespace n WHERE n.nspowner OPERATOR(pg_catalog.=) ANY ($1)",
+    args: &[OIDS],
+};
+
 /// The tables a DROP SCHEMA … CASCADE of the schemas `$1` or a DROP OWNED BY the roles `$2`
 /// drops: those in the schemas or owned by the roles, and every partition below them, which
 /// goes with its parent. Each with the table it is a partition of.

@@ -789,6 +789,39 @@ mod tests {
     /// extra_float_digits, IntervalStyle and bytea_output changed how to_json spelled it, and a
     /// DELETE named another key than the row's UPSERT (or, with extra_float_digits = 0,
     /// another row's). The session keeps its settings.
+    /// Floats and arrays of them are spelled in Rust (capture.rs, `Encoding::Float4` and the
+    /// others) as `to_json` spells them with extra_float_digits at least 1: every value's text
+    /// is compared with to_json's, over random values of every magnitude, the special ones,
+    /// and arrays of every shape, written from a session with extra_float_digits 0.
+    #[pg_test]
+    fn floats_and_float_arrays_are_spelled_as_to_json_spells_them() {
+        run("CREATE TABLE fl (id int PRIMARY KEY, f4 real, f8 float8, a4 real[], a8 float8[])");
+        run("SELECT outbox_attach('fl', payload_columns => ARRAY['f4', 'f8', 'a4', 'a8'])");
+        run("SET LOCAL extra_float_digits = 0");
+        run("INSERT INTO fl SELECT g, (random() * 2 - 1) * 10 ^ (random() * 70 - 35), (random() * 2 - 1) * 10 ^ (random() * 600 - 300), \
+                    ARRAY[(random() * 2 - 1) * 10 ^ (random() * 70 - 35), random(), g]::real[], \
+                    ARRAY[(random() - 0.5) * 10 ^ (random() * 40 - 20), g / 7.0] \
+             FROM generate_series(1, 3000) g");
+        run("INSERT INTO fl VALUES \
+             (-1, 'NaN', 'Infinity', '{NaN,Infinity,-Infinity,-0,0,1e-45,3.4028235e38,1e6,1e-5,123456.7}', '{{1.5,NULL},{NULL,-2.5e-300}}'), \
+             (-2, '-Infinity', '-0', '{}', '[0:2]={1,2,3}'), \
+             (-3, 1.17549435e-38, 5e-324, '{{{1}},{{2}}}', NULL), \
+             (-4, NULL, 2.2250738585072014e-308, '{NULL}', '{1e15,1e16,1e-4,1e-5,0.1,100,1.7976931348623157e308}')");
+        run("SET LOCAL extra_float_digits = 1");
+        let compared = "FROM outbox_log l, \
+                             ROWS FROM (json_array_elements(l.keys::json), json_array_elements(l.data::json)) AS e(key, data) \
+                        JOIN fl ON fl.id = (e.key->>'id')::int";
+        let spelled = |column: &str| format!("(e.data->'{column}')::text IS DISTINCT FROM coalesce(to_json(fl.{column})::text, 'null')");
+        let differ = ["f4", "f8", "a4", "a8"].map(spelled).join(" OR ");
+        assert_eq!(count(&format!("SELECT count(*) {compared}")), 3004, "every row captured once");
+        let wrong = Spi::get_one::<String>(&format!(
+            "SELECT string_agg(fl.id || ': ' || e.data::text || ' where to_json has ' \
+                               || concat_ws(' ', to_json(fl.f4), to_json(fl.f8), to_json(fl.a4), to_json(fl.a8)), E'\\n') \
+             {compared} WHERE {differ}"
+        ));
+        assert_eq!(wrong, Ok(None));
+    }
+
     #[pg_test]
     fn keys_and_data_are_spelled_alike_under_any_session_settings() {
         run("CREATE TABLE t (at timestamptz, f float8, b bytea, i interval, PRIMARY KEY (at, f, b, i))");
@@ -975,7 +1008,11 @@ mod tests {
         run("INSERT INTO docs VALUES (41, 'd')");
         assert_eq!(captured_by("TRUNCATE more.docs_d"), json!([["EMBED_DELETE", 41]]));
         run("SELECT outbox_detach('docs')");
-        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox%'"), 0, "detach takes every trigger off");
+        assert_eq!(
+            count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox_capture%'"),
+            0,
+            "detach takes every capture trigger off"
+        );
     }
 
     /// A large partition leaving is written a part at a time, every row once.

@@ -1551,3 +1551,75 @@ fn dropping_a_table_and_a_partition_locks_in_the_order_named() {
     drop.join().unwrap().unwrap();
     assert_eq!(drain(&mut c, "copy"), typed(&[("EMBED_UPSERT", 1), ("EMBED_UPSERT", 11), ("EMBED_UPSERT", 12), ("EMBED_DELETE", 1)]));
 }
+
+/// DROP SCHEMA … CASCADE and DROP OWNED name no table: what they drop is listed first, and a
+/// session holding a partition meanwhile can move it out of the schema, give it to another
+/// owner or make a new one. Each drop captures what it drops once it holds the locks, and
+/// nothing else. DROP OWNED … CASCADE takes the roles' schemas with what is in them, and a role
+/// that may not drop a schema is refused at once, without waiting for the attached table.
+#[test]
+fn schema_and_owner_drops_capture_what_they_drop_once_they_hold_the_locks() {
+    let (db, mut c) = setup("drops_settle", "");
+    c.batch_execute(
+        "DROP ROLE IF EXISTS outbox_drops_r1; DROP ROLE IF EXISTS outbox_drops_r2; DROP ROLE IF EXISTS outbox_drops_r3;
+         CREATE ROLE outbox_drops_r1; CREATE ROLE outbox_drops_r2 LOGIN; CREATE ROLE outbox_drops_r3;
+         CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE SCHEMA a; CREATE SCHEMA elsewhere;
+         CREATE TABLE a.p1 PARTITION OF m FOR VALUES FROM (0) TO (100);
+         CREATE TABLE a.p2 PARTITION OF m FOR VALUES FROM (100) TO (200);
+         CREATE TABLE q1 PARTITION OF m FOR VALUES FROM (200) TO (300);
+         ALTER TABLE q1 OWNER TO outbox_drops_r1;
+         CREATE SCHEMA r3_schema AUTHORIZATION outbox_drops_r3;
+         CREATE TABLE r3_schema.p PARTITION OF m FOR VALUES FROM (400) TO (500);
+         INSERT INTO m VALUES (1), (101), (201), (401);
+         SELECT outbox_attach('m');
+         SELECT outbox_subscribe('copy');",
+    )
+    .unwrap();
+    let run_waiting = |sql: &'static str| {
+        let db = db.clone();
+        let (pid_sender, pid) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let mut d = shared().connect(&db);
+            pid_sender.send(d.query_one("SELECT pg_backend_pid()", &[]).unwrap().get::<_, i32>(0)).unwrap();
+            d.batch_execute(sql).unwrap();
+        });
+        (pid.recv().unwrap(), handle)
+    };
+
+    // a partition moved out of the schema while the drop waits for it stays, and is not deleted
+    let mut b = shared().connect(&db);
+    b.batch_execute("BEGIN; ALTER TABLE a.p1 SET SCHEMA elsewhere").unwrap();
+    let (pid, dropping) = run_waiting("DROP SCHEMA a CASCADE");
+    waits_for_a_lock(&db, pid);
+    b.batch_execute("COMMIT").unwrap();
+    dropping.join().unwrap();
+    assert_eq!(drain(&mut c, "copy"), typed(&[("EMBED_DELETE", 101)]), "only the partition the drop dropped");
+
+    // a partition made and given to the role while DROP OWNED waits goes with the role's others
+    b.batch_execute(
+        "BEGIN; CREATE TABLE q2 PARTITION OF m FOR VALUES FROM (300) TO (400); ALTER TABLE q2 OWNER TO outbox_drops_r1;
+         INSERT INTO m VALUES (301)",
+    )
+    .unwrap();
+    let (pid, dropping) = run_waiting("DROP OWNED BY outbox_drops_r1");
+    waits_for_a_lock(&db, pid);
+    b.batch_execute("COMMIT").unwrap();
+    dropping.join().unwrap();
+    assert_eq!(drain(&mut c, "copy"), typed(&[("EMBED_UPSERT", 301), ("EMBED_DELETE", 201), ("EMBED_DELETE", 301)]));
+
+    // DROP OWNED … CASCADE drops the role's schema, and the partition in it owned by another
+    c.batch_execute("DROP OWNED BY outbox_drops_r3 CASCADE").unwrap();
+    assert_eq!(drain(&mut c, "copy"), typed(&[("EMBED_DELETE", 401)]));
+
+    // a role that may not drop the schema waits for nothing before it is refused
+    b.batch_execute("BEGIN; LOCK m IN ACCESS SHARE MODE").unwrap();
+    let mut r2 = Client::connect(&format!("{} user=outbox_drops_r2", shared().dsn(&db)), NoTls).unwrap();
+    r2.batch_execute("SET statement_timeout = '5s'").unwrap();
+    let error = error_of(&mut r2, "DROP SCHEMA elsewhere CASCADE");
+    assert!(error.contains("must be owner of schema elsewhere"), "{error}");
+    b.batch_execute("ROLLBACK").unwrap();
+    c.batch_execute("INSERT INTO m VALUES (2)").unwrap();
+    assert_eq!(drain(&mut c, "copy"), typed(&[("EMBED_UPSERT", 2)]), "the moved partition is captured as before");
+    c.batch_execute("DROP TABLE m; DROP ROLE outbox_drops_r1; DROP ROLE outbox_drops_r2; DROP ROLE outbox_drops_r3").unwrap();
+}
