@@ -75,7 +75,11 @@ WITH reach AS MATERIALIZED (
     -- part), every event in the log is waiting: no transaction there needs checking against
     -- its snapshots. That part, most of a large backlog, is counted in one pass over the log
     -- for every subscription at once, by how many subscriptions' reach each row is past.
-    SELECT s.id, GREATEST(s.window_cursor, s.done_seq, s.straddle_floor) AS handed_to
+    SELECT s.id, GREATEST(s.window_cursor, s.done_seq, s.straddle_floor) AS handed_to,
+           -- older transactions are visible in the snapshot: a comparison, where checking
+           -- the snapshot took a call (and a copy of the snapshot) a row
+           pg_catalog.pg_snapshot_xmin(s.window_snapshot) AS window_xmin,
+           pg_catalog.pg_snapshot_xmin(s.done_snapshot) AS done_xmin
     FROM @extschema@.outbox_subscriptions s
 ), reaches AS MATERIALIZED (
     SELECT pg_catalog.array_agg(r.handed_to ORDER BY r.handed_to) AS bounds FROM reach r
@@ -116,7 +120,8 @@ CROSS JOIN LATERAL (
     FROM (
         SELECT l.created_at,
                CASE WHEN l.base OPERATOR(pg_catalog.<=) s.window_seq
-                         AND pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot)
+                         AND (l.txid OPERATOR(pg_catalog.<) h.window_xmin
+                              OR pg_catalog.pg_visible_in_snapshot(l.txid, s.window_snapshot))
                     THEN GREATEST(0, LEAST(l.n::bigint,
                          l.base OPERATOR(pg_catalog.+) l.n OPERATOR(pg_catalog.-) 1 OPERATOR(pg_catalog.-) s.window_cursor))
                     ELSE l.n::bigint
@@ -124,8 +129,12 @@ CROSS JOIN LATERAL (
         FROM @extschema@.outbox_log l
         WHERE l.base OPERATOR(pg_catalog.>) s.straddle_floor
           AND l.base OPERATOR(pg_catalog.<=) h.handed_to
+          -- (handed out in this window: nothing waits)
+          AND NOT (l.txid OPERATOR(pg_catalog.<) h.window_xmin AND l.base OPERATOR(pg_catalog.<=) s.window_seq
+                   AND l.base OPERATOR(pg_catalog.+) l.n OPERATOR(pg_catalog.-) 1 OPERATOR(pg_catalog.<=) s.window_cursor)
           AND (l.base OPERATOR(pg_catalog.>) s.done_seq
-               OR NOT pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot))
+               OR (l.txid OPERATOR(pg_catalog.>=) h.done_xmin
+                   AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, s.done_snapshot)))
     ) x
 ) w
 CROSS JOIN LATERAL (

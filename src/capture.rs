@@ -480,7 +480,7 @@ unsafe fn capture_truncate(trigger: &pg_sys::TriggerData, attachment: &Attachmen
     let partitioned = unsafe { (*(*relation).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
     let partitions = if partitioned {
         let extension = Extension::current()?;
-        Spi::connect_mut(|client| crate::partitions::tables_in_tree(client, &extension, relid))?
+        crate::partitions::tables_in_tree(&extension, relid)?
     } else {
         Vec::new()
     };

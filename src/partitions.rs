@@ -195,7 +195,11 @@ unsafe fn capture_dropped_owned(statement: *mut pg_sys::DropOwnedStmt) -> Result
     let specs = unsafe { PgList::<pg_sys::RoleSpec>::from_pg((*statement).roles) };
     let roles: Vec<pg_sys::Oid> = specs.iter_ptr().map(|role| unsafe { pg_sys::get_rolespec_oid(role, true) }).collect();
     let caller = unsafe { pg_sys::GetUserId() };
-    if roles.iter().any(|&role| role == pg_sys::InvalidOid || !unsafe { pg_sys::has_privs_of_role(caller, role) }) {
+    // (the bootstrap superuser's objects are the system's: the drop refuses them)
+    let refused = |role: pg_sys::Oid| {
+        role == pg_sys::InvalidOid || role == pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID) || !unsafe { pg_sys::has_privs_of_role(caller, role) }
+    };
+    if roles.iter().any(|&role| refused(role)) {
         return Ok(());
     }
     let extension = Extension::current()?;
@@ -215,7 +219,8 @@ unsafe fn capture_dropped_owned(statement: *mut pg_sys::DropOwnedStmt) -> Result
 /// are locked first. Locking the partitions to capture (and their parents) can wait for a
 /// session that holds them, which can move one out of a schema, give it to another owner or
 /// make a new one meanwhile: once the locks are held, the tables are listed again, until the
-/// list holds still.
+/// partitions to capture hold still. (Only they: a role's sessions making temporary tables
+/// kept the whole list moving.)
 unsafe fn capture_dropped_with(extension: &Extension, schemas: Vec<pg_sys::Oid>, owners: Vec<pg_sys::Oid>) -> Result<(), OutboxError> {
     if schemas.is_empty() && owners.is_empty() {
         return Ok(());
@@ -224,15 +229,12 @@ unsafe fn capture_dropped_with(extension: &Extension, schemas: Vec<pg_sys::Oid>,
         unsafe { pg_sys::LockDatabaseObject(pg_sys::NamespaceRelationId, schema, 0, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
     }
     let list = || {
-        Spi::connect_mut(|client| {
-            queries::run(client, extension, &queries::TABLES_DROPPED_WITH, &[schemas.clone().into(), owners.clone().into()])?
-                .into_iter()
-                .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<pg_sys::Oid>(2)?)))
-                .collect::<Result<Vec<_>, OutboxError>>()
+        queries::run_latest(extension, &queries::TABLES_DROPPED_WITH, &[schemas.clone().into(), owners.clone().into()], |row| {
+            Ok((row.get::<pg_sys::Oid>(1).unwrap_or(pg_sys::InvalidOid), row.get::<pg_sys::Oid>(2)))
         })
     };
-    let mut tables = list()?;
-    loop {
+    let leaving = || -> Result<(Vec<(pg_sys::Oid, DroppedTable)>, HashSet<pg_sys::Oid>), OutboxError> {
+        let tables = list()?;
         let gone: HashSet<pg_sys::Oid> = tables.iter().map(|(relid, _)| *relid).collect();
         let mut leaving = Vec::new();
         for &(relid, parent) in &tables {
@@ -242,12 +244,17 @@ unsafe fn capture_dropped_with(extension: &Extension, schemas: Vec<pg_sys::Oid>,
                 }
             }
         }
-        lock_with_parents(&leaving);
-        let again = list()?;
-        if again == tables {
-            return unsafe { capture_leaving_partitions(extension, leaving, &gone) };
+        Ok((leaving, gone))
+    };
+    let (mut partitions, _) = leaving()?;
+    loop {
+        lock_with_parents(&partitions);
+        let (again, gone) = leaving()?;
+        let settled = again.iter().map(|(relid, t)| (*relid, t.parent)).eq(partitions.iter().map(|(relid, t)| (*relid, t.parent)));
+        partitions = again;
+        if settled {
+            return unsafe { capture_leaving_partitions(extension, partitions, &gone) };
         }
-        tables = again;
     }
 }
 
@@ -300,23 +307,21 @@ unsafe fn capture_leaving_partitions(
     Ok(())
 }
 
-/// `relid` as the current user drops it; None when it is gone (dropped by another session
-/// meanwhile: the drop finds it gone too). Read as the extension's owner: the caller need not
-/// read outbox_attachments.
+/// `relid` as the current user drops it, as it is now (see run_latest); None when it is gone
+/// (dropped by another session meanwhile: the drop finds it gone too). Read as the extension's
+/// owner: the caller need not read outbox_attachments.
 fn dropped_table(extension: &Extension, relid: pg_sys::Oid) -> Result<Option<DroppedTable>, OutboxError> {
     let caller = unsafe { pg_sys::GetUserId() };
-    Spi::connect_mut(|client| {
-        let rows = extension.as_owner(|| queries::run(client, extension, &queries::DROPPED_TABLE, &[relid.into(), caller.into()]))?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let row = rows.first();
-        Ok(Some(DroppedTable {
-            droppable: row.get::<bool>(1)?.unwrap_or(false),
-            parent: row.get::<pg_sys::Oid>(2)?,
-            attached_and_above: row.get::<Vec<pg_sys::Oid>>(3)?.unwrap_or_default(),
-        }))
-    })
+    let rows = extension.as_owner(|| {
+        queries::run_latest(extension, &queries::DROPPED_TABLE, &[relid.into(), caller.into()], |row| {
+            Ok(DroppedTable {
+                droppable: row.get::<bool>(1).unwrap_or(false),
+                parent: row.get::<pg_sys::Oid>(2),
+                attached_and_above: row.get::<Vec<pg_sys::Oid>>(3).unwrap_or_default(),
+            })
+        })
+    })?;
+    Ok(rows.into_iter().next())
 }
 
 /// A table a DROP TABLE names, as it is now.
@@ -334,7 +339,7 @@ struct DroppedTable {
 /// attachment that `parent` belongs to, each table locked in `lock` mode first.
 unsafe fn capture_tree(parent: pg_sys::Oid, table: pg_sys::Oid, op: Op, lock: pg_sys::LOCKMODE) -> Result<(), OutboxError> {
     let extension = Extension::current()?;
-    let tables = Spi::connect_mut(|client| tables_in_tree(client, &extension, table))?;
+    let tables = tables_in_tree(&extension, table)?;
     // every table locked, parents first as writers and DDL lock them, before any is read
     for &(relid, _) in &tables {
         unsafe { pg_sys::LockRelationOid(relid, lock) };
@@ -354,11 +359,11 @@ unsafe fn capture_tree(parent: pg_sys::Oid, table: pg_sys::Oid, op: Op, lock: pg
 
 /// `table` and every table of its partition tree, parents first, each with whether it holds
 /// rows of its own (an ordinary table).
-pub fn tables_in_tree(client: &mut SpiClient<'_>, extension: &Extension, table: pg_sys::Oid) -> Result<Vec<(pg_sys::Oid, bool)>, OutboxError> {
-    queries::run(client, extension, &queries::TABLES_IN_TREE, &[table.into()])?
-        .into_iter()
-        .map(|row| Ok((row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), row.get::<bool>(2)?.unwrap_or(false))))
-        .collect()
+/// (Current, as the DDL that asks sees them: see run_latest.)
+pub fn tables_in_tree(extension: &Extension, table: pg_sys::Oid) -> Result<Vec<(pg_sys::Oid, bool)>, OutboxError> {
+    queries::run_latest(extension, &queries::TABLES_IN_TREE, &[table.into()], |row| {
+        Ok((row.get::<pg_sys::Oid>(1).unwrap_or(pg_sys::InvalidOid), row.get::<bool>(2).unwrap_or(false)))
+    })
 }
 
 /// Puts the TRUNCATE trigger of a partition (src/triggers.rs) on every table holding rows in
@@ -372,7 +377,7 @@ pub fn set_partition_truncate_triggers(
 ) -> Result<(), OutboxError> {
     let function = format!("{}.outbox_capture", extension.schema);
     extension.as_owner(|| {
-        for (relid, holds_rows) in tables_in_tree(client, extension, table)? {
+        for (relid, holds_rows) in tables_in_tree(extension, table)? {
             if !holds_rows {
                 continue;
             }

@@ -12,6 +12,7 @@ use std::rc::Rc;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::{self, Oid, PgOid};
+use pgrx::{FromDatum, Spi};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 
 use crate::error::OutboxError;
@@ -76,6 +77,51 @@ pub fn run<'conn>(
 ) -> Result<SpiTupleTable<'conn>, OutboxError> {
     let plan = prepared(client, extension, sql, None)?;
     Ok(client.update(&*plan, None, args)?)
+}
+
+/// A row of `run_latest`, valid while its SPI connection is.
+pub struct LatestRow {
+    tuple: pg_sys::HeapTuple,
+    columns: pg_sys::TupleDesc,
+}
+
+impl LatestRow {
+    pub fn get<T: FromDatum>(&self, ordinal: i32) -> Option<T> {
+        let mut is_null = false;
+        unsafe {
+            let datum = pg_sys::SPI_getbinval(self.tuple, self.columns, ordinal, &mut is_null);
+            T::from_polymorphic_datum(datum, is_null, pg_sys::SPI_gettypeid(self.columns, ordinal))
+        }
+    }
+}
+
+/// Runs `sql` with the latest snapshot rather than the transaction's, and maps each row with
+/// `each`. DDL capture reads the catalog after waiting for locks, and the DDL then acts on the
+/// catalog as it is: under REPEATABLE READ the transaction's snapshot predated what committed
+/// meanwhile (a partition moved out of a dropped schema had its rows captured as DELETEs, one
+/// made meanwhile none). Not a kept plan: DDL runs these seldom.
+pub fn run_latest<T>(
+    extension: &Extension,
+    sql: &'static Sql,
+    args: &[DatumWithOid<'_>],
+    mut each: impl FnMut(&LatestRow) -> Result<T, OutboxError>,
+) -> Result<Vec<T>, OutboxError> {
+    let text = std::ffi::CString::new(sql.text_in(extension)).expect("the query has no NUL");
+    Spi::connect_mut(|_client| unsafe {
+        let mut types = sql.args.to_vec();
+        let plan = pg_sys::SPI_prepare(text.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        if plan.is_null() {
+            Spi::check_status(pg_sys::SPI_result)?;
+        }
+        let mut values: Vec<pg_sys::Datum> = args.iter().map(|a| a.datum().map_or(pg_sys::Datum::from(0), |d| d.sans_lifetime())).collect();
+        let nulls: Vec<std::ffi::c_char> = args.iter().map(|a| if a.datum().is_none() { b'n' } else { b' ' } as std::ffi::c_char).collect();
+        let status =
+            pg_sys::SPI_execute_snapshot(plan, values.as_mut_ptr(), nulls.as_ptr(), pg_sys::GetLatestSnapshot(), std::ptr::null_mut(), true, false, 0);
+        pg_sys::SPI_freeplan(plan);
+        Spi::check_status(status)?;
+        let table = &*pg_sys::SPI_tuptable;
+        (0..pg_sys::SPI_processed as usize).map(|i| each(&LatestRow { tuple: *table.vals.add(i), columns: table.tupdesc })).collect()
+    })
 }
 
 /// Runs `sql`, whose text names one segment as `@segment@` (`outbox_ledger_@segment@`), in

@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,14 +42,13 @@ use crate::sink::{batch_body, halves, idempotency_key, judge, BatchLimit, Breake
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"outbox_worker_latch") };
 /// Whether the worker has sinks to serve: capture wakes it only then.
 static WORKER_HAS_SINKS: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"outbox_worker_has_sinks") };
-/// The function sink whose call the worker last ended in (subscription id, high 32 bits) and
-/// how many times running (low 32 bits): the next worker backs it off that much. Set for each
-/// call and cleared when the call returns: a call that returns, in time or not, ends the run.
-static STUCK_SINK: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"outbox_stuck_sink") };
-/// STUCK_SINK kept in the data directory as well, with the postmaster's start time: a call
-/// that takes the server down (the kernel's OOM killer, a crash in C code) has every process
-/// restarted and shared memory made anew, and the next worker called the sink again at once,
-/// into the same crash. A postmaster started afresh (after a stop) ignores the file.
+/// The function sink whose call the worker last ended in, and how many times running: the
+/// next worker backs it off that much. Written for each call and removed when the call
+/// returns (a call that returns, in time or not, ends the run). A file in the data directory,
+/// not shared memory: a call that takes the server down (the kernel's OOM killer, a crash in C
+/// code) has every process restarted and shared memory made anew, and the next worker called
+/// the sink again at once, into the same crash. It names the postmaster (its start time),
+/// which a crash restart keeps and a stop and start does not, and the worker's database.
 const STUCK_SINK_FILE: &str = "outbox_sink_in_call";
 /// Set in the postmaster when the library is preloaded; backends inherit it.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -81,7 +80,6 @@ pub fn init() {
     PRELOADED.store(true, Ordering::SeqCst);
     pg_shmem_init!(WORKER_LATCH = AtomicUsize::new(0));
     pg_shmem_init!(WORKER_HAS_SINKS = AtomicBool::new(false));
-    pg_shmem_init!(STUCK_SINK = AtomicU64::new(0));
     BackgroundWorkerBuilder::new("outbox delivery worker")
         .set_type("outbox delivery worker")
         .set_library("outbox")
@@ -218,7 +216,7 @@ struct SinkRunner {
     lane: Option<mpsc::Sender<HttpJob>>,
     in_flight: Option<InFlight>,
     last_success_recorded: Option<Instant>,
-    /// How many workers in a row ended during a call of this function sink (STUCK_SINK).
+    /// How many workers in a row ended during a call of this function sink (STUCK_SINK_FILE).
     calls_ended_worker: u32,
 }
 
@@ -560,8 +558,9 @@ impl Worker {
                     }
                     let until = breaker.open_until().map(|u| u.saturating_duration_since(Instant::now()));
                     let reason = "the worker ended during a call and was restarted (the call ran past twice its timeout, \
-                                  or the function or an administrator ended the worker)";
-                    warning!("outbox: sink of subscription \"{name}\": {reason}; backing off for {until:?}");
+                                  the function or an administrator ended the worker, or the server crashed in it)";
+                    let seconds = until.unwrap_or_default().as_secs_f64();
+                    warning!("outbox: sink of subscription \"{name}\": {reason}; backing off for {seconds:.1} s");
                     record_error(client, extension, id, reason, until)?;
                 }
                 self.sinks.insert(
@@ -901,11 +900,9 @@ impl Watchdog {
     /// Marks a call of `subscription`'s sink, `ended_before` calls of which in a row ended a
     /// worker, and ends the worker if it lasts `after`.
     fn arm(subscription: i32, ended_before: u32, after: Duration) -> Watchdog {
-        let times = u64::from(ended_before.saturating_add(1));
-        let mark = ((subscription as u32 as u64) << 32) | times;
-        STUCK_SINK.get().store(mark, Ordering::Release);
-        // (a file that cannot be written costs only the guard against a crash loop)
-        let _ = std::fs::write(STUCK_SINK_FILE, format!("{} {mark}", unsafe { pg_sys::PgStartTime }));
+        let times = ended_before.saturating_add(1);
+        // (a file that cannot be written costs only the guard against a worker ended in a call)
+        let _ = std::fs::write(STUCK_SINK_FILE, format!("{} {subscription} {times}", Self::whose()));
         let (disarm, disarmed) = mpsc::channel::<()>();
         let thread = spawn_without_signals(move || {
             let overran = disarmed.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout);
@@ -921,26 +918,26 @@ impl Watchdog {
     fn disarm(self) {
         let _ = self.disarm.send(());
         if !self.thread.join().unwrap_or(false) {
-            STUCK_SINK.get().store(0, Ordering::Release);
             let _ = std::fs::remove_file(STUCK_SINK_FILE);
         }
     }
 
-    /// The sink whose call a worker last ended in, and how many times running: from shared
-    /// memory, or after a crash restart from the file.
+    /// The postmaster and the database a mark is of.
+    fn whose() -> String {
+        format!("{} {}", unsafe { pg_sys::PgStartTime }, unsafe { pg_sys::MyDatabaseId }.to_u32())
+    }
+
+    /// The sink whose call a worker of this postmaster and database last ended in, and how many
+    /// times running.
     fn overrun() -> Option<(i32, u32)> {
-        let mut last = STUCK_SINK.get().load(Ordering::Acquire);
-        if last == 0 {
-            let started = unsafe { pg_sys::PgStartTime };
-            last = std::fs::read_to_string(STUCK_SINK_FILE)
-                .ok()
-                .and_then(|text| {
-                    let (postmaster, mark) = text.split_once(' ')?;
-                    (postmaster.parse::<i64>().ok()? == started).then(|| mark.trim().parse().ok())?
-                })
-                .unwrap_or(0);
+        let text = std::fs::read_to_string(STUCK_SINK_FILE).ok()?;
+        let (postmaster, rest) = text.split_once(' ')?;
+        let (database, mark) = rest.split_once(' ')?;
+        if format!("{postmaster} {database}") != Self::whose() {
+            return None;
         }
-        (last != 0).then_some(((last >> 32) as i32, (last & u64::from(u32::MAX)) as u32))
+        let (subscription, times) = mark.trim().split_once(' ')?;
+        Some((subscription.parse().ok()?, times.parse().ok()?))
     }
 }
 

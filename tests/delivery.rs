@@ -1555,8 +1555,9 @@ fn dropping_a_table_and_a_partition_locks_in_the_order_named() {
 /// DROP SCHEMA … CASCADE and DROP OWNED name no table: what they drop is listed first, and a
 /// session holding a partition meanwhile can move it out of the schema, give it to another
 /// owner or make a new one. Each drop captures what it drops once it holds the locks, and
-/// nothing else. DROP OWNED … CASCADE takes the roles' schemas with what is in them, and a role
-/// that may not drop a schema is refused at once, without waiting for the attached table.
+/// nothing else, whatever its isolation level. DROP OWNED … CASCADE takes the roles' schemas
+/// with what is in them, and a role that may not drop a schema, or a DROP OWNED of the
+/// bootstrap superuser, is refused at once, without waiting for the attached table.
 #[test]
 fn schema_and_owner_drops_capture_what_they_drop_once_they_hold_the_locks() {
     let (db, mut c) = setup("drops_settle", "");
@@ -1587,10 +1588,11 @@ fn schema_and_owner_drops_capture_what_they_drop_once_they_hold_the_locks() {
         (pid.recv().unwrap(), handle)
     };
 
-    // a partition moved out of the schema while the drop waits for it stays, and is not deleted
+    // a partition moved out of the schema while the drop waits for it stays, and is not
+    // deleted, under REPEATABLE READ too (the drop's snapshot predates the move)
     let mut b = shared().connect(&db);
     b.batch_execute("BEGIN; ALTER TABLE a.p1 SET SCHEMA elsewhere").unwrap();
-    let (pid, dropping) = run_waiting("DROP SCHEMA a CASCADE");
+    let (pid, dropping) = run_waiting("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1; DROP SCHEMA a CASCADE; COMMIT");
     waits_for_a_lock(&db, pid);
     b.batch_execute("COMMIT").unwrap();
     dropping.join().unwrap();
@@ -1618,6 +1620,10 @@ fn schema_and_owner_drops_capture_what_they_drop_once_they_hold_the_locks() {
     r2.batch_execute("SET statement_timeout = '5s'").unwrap();
     let error = error_of(&mut r2, "DROP SCHEMA elsewhere CASCADE");
     assert!(error.contains("must be owner of schema elsewhere"), "{error}");
+    c.batch_execute("SET statement_timeout = '5s'").unwrap();
+    let error = error_of(&mut c, "DROP OWNED BY postgres");
+    assert!(error.contains("required by the database system"), "{error}");
+    c.batch_execute("RESET statement_timeout").unwrap();
     b.batch_execute("ROLLBACK").unwrap();
     c.batch_execute("INSERT INTO m VALUES (2)").unwrap();
     assert_eq!(drain(&mut c, "copy"), typed(&[("EMBED_UPSERT", 2)]), "the moved partition is captured as before");
