@@ -506,7 +506,7 @@ fn forget_truncations() {
 /// attached ancestor's), if any.
 pub fn attached_generation(relid: pg_sys::Oid) -> Result<Option<i64>, OutboxError> {
     let extension = Extension::current()?;
-    let config = extension.as_owner(|| unsafe { attachment_config(&extension, relid) })?;
+    let config = extension.as_owner(|| attachment_config(&extension, relid))?;
     Ok(config.map(|(_, generation, ..)| generation))
 }
 
@@ -634,7 +634,7 @@ unsafe fn capture_rows(
 /// on `relation` that keeps writers out.
 pub unsafe fn capture_table_rows(parent: pg_sys::Oid, relation: pg_sys::Relation, op: Op) -> Result<(), OutboxError> {
     let extension = Extension::current()?;
-    let Some(config) = extension.as_owner(|| unsafe { attachment_config(&extension, parent) })? else {
+    let Some(config) = extension.as_owner(|| attachment_config(&extension, parent))? else {
         return Ok(());
     };
     let attachment = unsafe { attachment_for_columns_of(config, relation)? };
@@ -910,42 +910,23 @@ type AttachmentConfig = (pg_sys::Oid, i64, String, Vec<String>, Option<Vec<Strin
 /// snapshot it found no attachment, and its write failed, or the previous settings. The
 /// writer's lock on the table waited for the attach to commit, so the latest row is the
 /// triggers' own. (Not a kept plan: a backend reads an attachment once per generation.)
-unsafe fn attachment_config(extension: &Extension, relid: pg_sys::Oid) -> Result<Option<AttachmentConfig>, OutboxError> {
-    let text = std::ffi::CString::new(queries::ATTACHMENT_CONFIG.text_in(extension)).expect("the query has no NUL");
-    Spi::connect_mut(|_client| unsafe {
-        let mut types = [pg_sys::OIDOID];
-        let plan = pg_sys::SPI_prepare(text.as_ptr(), 1, types.as_mut_ptr());
-        let mut values = [pg_sys::Datum::from(relid)];
-        let nulls = [b' ' as std::ffi::c_char];
-        let latest = pg_sys::GetLatestSnapshot();
-        let status = pg_sys::SPI_execute_snapshot(plan, values.as_mut_ptr(), nulls.as_ptr(), latest, std::ptr::null_mut(), true, false, 1);
-        if status != pg_sys::SPI_OK_SELECT as i32 {
-            return Err(OutboxError::Capture(qualified_name(relid), format!("reading its attachment failed (SPI status {status})")));
-        }
-        if pg_sys::SPI_processed == 0 {
-            return Ok(None);
-        }
-        let table = &*pg_sys::SPI_tuptable;
-        let (row, columns) = (*table.vals, table.tupdesc);
-        let mut isnull = false;
-        let mut column = |ordinal: i32| (pg_sys::SPI_getbinval(row, columns, ordinal, &mut isnull), isnull);
-        let (source, null) = column(1);
-        let source = pg_sys::Oid::from_datum(source, null).unwrap_or(relid);
-        let (generation, null) = column(2);
-        let generation = i64::from_datum(generation, null).unwrap_or_default();
-        let (prefix, null) = column(3);
-        let prefix = String::from_datum(prefix, null).unwrap_or_default();
-        let (keys, null) = column(4);
-        let keys = Vec::<String>::from_datum(keys, null).unwrap_or_default();
-        let (payload, null) = column(5);
-        Ok(Some((source, generation, prefix, keys, Vec::<String>::from_datum(payload, null))))
-    })
+fn attachment_config(extension: &Extension, relid: pg_sys::Oid) -> Result<Option<AttachmentConfig>, OutboxError> {
+    let configs = queries::run_latest(extension, &queries::ATTACHMENT_CONFIG, &[relid.into()], |row| {
+        Ok((
+            row.get::<pg_sys::Oid>(1).unwrap_or(relid),
+            row.get::<i64>(2).unwrap_or_default(),
+            row.get::<String>(3).unwrap_or_default(),
+            row.get::<Vec<String>>(4).unwrap_or_default(),
+            row.get::<Vec<String>>(5),
+        ))
+    })?;
+    Ok(configs.into_iter().next())
 }
 
 unsafe fn load_attachment(relation: pg_sys::Relation) -> Result<Attachment, OutboxError> {
     let relid = unsafe { (*relation).rd_id };
     let extension = Extension::current()?;
-    let config = extension.as_owner(|| unsafe { attachment_config(&extension, relid) })?;
+    let config = extension.as_owner(|| attachment_config(&extension, relid))?;
     let Some(config) = config else {
         return Err(OutboxError::NotAttached(unsafe { qualified_name(relid) }));
     };

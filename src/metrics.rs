@@ -64,24 +64,20 @@ struct Family<'a> {
 /// given when some subscription has a sink, so a missing delivery worker can be alerted on.
 pub fn render(subscriptions: &[SubscriptionMetrics], worker_up: Option<bool>, retention: Option<&Retention>) -> String {
     let mut out = String::new();
-    if let Some(up) = worker_up {
-        let _ = writeln!(
-            out,
-            "# HELP outbox_worker_up 1 while the delivery worker runs for this database.\n# TYPE outbox_worker_up gauge\noutbox_worker_up {}",
-            u8::from(up)
-        );
-    }
-    if let Some(retention) = retention {
-        for (name, help, value) in [
+    // the gauges of the database as a whole, without a subscription label
+    let worker = worker_up.map(|up| ("outbox_worker_up", "1 while the delivery worker runs for this database.", f64::from(u8::from(up))));
+    let retention = retention.into_iter().flat_map(|retention| {
+        [
             ("outbox_retention_seconds", "outbox.retention: how long processed events are kept.", retention.seconds),
             (
                 "outbox_oldest_retained_age_seconds",
                 "Age of the oldest event still in the log, processed or not (0 when the log is empty).",
                 retention.oldest_retained_age_seconds,
             ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", number(value));
-        }
+        ]
+    });
+    for (name, help, value) in worker.into_iter().chain(retention) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", number(value));
     }
     let gauge = |name, help| Family { name, kind: "gauge", help };
     let counter = |name, help| Family { name, kind: "counter", help };

@@ -177,10 +177,8 @@ unsafe fn capture_dropped_schemas(statement: *mut pg_sys::DropStmt) -> Result<()
         .collect();
     let extension = Extension::current()?;
     let caller = unsafe { pg_sys::GetUserId() };
-    let droppable = Spi::connect_mut(|client| {
-        Ok::<_, OutboxError>(queries::run(client, &extension, &queries::SCHEMAS_DROPPABLE, &[schemas.clone().into(), caller.into()])?.first().get::<bool>(1)?)
-    })?;
-    if droppable != Some(true) {
+    let droppable = queries::run_latest(&extension, &queries::SCHEMAS_DROPPABLE, &[schemas.clone().into(), caller.into()], |row| Ok(row.get::<bool>(1)))?;
+    if droppable.first() != Some(&Some(true)) {
         return Ok(());
     }
     unsafe { capture_dropped_with(&extension, schemas, Vec::new()) }
@@ -205,11 +203,11 @@ unsafe fn capture_dropped_owned(statement: *mut pg_sys::DropOwnedStmt) -> Result
     let extension = Extension::current()?;
     let mut schemas = Vec::new();
     if unsafe { (*statement).behavior } == pg_sys::DropBehavior::DROP_CASCADE {
-        schemas = Spi::connect_mut(|client| {
-            Ok::<_, OutboxError>(
-                queries::run(client, &extension, &queries::SCHEMAS_OWNED, &[roles.clone().into()])?.first().get::<Vec<pg_sys::Oid>>(1)?.unwrap_or_default(),
-            )
-        })?;
+        schemas = queries::run_latest(&extension, &queries::SCHEMAS_OWNED, &[roles.clone().into()], |row| Ok(row.get::<Vec<pg_sys::Oid>>(1)))?
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
     }
     unsafe { capture_dropped_with(&extension, schemas, roles) }
 }
@@ -253,7 +251,8 @@ unsafe fn capture_dropped_with(extension: &Extension, schemas: Vec<pg_sys::Oid>,
         let settled = again.iter().map(|(relid, t)| (*relid, t.parent)).eq(partitions.iter().map(|(relid, t)| (*relid, t.parent)));
         partitions = again;
         if settled {
-            return unsafe { capture_leaving_partitions(extension, partitions, &gone) };
+            // (each is locked, with its parent, and read as it is now)
+            return unsafe { capture_partitions(&partitions, &gone) };
         }
     }
 }
@@ -299,9 +298,15 @@ unsafe fn capture_leaving_partitions(
         }
         now.push((relid, table));
     }
-    for (relid, table) in &now {
+    unsafe { capture_partitions(&now, gone) }
+}
+
+/// The rows of each of `tables` (locked with their parents) that is a partition of an
+/// attached tree that stays, and of every partition below it, as DELETEs.
+unsafe fn capture_partitions(tables: &[(pg_sys::Oid, DroppedTable)], gone: &HashSet<pg_sys::Oid>) -> Result<(), OutboxError> {
+    for (relid, table) in tables {
         if let (true, Some(parent)) = (in_attached_tree(table, gone), table.parent) {
-            unsafe { capture_tree(parent, *relid, Op::Delete, exclusive)? };
+            unsafe { capture_tree(parent, *relid, Op::Delete, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)? };
         }
     }
     Ok(())
