@@ -98,12 +98,6 @@ fn num_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// CPU seconds the server process of `c` has used so far.
-fn backend_cpu(c: &mut Client) -> f64 {
-    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-    cpu_seconds(pid.into())
-}
-
 /// Wall-clock and server CPU seconds to load all rows, PER_STATEMENT rows per INSERT … SELECT,
 /// each its own transaction.
 fn load(c: &mut Client, table: &str) -> (f64, f64) {

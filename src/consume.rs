@@ -9,7 +9,7 @@
 //! `outbox_retries`.
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::hash::{BuildHasher, Hasher};
 
@@ -887,6 +887,10 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
         let xids: Vec<i64> = required(&row, 8)?;
         let mut floor = StraddleFloor { floor: required(&row, 6)?, marks: bases.into_iter().zip(xids).collect() };
         let window_xmin: i64 = required(&row, 9)?;
+        let ctid: pg_sys::ItemPointerData = required(&row, 10)?;
+        let mut done_snapshot: String = required(&row, 11)?;
+        let mut window_snapshot: String = required(&row, 12)?;
+        let saved_cursor = cursor;
         let policy = guc::retry_policy().with_overrides(&options.0)?;
 
         let mut open = open_claim_segments(client, &extension, sub, now)?;
@@ -958,6 +962,11 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
         let mut spelled = Spelled::default();
         let mut deferred = RetryBatch::default();
         let mut advanced = false;
+        // An advance that finds nothing is not recorded: the window it would close still says
+        // what has been handed out, and the next advance from it covers whatever that one
+        // would have. So a consumer polling an idle outbox writes nothing.
+        let mut cursor_before_advance = None;
+        let mut read_since_advance = false;
         let last_straddler = |done_seq: i64| done_seq + EVENTS_PER_ROW - 1;
         'window: while claimed.len() + taken.ids.len() < batch {
             let wanted = (batch - claimed.len() - taken.ids.len()) as i64;
@@ -967,14 +976,21 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                     client,
                     &extension,
                     &q::STRADDLERS,
-                    &[sub.into(), done_seq.into(), (cursor - EVENTS_PER_ROW).max(floor.floor).into(), (wanted + 1).into()],
+                    &[
+                        done_seq.into(),
+                        (cursor - EVENTS_PER_ROW).max(floor.floor).into(),
+                        (wanted + 1).into(),
+                        done_snapshot.as_str().into(),
+                        window_snapshot.as_str().into(),
+                    ],
                 )?
             } else {
                 let lower = done_seq.max(cursor - EVENTS_PER_ROW);
-                run(client, &extension, &q::WINDOW_ROWS, &[sub.into(), lower.into(), window_seq.into(), (wanted + 1).into()])?
+                run(client, &extension, &q::WINDOW_ROWS, &[lower.into(), window_seq.into(), (wanted + 1).into(), window_snapshot.as_str().into()])?
             };
             let rows = read_window_rows(rows)?;
             let fetched = rows.len() as i64;
+            read_since_advance |= advanced && fetched > 0;
             if has_retries && !rows.is_empty() {
                 add_retry_blockers(client, &extension, sub, &rows, &mut blocked)?;
             }
@@ -1019,16 +1035,12 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                 // the mark's base is read before its xid, as StraddleFloor requires
                 let mark_base: i64 = required(&single(run(client, &extension, &q::LAST_BASE, &[])?)?, 1)?;
                 let mark_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
+                let next = single(run(client, &extension, &q::NEXT_WINDOW, &[])?)?;
                 floor.close_window(window_xmin, (mark_base, mark_xid));
-                let (bases, xids): (Vec<i64>, Vec<i64>) = floor.marks.iter().copied().unzip();
-                let next = single(run(
-                    client,
-                    &extension,
-                    q::ADVANCE_WINDOW.pick(&extension),
-                    &[sub.into(), floor.floor.into(), bases.into(), xids.into()],
-                )?)?;
-                done_seq = required(&next, 1)?;
+                done_seq = window_seq;
                 window_seq = required(&next, 2)?;
+                done_snapshot = std::mem::replace(&mut window_snapshot, required(&next, 1)?);
+                cursor_before_advance = Some(cursor);
                 cursor = 0;
                 advanced = true;
             }
@@ -1061,7 +1073,33 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                 last.push((sub, made));
             });
         }
-        run(client, &extension, &q::SAVE_CURSOR, &[sub.into(), cursor.into()])?;
+        let saved = if read_since_advance {
+            let (bases, xids): (Vec<i64>, Vec<i64>) = floor.marks.iter().copied().unzip();
+            Some(run(
+                client,
+                &extension,
+                q::SAVE_WINDOW.pick(&extension),
+                &[
+                    sub.into(),
+                    ctid.into(),
+                    window_snapshot.as_str().into(),
+                    window_seq.into(),
+                    cursor.into(),
+                    floor.floor.into(),
+                    bases.into(),
+                    xids.into(),
+                ],
+            )?)
+        } else if cursor_before_advance.unwrap_or(cursor) != saved_cursor {
+            let cursor = cursor_before_advance.unwrap_or(cursor);
+            Some(run(client, &extension, &q::SAVE_CURSOR, &[sub.into(), ctid.into(), cursor.into()])?)
+        } else {
+            None
+        };
+        // the row lock keeps the row where LOCK_SUBSCRIPTION found it
+        if saved.is_some_and(|updated| updated.is_empty()) {
+            return Err(OutboxError::SubscriptionRowMoved(subscription.to_string()));
+        }
         if payloads == Payloads::Render {
             render_retries(client, &extension, sub, &mut claimed)?;
         }
@@ -1083,11 +1121,32 @@ fn render_retries(
         return Ok(());
     }
     let mut events = IdMap::with_capacity_and_hasher(ids.len(), Default::default());
-    for row in run(client, extension, &q::RENDER_EVENTS, &[subscription.into(), ids.into()])? {
-        let (Some(event_type), Some(payload), Some(created_at)) = (row.get::<String>(2)?, row.get(3)?, row.get(4)?) else {
-            continue;
-        };
-        events.insert(required::<i64>(&row, 1)?, Event { event_type: Rc::from(event_type), payload, created_at });
+    for row in run(client, extension, &q::RETRY_COPIES, &[subscription.into(), ids.as_slice().into()])? {
+        let event_type: String = required(&row, 2)?;
+        events.insert(required::<i64>(&row, 1)?, Event { event_type: Rc::from(event_type), payload: required(&row, 3)?, created_at: required(&row, 4)? });
+    }
+    // the ordinals wanted of each log row, by base (ids are base + ordinal - 1)
+    let mut wanted: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for &id in ids.iter().filter(|id| !events.contains_key(id)) {
+        let ordinal = (id - 1).rem_euclid(EVENTS_PER_ROW) + 1;
+        wanted.entry(id - ordinal + 1).or_default().push(ordinal as usize);
+    }
+    if !wanted.is_empty() {
+        let bases: Vec<i64> = wanted.keys().copied().collect();
+        let rows = read_window_rows(run(client, extension, &q::LOG_ROWS, &[bases.into()])?)?;
+        let mut spelled = Spelled::default();
+        let mut rendered = Vec::new();
+        for row in &rows {
+            let Some(ordinals) = wanted.get_mut(&row.base) else { continue };
+            // an ordinal past the row's events names no event, as an id whose row is gone
+            ordinals.retain(|&ordinal| ordinal <= row.n as usize);
+            ordinals.sort_unstable();
+            rendered.clear();
+            row.render(ordinals, &mut spelled, &mut rendered)?;
+            for (&ordinal, event) in ordinals.iter().zip(rendered.drain(..)) {
+                events.insert(row.base + ordinal as i64 - 1, event);
+            }
+        }
     }
     for c in claimed.iter_mut().filter(|c| c.event.is_none()) {
         c.event = events.remove(&c.id);

@@ -66,6 +66,8 @@ pub enum OutboxError {
     MalformedLogRow { base: i64, column: &'static str },
     #[error("the ledger row of claim {claim} has a malformed {column} array")]
     MalformedClaim { claim: i64, column: &'static str },
+    #[error("the row of subscription \"{0}\" moved while a claim held it locked; the claim changed nothing")]
+    SubscriptionRowMoved(String),
     #[error(transparent)]
     Spi(#[from] spi::Error),
 }
@@ -86,7 +88,7 @@ impl OutboxError {
             NeedsReadCommitted(_) => ERRCODE_ACTIVE_SQL_TRANSACTION,
             NotInSetContext(_) | NotUtf8(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             NotPull(..) => ERRCODE_WRONG_OBJECT_TYPE,
-            Capture(..) | Spi(_) => ERRCODE_INTERNAL_ERROR,
+            Capture(..) | SubscriptionRowMoved(_) | Spi(_) => ERRCODE_INTERNAL_ERROR,
             Unrepresentable { .. } => ERRCODE_DATA_EXCEPTION,
             MalformedLogRow { .. } | MalformedClaim { .. } => ERRCODE_DATA_CORRUPTED,
             InvalidSubscriptionName(..)

@@ -163,10 +163,42 @@ pub fn held_by_another(ours: Option<(i32, i64)>, attempts: i32, lease_end: i64, 
     lease_end > now && ours != Some((attempts, lease_end))
 }
 
+/// The mark of a function sink call in progress: whose it is (the postmaster's start time and
+/// the database, as the worker spells them), the subscription, and how many calls in a row
+/// ended a worker.
+pub fn sink_call_mark(whose: &str, subscription: i32, times: u32) -> String {
+    format!("{whose} {subscription} {times}")
+}
+
+/// The subscription and count of a mark (sink_call_mark) that is `whose`; None for another
+/// postmaster's or database's mark, or a damaged one.
+pub fn read_sink_call_mark(text: &str, whose: &str) -> Option<(i32, u32)> {
+    let mut fields = text.split_whitespace();
+    let (postmaster, database) = (fields.next()?, fields.next()?);
+    if format!("{postmaster} {database}") != whose {
+        return None;
+    }
+    let (subscription, times) = (fields.next()?.parse().ok()?, fields.next()?.parse().ok()?);
+    fields.next().is_none().then_some((subscription, times))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_sink_call_mark_counts_only_for_its_own_postmaster_and_database() {
+        let mark = sink_call_mark("817000000000 16384", 3, 2);
+        assert_eq!(read_sink_call_mark(&mark, "817000000000 16384"), Some((3, 2)));
+        // a stop and start (another postmaster), or the worker moved to another database
+        assert_eq!(read_sink_call_mark(&mark, "817000009999 16384"), None);
+        assert_eq!(read_sink_call_mark(&mark, "817000000000 16385"), None);
+        assert_eq!(read_sink_call_mark(&mark, "817000000000 1638"), None);
+        for damaged in ["", "817000000000 16384", "817000000000 16384 3", "817000000000 16384 x 2", "817000000000 16384 3 2 1"] {
+            assert_eq!(read_sink_call_mark(damaged, "817000000000 16384"), None, "{damaged:?}");
+        }
+    }
 
     fn policy() -> RetryPolicy {
         RetryPolicy {

@@ -55,7 +55,7 @@ impl ForRelease {
 
 use pg_sys::{
     BOOLOID as BOOL, INT2OID as INT2, INT4OID as INT4, INT8ARRAYOID as INT8S, INT8OID as INT8, JSONBOID as JSONB, OIDARRAYOID as OIDS, OIDOID as OID, TEXTARRAYOID as TEXTS, TEXTOID as TEXT, TIMESTAMPTZARRAYOID as TIMES,
-    TIMESTAMPTZOID as TIME, INTERVALOID as INTERVAL,
+    TIMESTAMPTZOID as TIME, INTERVALOID as INTERVAL, TIDOID as TID,
 };
 
 thread_local! {
@@ -423,7 +423,7 @@ macro_rules! lock_subscription {
         concat!(
             "SELECT id, options, done_seq, window_seq, window_cursor, ",
             $floor_columns,
-            ", pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint \
+            ", pg_catalog.pg_snapshot_xmin(window_snapshot)::text::bigint, ctid, done_snapshot::text, window_snapshot::text \
              FROM @extschema@.outbox_subscriptions WHERE name = $1 AND (sink = 'pull' OR $2) AND ",
             $($may_consume)+,
             " FOR NO KEY UPDATE"
@@ -431,7 +431,11 @@ macro_rules! lock_subscription {
     };
 }
 
-/// Serializes claims of one subscription; acks and fails do not take this lock.
+/// Serializes claims of one subscription; acks and fails do not take this lock. Returns the
+/// row's ctid and snapshots too: a claim reads the row once, here, and writes it at most once,
+/// by ctid (SAVE_WINDOW, SAVE_CURSOR). Every claim used to update it twice and read it by id
+/// five more times; a transaction holding back xmin keeps every old version of the row, and
+/// each read walked them all.
 /// `$2`: whether a subscription with a sink may be locked (by the delivery worker). `$3`: the
 /// caller, who must be one who may consume it (see may_consume): another does not get the
 /// lock, which an aborted transaction would otherwise hold until it rolls back.
@@ -578,70 +582,76 @@ pub static ADD_RETRIES: Sql = Sql {
 /// Rows of transactions that were still running when the subscription's done snapshot was
 /// taken and have committed since: between the straddle floor (the caller's `$3` is never
 /// below it) and done_seq.
+/// `$4` and `$5` are the done and window snapshots as text, each cast once (a scalar subquery).
 pub static STRADDLERS: Sql = Sql {
     text: "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
-           FROM @extschema@.outbox_log l, \
-                (SELECT done_snapshot AS done, window_snapshot AS win \
-                 FROM @extschema@.outbox_subscriptions WHERE id = $1) s \
-           WHERE l.base <= $2 AND l.base > $3 \
-             AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, s.done) \
-             AND pg_catalog.pg_visible_in_snapshot(l.txid, s.win) \
-           ORDER BY l.base LIMIT $4",
-    args: &[INT4, INT8, INT8, INT8],
+           FROM @extschema@.outbox_log l \
+           WHERE l.base <= $1 AND l.base > $2 \
+             AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, (SELECT $4::pg_catalog.pg_snapshot)) \
+             AND pg_catalog.pg_visible_in_snapshot(l.txid, (SELECT $5::pg_catalog.pg_snapshot)) \
+           ORDER BY l.base LIMIT $3",
+    args: &[INT8, INT8, INT8, TEXT, TEXT],
 };
 
+/// `$4`: the window snapshot as text.
 pub static WINDOW_ROWS: Sql = Sql {
     text: "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
            FROM @extschema@.outbox_log l \
-           WHERE l.base > $2 AND l.base <= $3 \
-             AND pg_catalog.pg_visible_in_snapshot(l.txid, \
-                   (SELECT window_snapshot FROM @extschema@.outbox_subscriptions WHERE id = $1)) \
-           ORDER BY l.base LIMIT $4",
-    args: &[INT4, INT8, INT8, INT8],
+           WHERE l.base > $1 AND l.base <= $2 \
+             AND pg_catalog.pg_visible_in_snapshot(l.txid, (SELECT $4::pg_catalog.pg_snapshot)) \
+           ORDER BY l.base LIMIT $3",
+    args: &[INT8, INT8, INT8, TEXT],
 };
 
-/// Events a claim took from the retry table, rendered as `outbox_events_for` renders them, or
-/// from the copy kept of an event requeued from the dead letters.
-pub static RENDER_EVENTS: Sql = Sql {
-    text: "SELECT i.id, coalesce(k.type, e.type), coalesce(k.payload, e.payload)::text, coalesce(k.created_at, e.created_at) \
-           FROM pg_catalog.unnest($2) AS i(id) \
-           LEFT JOIN @extschema@.outbox_retries k \
-                  ON k.subscription_id = $1 AND k.event_id = i.id AND k.payload IS NOT NULL \
-           LEFT JOIN @extschema@.outbox_events_for($2) e ON e.id = i.id",
+/// The copies kept of events requeued from the dead letters, whose log rows may be gone.
+pub static RETRY_COPIES: Sql = Sql {
+    text: "SELECT event_id, type, payload::text, created_at FROM @extschema@.outbox_retries \
+           WHERE subscription_id = $1 AND event_id = ANY ($2) AND payload IS NOT NULL",
     args: &[INT4, INT8S],
+};
+
+/// The log rows with these bases, in WINDOW_ROWS' columns: a claim renders the events it takes
+/// from the retry table from them, as it renders the window's.
+pub static LOG_ROWS: Sql = Sql {
+    text: "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
+           FROM @extschema@.outbox_log l WHERE l.base = ANY ($1)",
+    args: &[INT8S],
 };
 
 /// The last base handed out: the first half of a straddle-floor mark.
 pub static LAST_BASE: Sql = Sql { text: concat!("SELECT ", last_base!()), args: &[] };
 
-macro_rules! advance_window {
+/// The next window: the current snapshot and the last base drawn (events of transactions the
+/// snapshot does not see are the next window's straddlers).
+pub static NEXT_WINDOW: Sql = Sql { text: concat!("SELECT pg_catalog.pg_current_snapshot()::text, ", last_base!()), args: &[] };
+
+macro_rules! save_window {
     ($set_floor:literal) => {
         concat!(
             "UPDATE @extschema@.outbox_subscriptions \
              SET done_snapshot = window_snapshot, done_seq = window_seq, \
-                 window_snapshot = pg_catalog.pg_current_snapshot(), window_seq = ",
-            last_base!(),
-            ", window_cursor = 0",
+                 window_snapshot = $3::pg_catalog.pg_snapshot, window_seq = $4, window_cursor = $5",
             $set_floor,
-            " WHERE id = $1 RETURNING done_seq, window_seq"
+            " WHERE ctid = $2 AND id = $1 RETURNING id"
         )
     };
 }
 
-/// Closes the exhausted window and opens the next one at the current snapshot, with the
-/// straddle floor and marks as `StraddleFloor::close_window` left them.
-pub static ADVANCE_WINDOW: ForRelease = ForRelease {
+/// Closes the exhausted window and records the next one (NEXT_WINDOW) with its cursor, and the
+/// straddle floor and marks as `StraddleFloor::close_window` left them. `$2`: the row's ctid,
+/// which the claim's lock keeps.
+pub static SAVE_WINDOW: ForRelease = ForRelease {
     current: Sql {
-        text: advance_window!(", straddle_floor = $2, floor_mark_bases = $3, floor_mark_xids = $4"),
-        args: &[INT4, INT8, INT8S, INT8S],
+        text: save_window!(", straddle_floor = $6, floor_mark_bases = $7, floor_mark_xids = $8"),
+        args: &[INT4, TID, TEXT, INT8, INT8, INT8, INT8S, INT8S],
     },
     before_0_8: None,
-    before_0_4: Sql { text: advance_window!(""), args: &[INT4, INT8, INT8S, INT8S] },
+    before_0_4: Sql { text: save_window!(""), args: &[INT4, TID, TEXT, INT8, INT8, INT8, INT8S, INT8S] },
 };
 
 pub static SAVE_CURSOR: Sql = Sql {
-    text: "UPDATE @extschema@.outbox_subscriptions SET window_cursor = $2 WHERE id = $1",
-    args: &[INT4, INT8],
+    text: "UPDATE @extschema@.outbox_subscriptions SET window_cursor = $3 WHERE ctid = $2 AND id = $1 RETURNING id",
+    args: &[INT4, TID, INT8],
 };
 
 pub static RECORD_CLAIM: Sql = Sql {

@@ -34,7 +34,7 @@ use crate::consume::{self, required};
 use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
-use crate::policy::{retention_interval, RetryPolicy};
+use crate::policy::{read_sink_call_mark, retention_interval, sink_call_mark, RetryPolicy};
 use crate::queries::{self as q, run};
 use crate::sink::{batch_body, halves, idempotency_key, judge, BatchLimit, Breaker, HttpSink, Outcome, Sink, Transition};
 
@@ -902,7 +902,7 @@ impl Watchdog {
     fn arm(subscription: i32, ended_before: u32, after: Duration) -> Watchdog {
         let times = ended_before.saturating_add(1);
         // (a file that cannot be written costs only the guard against a worker ended in a call)
-        let _ = std::fs::write(STUCK_SINK_FILE, format!("{} {subscription} {times}", Self::whose()));
+        let _ = std::fs::write(STUCK_SINK_FILE, sink_call_mark(&Self::whose(), subscription, times));
         let (disarm, disarmed) = mpsc::channel::<()>();
         let thread = spawn_without_signals(move || {
             let overran = disarmed.recv_timeout(after) == Err(mpsc::RecvTimeoutError::Timeout);
@@ -930,14 +930,7 @@ impl Watchdog {
     /// The sink whose call a worker of this postmaster and database last ended in, and how many
     /// times running.
     fn overrun() -> Option<(i32, u32)> {
-        let text = std::fs::read_to_string(STUCK_SINK_FILE).ok()?;
-        let (postmaster, rest) = text.split_once(' ')?;
-        let (database, mark) = rest.split_once(' ')?;
-        if format!("{postmaster} {database}") != Self::whose() {
-            return None;
-        }
-        let (subscription, times) = mark.trim().split_once(' ')?;
-        Some((subscription.parse().ok()?, times.parse().ok()?))
+        read_sink_call_mark(&std::fs::read_to_string(STUCK_SINK_FILE).ok()?, &Self::whose())
     }
 }
 

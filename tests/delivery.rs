@@ -467,6 +467,65 @@ fn a_transaction_committing_after_a_later_one_is_not_skipped() {
     }
 }
 
+/// A transaction holding back xmin keeps every old version of the subscription row, and each
+/// claim reads the row: so a claim writes it at most once, and one that finds nothing not at
+/// all. An advance that finds nothing is not recorded, and the next one still finds what
+/// committed meanwhile, a transaction that had drawn its id before included.
+#[test]
+fn a_claim_writes_its_subscription_row_once_and_an_idle_one_not_at_all() {
+    let (db, mut c) = setup("subscription_writes", "");
+    let mut early = shared().connect(&db);
+    early.batch_execute("BEGIN; INSERT INTO chunks VALUES (1, 1, 'early', '{1}')").unwrap(); // draws the lower id
+    insert(&mut c, 2..=4);
+    let version = "SELECT xmin::text || ctid::text FROM outbox_subscriptions WHERE name = 'default'";
+    let updates = "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = 'outbox_subscriptions'::regclass";
+
+    c.batch_execute("BEGIN").unwrap();
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(first.iter().map(|e| e.2).collect::<Vec<_>>(), [2, 3, 4]);
+    assert_eq!(scalar_i64(&mut c, updates), 1, "the window and its cursor in one write");
+    c.batch_execute("COMMIT").unwrap();
+    c.execute("SELECT outbox_ack($1)", &[&ids(&first)]).unwrap();
+
+    let row_version = |c: &mut Client| c.query_one(version, &[]).unwrap().get::<_, String>(0);
+    let idle = row_version(&mut c);
+    for _ in 0..5 {
+        assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty());
+        assert_eq!(row_version(&mut c), idle, "an empty claim wrote the subscription row");
+    }
+    early.batch_execute("COMMIT").unwrap();
+    let late = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(late.iter().map(|e| e.2).collect::<Vec<_>>(), [1], "the early transaction's event");
+    c.execute("SELECT outbox_ack($1)", &[&ids(&late)]).unwrap();
+    insert(&mut c, 5..=5);
+    assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(10)").iter().map(|e| e.2).collect::<Vec<_>>(), [5]);
+    assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty());
+}
+
+/// A claim that waited for the subscription row's lock writes the row as the claim before it
+/// left it (a claim writes the row by the ctid its lock returned).
+#[test]
+fn a_claim_that_waited_for_another_writes_after_it() {
+    let (db, mut c) = setup("claims_in_turn", "");
+    insert(&mut c, 1..=5);
+    let mut first = shared().connect(&db);
+    first.batch_execute("BEGIN").unwrap();
+    let taken = claim(&mut first, "SELECT * FROM outbox_claim(2)");
+    assert_eq!(taken.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2]);
+    let waiter = std::thread::spawn(move || {
+        let mut second = shared().connect(&db);
+        let got = claim(&mut second, "SELECT * FROM outbox_claim(10)");
+        second.execute("SELECT outbox_ack($1)", &[&ids(&got)]).unwrap();
+        got.iter().map(|e| e.2).collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(300)); // the second claim waits for the lock
+    assert!(!waiter.is_finished(), "the second claim did not wait for the first");
+    first.batch_execute("COMMIT").unwrap();
+    assert_eq!(waiter.join().unwrap(), [3, 4, 5]);
+    insert(&mut c, 6..=6);
+    assert_eq!(claim(&mut c, "SELECT * FROM outbox_claim(10)").iter().map(|e| e.2).collect::<Vec<_>>(), [6], "nothing handed out twice");
+}
+
 /// A subscription created while a transaction that already wrote is still open gets that
 /// transaction's event once it commits: its straddle floor comes from the other subscriptions,
 /// not from the ids drawn so far.

@@ -355,6 +355,12 @@ pub fn cpu_seconds(pid: i64) -> f64 {
     (fields[11] + fields[12]) as f64 / 100.0
 }
 
+/// CPU seconds the server process of `c` has used so far.
+pub fn backend_cpu(c: &mut Client) -> f64 {
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    cpu_seconds(pid.into())
+}
+
 /// Bytes on disk of every outbox table with its indexes and TOAST.
 pub fn outbox_size(c: &mut Client) -> i64 {
     c.query_one(
