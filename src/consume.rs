@@ -962,11 +962,6 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
         let mut spelled = Spelled::default();
         let mut deferred = RetryBatch::default();
         let mut advanced = false;
-        // An advance that finds nothing is not recorded: the window it would close still says
-        // what has been handed out, and the next advance from it covers whatever that one
-        // would have. So a consumer polling an idle outbox writes nothing.
-        let mut cursor_before_advance = None;
-        let mut read_since_advance = false;
         let last_straddler = |done_seq: i64| done_seq + EVENTS_PER_ROW - 1;
         'window: while claimed.len() + taken.ids.len() < batch {
             let wanted = (batch - claimed.len() - taken.ids.len()) as i64;
@@ -990,7 +985,6 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
             };
             let rows = read_window_rows(rows)?;
             let fetched = rows.len() as i64;
-            read_since_advance |= advanced && fetched > 0;
             if has_retries && !rows.is_empty() {
                 add_retry_blockers(client, &extension, sub, &rows, &mut blocked)?;
             }
@@ -1040,7 +1034,6 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                 done_seq = window_seq;
                 window_seq = required(&next, 2)?;
                 done_snapshot = std::mem::replace(&mut window_snapshot, required(&next, 1)?);
-                cursor_before_advance = Some(cursor);
                 cursor = 0;
                 advanced = true;
             }
@@ -1073,7 +1066,8 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                 last.push((sub, made));
             });
         }
-        let saved = if read_since_advance {
+        // one write of the row a claim: the window it opened with its cursor, or the cursor
+        let saved = if advanced {
             let (bases, xids): (Vec<i64>, Vec<i64>) = floor.marks.iter().copied().unzip();
             Some(run(
                 client,
@@ -1090,8 +1084,7 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
                     xids.into(),
                 ],
             )?)
-        } else if cursor_before_advance.unwrap_or(cursor) != saved_cursor {
-            let cursor = cursor_before_advance.unwrap_or(cursor);
+        } else if cursor != saved_cursor {
             Some(run(client, &extension, &q::SAVE_CURSOR, &[sub.into(), ctid.into(), cursor.into()])?)
         } else {
             None
