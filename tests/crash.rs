@@ -116,6 +116,25 @@ fn committed_events_survive_an_immediate_stop() {
     let all: Vec<i64> = client.query("SELECT id FROM outbox_events", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     let delivered = delivered.lock().unwrap();
     let missing: Vec<&i64> = all.iter().filter(|id| !delivered.contains_key(id)).collect();
+    if !missing.is_empty() {
+        // an intermittent failure (about one run in a hundred at a1a298d; see
+        // docs/benchmarks.md): print what the next one needs to be explained
+        let ids: Vec<i64> = missing.iter().map(|id| **id).collect();
+        for query in [
+            "SELECT format('log row %s: txid %s, %s events, %s', base, txid, n, created_at) FROM outbox_log WHERE base = ANY($1::bigint[])",
+            "SELECT format('ledger %s of claim %s at %s: %s', kind, claim_id, at, event_ids) FROM outbox_ledger WHERE event_ids && $1::bigint[]",
+            "SELECT format('retry %s', row_to_json(r)) FROM outbox_retries r WHERE event_id = ANY($1::bigint[])",
+            "SELECT format('claim %s', row_to_json(c)) FROM outbox_claims c WHERE cardinality($1::bigint[]) > 0",
+            "SELECT format('subscription: done %s %s, window %s %s, cursor %s, floor %s, marks %s %s', done_snapshot, done_seq,
+                           window_snapshot, window_seq, window_cursor, straddle_floor, floor_mark_bases, floor_mark_xids)
+             FROM outbox_subscriptions WHERE cardinality($1::bigint[]) > 0",
+            "SELECT format('backlog %s', row_to_json(b)) FROM outbox_backlog b WHERE cardinality($1::bigint[]) > 0",
+        ] {
+            for row in client.query(query, &[&ids]).unwrap() {
+                eprintln!("{}", row.get::<_, String>(0));
+            }
+        }
+    }
     assert!(missing.is_empty(), "never delivered: {missing:?}");
     let in_doubt = in_doubt.lock().unwrap();
     let duplicates: Vec<i64> = delivered.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
