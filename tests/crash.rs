@@ -117,7 +117,7 @@ fn committed_events_survive_an_immediate_stop() {
     let delivered = delivered.lock().unwrap();
     let missing: Vec<&i64> = all.iter().filter(|id| !delivered.contains_key(id)).collect();
     if !missing.is_empty() {
-        // an intermittent failure (about one run in a hundred at a1a298d; see
+        // an intermittent failure (about one run in 150 at a1a298d, events never handed out; see
         // docs/benchmarks.md): print what the next one needs to be explained
         let ids: Vec<i64> = missing.iter().map(|id| **id).collect();
         for query in [
