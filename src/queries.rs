@@ -579,27 +579,33 @@ pub static ADD_RETRIES: Sql = Sql {
     args: &[INT4, INT8S, INT8S, INT8S, TIMES, INT4, TIME, TEXT, TIMES],
 };
 
+/// The log rows a claim reads, in the columns `read_window_rows` expects (WINDOW_TYPES).
+macro_rules! log_rows {
+    () => {
+        "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
+         FROM @extschema@.outbox_log l"
+    };
+}
+
 /// Rows of transactions that were still running when the subscription's done snapshot was
 /// taken and have committed since: between the straddle floor (the caller's `$3` is never
 /// below it) and done_seq.
 /// `$4` and `$5` are the done and window snapshots as text, each cast once (a scalar subquery).
 pub static STRADDLERS: Sql = Sql {
-    text: "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
-           FROM @extschema@.outbox_log l \
+    text: concat!(log_rows!(), " \
            WHERE l.base <= $1 AND l.base > $2 \
              AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, (SELECT $4::pg_catalog.pg_snapshot)) \
              AND pg_catalog.pg_visible_in_snapshot(l.txid, (SELECT $5::pg_catalog.pg_snapshot)) \
-           ORDER BY l.base LIMIT $3",
+           ORDER BY l.base LIMIT $3"),
     args: &[INT8, INT8, INT8, TEXT, TEXT],
 };
 
 /// `$4`: the window snapshot as text.
 pub static WINDOW_ROWS: Sql = Sql {
-    text: "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
-           FROM @extschema@.outbox_log l \
+    text: concat!(log_rows!(), " \
            WHERE l.base > $1 AND l.base <= $2 \
              AND pg_catalog.pg_visible_in_snapshot(l.txid, (SELECT $4::pg_catalog.pg_snapshot)) \
-           ORDER BY l.base LIMIT $3",
+           ORDER BY l.base LIMIT $3"),
     args: &[INT8, INT8, INT8, TEXT],
 };
 
@@ -613,8 +619,7 @@ pub static RETRY_COPIES: Sql = Sql {
 /// The log rows with these bases, in WINDOW_ROWS' columns: a claim renders the events it takes
 /// from the retry table from them, as it renders the window's.
 pub static LOG_ROWS: Sql = Sql {
-    text: "SELECT l.base, l.n, l.table_hash, l.created_at, l.key_hashes, l.type, l.source_name, l.keys, l.data \
-           FROM @extschema@.outbox_log l WHERE l.base = ANY ($1)",
+    text: concat!(log_rows!(), " WHERE l.base = ANY ($1)"),
     args: &[INT8S],
 };
 
