@@ -3,8 +3,8 @@
 
 INSERT INTO @extschema@.outbox_subscriptions (name, done_snapshot, done_seq, window_snapshot, window_seq)
 SELECT 'default', pg_catalog.pg_current_snapshot(), b.base, pg_catalog.pg_current_snapshot(), b.base
-FROM (SELECT CASE WHEN s.is_called THEN s.last_value ELSE s.last_value OPERATOR(pg_catalog.-) 4096 END AS base
-      FROM @extschema@.outbox_event_id_seq s) b;  -- as last_base! in src/queries.rs says
+FROM (SELECT coalesce(pg_catalog.pg_sequence_last_value('@extschema@.outbox_event_id_seq'::pg_catalog.regclass),
+                      1 OPERATOR(pg_catalog.-) 4096) AS base) b;  -- as last_base! in src/queries.rs says
 
 -- The events of one log row. The payload is put together as text and parsed once:
 -- {"table": ..., "key": {...}, "data": {...}}, with no key for a TRUNCATE and no data unless

@@ -78,7 +78,7 @@ pub fn subscribe(name: &str, sink: &str, options: &Value, from_start: bool) -> R
             client,
             &extension,
             q::SUBSCRIBE.pick(&extension),
-            &[name.into(), sink.into(), pgrx::JsonB(options.clone()).into(), from_start.into()],
+            &[name.into(), sink.into(), pgrx::JsonB(options.clone()).into(), from_start.into(), extension.event_id_seq.into()],
         )?;
         if created.is_empty() {
             return Err(OutboxError::DuplicateSubscription(name.to_string()));

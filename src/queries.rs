@@ -318,15 +318,20 @@ pub static DELETE_ATTACHMENT: Sql = Sql {
 // ---------------------------------------------------------------------------------------
 // subscriptions
 
-/// The highest base drawn so far: a window or a new subscription covers the log rows up to it.
-/// Before the first nextval a sequence reports its start value as last_value; counting base 1
-/// as drawn then would let a subscription created in the transaction that writes the first
-/// events, if its snapshot shows its own xid as visible (a later transaction finished first),
-/// skip them. The default subscription's row in sql/api.sql starts from the same expression.
+/// The highest base drawn so far from the event id sequence, whose oid is the parameter named:
+/// a window or a new subscription covers the log rows up to it, and a straddle-floor mark
+/// rests on it. Read with pg_sequence_last_value, which holds the sequence's buffer lock. A
+/// `SELECT last_value FROM` the sequence reads the page unlocked, and every 32nd nextval
+/// briefly writes there the value it logs ahead, up to 32 bases above any base drawn: a mark
+/// that high raised the floor over the bases drawn next, and their transactions' events,
+/// when they committed after a window closed, were never handed out.
+/// Before the first nextval there is none (NULL), and base 1 must not count as drawn: a
+/// subscription created in the transaction that writes the first events, if its snapshot
+/// shows its own xid as visible (a later transaction finished first), would skip them. The
+/// default subscription's row in sql/api.sql starts from the same expression.
 macro_rules! last_base {
-    () => {
-        "(SELECT CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 4096 END \
-          FROM @extschema@.outbox_event_id_seq s)"
+    ($sequence:literal) => {
+        concat!("coalesce(pg_catalog.pg_sequence_last_value(", $sequence, "::pg_catalog.regclass), 1 - 4096)")
     };
 }
 
@@ -341,7 +346,7 @@ macro_rules! subscribe {
             $floor,
             " FROM (SELECT CASE WHEN $4 THEN '1:1:'::pg_catalog.pg_snapshot ELSE pg_catalog.pg_current_snapshot() END AS snap, \
                            CASE WHEN $4 THEN 1 - 4096 ELSE ",
-            last_base!(),
+            last_base!("$5"),
             " END AS seq) w \
              ON CONFLICT (name) DO NOTHING RETURNING id"
         )
@@ -357,10 +362,10 @@ pub static SUBSCRIBE: ForRelease = ForRelease {
             ", CASE WHEN $4 THEN 1 - 4096 \
                     ELSE coalesce((SELECT pg_catalog.max(straddle_floor) FROM @extschema@.outbox_subscriptions), 1 - 4096) END"
         ),
-        args: &[TEXT, TEXT, JSONB, BOOL],
+        args: &[TEXT, TEXT, JSONB, BOOL, OID],
     },
     before_0_8: None,
-    before_0_4: Sql { text: subscribe!("", ""), args: &[TEXT, TEXT, JSONB, BOOL] },
+    before_0_4: Sql { text: subscribe!("", ""), args: &[TEXT, TEXT, JSONB, BOOL, OID] },
 };
 
 pub static UNSUBSCRIBE: Sql = Sql {
@@ -623,12 +628,13 @@ pub static LOG_ROWS: Sql = Sql {
     args: &[INT8S],
 };
 
-/// The last base handed out: the first half of a straddle-floor mark.
-pub static LAST_BASE: Sql = Sql { text: concat!("SELECT ", last_base!()), args: &[] };
+/// The last base handed out: the first half of a straddle-floor mark. `$1`: the sequence.
+pub static LAST_BASE: Sql = Sql { text: concat!("SELECT ", last_base!("$1")), args: &[OID] };
 
 /// The next window: the current snapshot and the last base drawn (events of transactions the
-/// snapshot does not see are the next window's straddlers).
-pub static NEXT_WINDOW: Sql = Sql { text: concat!("SELECT pg_catalog.pg_current_snapshot()::text, ", last_base!()), args: &[] };
+/// snapshot does not see are the next window's straddlers). `$1`: the sequence.
+pub static NEXT_WINDOW: Sql =
+    Sql { text: concat!("SELECT pg_catalog.pg_current_snapshot()::text, ", last_base!("$1")), args: &[OID] };
 
 macro_rules! save_window {
     ($set_floor:literal) => {

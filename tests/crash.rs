@@ -117,8 +117,9 @@ fn committed_events_survive_an_immediate_stop() {
     let delivered = delivered.lock().unwrap();
     let missing: Vec<&i64> = all.iter().filter(|id| !delivered.contains_key(id)).collect();
     if !missing.is_empty() {
-        // an intermittent failure (about one run in 150 at a1a298d, events never handed out; see
-        // docs/benchmarks.md): print what the next one needs to be explained
+        // print what a failure needs to be explained: this output showed windows skipping
+        // events (no ledger or retry row), which led to the straddle-floor marks' read of the
+        // sequence (docs/design.md)
         let ids: Vec<i64> = missing.iter().map(|id| **id).collect();
         for query in [
             "SELECT format('log row %s: txid %s, %s events, %s', base, txid, n, created_at) FROM outbox_log WHERE base = ANY($1::bigint[])",

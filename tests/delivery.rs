@@ -467,6 +467,80 @@ fn a_transaction_committing_after_a_later_one_is_not_skipped() {
     }
 }
 
+/// A straddle-floor mark pairs the last base drawn with the next xid: every transaction with
+/// that xid or a later one draws bases above the mark's, and the floor the marks raise is
+/// where claims stop looking for events committed after their window closed. A mark read from
+/// the sequence as a table was now and then the value a nextval logs ahead (up to 32 bases
+/// above the last drawn) while it wrote its WAL record, and the events of transactions that
+/// drew bases below it and committed after a window closed were never handed out. Here one
+/// connection draws bases in transactions whose xids it records while another claims, each
+/// claim opening a window and making a mark; no drawn base may lie at or below a mark whose
+/// xid is at most the drawer's.
+#[test]
+fn a_floor_mark_is_never_above_a_base_drawn_after_it() {
+    let (db, mut c) = setup("floor_marks", "");
+    // Transactions of 32 draws, as many as a nextval logs ahead, so that the next transaction's
+    // bases lie at or below any mark read while one of them was logging; committed without a
+    // flush, and looped in the server, so that they come fast.
+    let drawer = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let mut d = shared().connect(&db);
+            d.batch_execute("SET synchronous_commit = off").unwrap();
+            d.batch_execute("CREATE TABLE drawn (xid bigint, base bigint)").unwrap();
+            // (a statement of its own: a DO block may commit only outside a transaction block)
+            d.batch_execute(
+                "DO $$
+                 DECLARE
+                     deadline timestamptz := clock_timestamp() + interval '4 seconds';
+                     xid bigint;
+                 BEGIN
+                     WHILE clock_timestamp() < deadline LOOP
+                         xid := pg_current_xact_id()::text::bigint; -- the xid first, as capture draws
+                         INSERT INTO drawn SELECT xid, min(nextval('outbox_event_id_seq')) FROM generate_series(1, 32);
+                         COMMIT;
+                     END LOOP;
+                 END $$",
+            )
+            .unwrap();
+        })
+    };
+    let mut marks = Vec::new();
+    while !drawer.is_finished() {
+        assert!(claim(&mut c, "SELECT * FROM outbox_claim(1)").is_empty(), "nothing is captured here");
+        let row = c
+            .query_one(
+                "SELECT floor_mark_bases[cardinality(floor_mark_bases)], floor_mark_xids[cardinality(floor_mark_xids)] \
+                 FROM outbox_subscriptions WHERE name = 'default'",
+                &[],
+            )
+            .unwrap();
+        marks.push((row.get::<_, i64>(0), row.get::<_, i64>(1)));
+    }
+    drawer.join().unwrap();
+    let mut lowest_from: Vec<(i64, i64)> =
+        c.query("SELECT xid, base FROM drawn ORDER BY xid", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert!(marks.len() > 500 && lowest_from.len() > 5000, "{} claims, {} transactions drew", marks.len(), lowest_from.len());
+    // the lowest base drawn by a transaction with each xid or a later one
+    for i in (0..lowest_from.len().saturating_sub(1)).rev() {
+        lowest_from[i].1 = lowest_from[i].1.min(lowest_from[i + 1].1);
+    }
+    let above: Vec<_> = marks
+        .iter()
+        .filter_map(|&(base, xid)| {
+            let from = lowest_from.partition_point(|&(drawn_xid, _)| drawn_xid < xid);
+            lowest_from.get(from).filter(|&&(_, lowest)| lowest <= base).map(|&(_, lowest)| (base, xid, lowest))
+        })
+        .collect();
+    assert!(
+        above.is_empty(),
+        "{} of {} marks lie at or above a base drawn after them; the first (base, xid, base drawn): {:?}",
+        above.len(),
+        marks.len(),
+        &above[..above.len().min(5)]
+    );
+}
+
 /// A transaction holding back xmin keeps every old version of the subscription row, and each
 /// claim reads the row: so a claim writes it once, one that finds nothing too. A transaction
 /// that drew its id before the windows and commits after them still has its event handed out.
