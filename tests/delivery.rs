@@ -467,6 +467,149 @@ fn a_transaction_committing_after_a_later_one_is_not_skipped() {
     }
 }
 
+/// A small xorshift generator: the mixed load below draws its choices from a seed it prints.
+struct Choices(u64);
+
+impl Choices {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Writers of single rows, several rows, savepoints rolled back, updates and deletes, while
+/// three consumers of one subscription and one of another claim batches of 1 to 100 and ack
+/// them, fail them, ack half or drop them to let the lease run out. Afterwards every event has
+/// reached both subscriptions, no claim held two events of a row, and each row's events were
+/// first handed out in id (commit) order.
+#[test]
+fn a_mixed_load_loses_nothing_and_keeps_each_rows_order() {
+    let (db, mut c) = setup("mixed_load", "");
+    c.batch_execute("SELECT outbox_subscribe('second')").unwrap();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    eprintln!("mixed load seed {seed}");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..3i64)
+        .map(|w| {
+            let (db, stop) = (db.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut choices = Choices(seed.wrapping_add(w as u64 * 7919) | 1);
+                let mut client = shared().connect(&db);
+                let first = w * 10_000_000;
+                let mut id = first;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    id += 5;
+                    let earlier = first + (choices.next() % (id - first + 1) as u64) as i64;
+                    let sql = match choices.next() % 20 {
+                        0..=7 => format!("INSERT INTO chunks VALUES ({id}, 1, 'x', '{{1}}')"),
+                        8..=11 => format!("INSERT INTO chunks SELECT g, 1, 'x', '{{1}}' FROM generate_series({id}, {}) g", id + 4),
+                        12..=14 => format!(
+                            "BEGIN; INSERT INTO chunks VALUES ({id}, 1, 'x', '{{1}}'); SAVEPOINT s; \
+                             INSERT INTO chunks VALUES ({}, 1, 'x', '{{1}}'); ROLLBACK TO s; \
+                             UPDATE chunks SET content = 'z' WHERE id = {id}; COMMIT",
+                            id + 1
+                        ),
+                        15..=17 => format!("UPDATE chunks SET content = md5(random()::text) WHERE id BETWEEN {earlier} AND {}", earlier + 20),
+                        _ => format!("DELETE FROM chunks WHERE id BETWEEN {earlier} AND {}", earlier + 3),
+                    };
+                    client.batch_execute(&sql).unwrap();
+                }
+            })
+        })
+        .collect();
+    // (subscription, id, key, when the claim handed it out): claims of a subscription take
+    // turns under its row lock, so the claim's clock orders them
+    type HandOut = (String, i64, String, i64);
+    let claim_sql = "SELECT id, (payload->'key')::text, (extract(epoch FROM clock_timestamp()) * 1e6)::bigint \
+                     FROM outbox_claim($1, $2, lease => '200 milliseconds')";
+    let hand_outs = Arc::new(Mutex::new(Vec::<HandOut>::new()));
+    let record = |hand_outs: &Mutex<Vec<HandOut>>, subscription: &str, rows: &[postgres::Row]| -> Vec<i64> {
+        let keys: HashSet<String> = rows.iter().map(|r| r.get(1)).collect();
+        assert_eq!(keys.len(), rows.len(), "a claim of {subscription} held two events of one row");
+        let mut all = hand_outs.lock().unwrap();
+        all.extend(rows.iter().map(|r| (subscription.to_string(), r.get(0), r.get(1), r.get(2))));
+        rows.iter().map(|r| r.get(0)).collect()
+    };
+    let consumers: Vec<_> = ["default", "default", "default", "second"]
+        .into_iter()
+        .enumerate()
+        .map(|(n, subscription)| {
+            let (db, stop, hand_outs) = (db.clone(), stop.clone(), hand_outs.clone());
+            std::thread::spawn(move || {
+                let mut choices = Choices(seed.wrapping_add(1_000 + n as u64 * 104_729) | 1);
+                let mut client = shared().connect(&db);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let batch = [1, 3, 10, 50, 100][(choices.next() % 5) as usize];
+                    let rows = client.query(claim_sql, &[&batch, &subscription]).unwrap();
+                    let ids = record(&hand_outs, subscription, &rows);
+                    if ids.is_empty() {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    let answer = choices.next() % 100;
+                    if answer < 75 {
+                        client.execute("SELECT outbox_ack($1, $2)", &[&ids, &subscription]).unwrap();
+                    } else if answer < 88 {
+                        client.execute("SELECT outbox_fail($1, 'refused', $2, retry_after => '10 ms')", &[&ids, &subscription]).unwrap();
+                    } else if answer < 95 {
+                        client.execute("SELECT outbox_ack($1, $2)", &[&ids[..ids.len() / 2].to_vec(), &subscription]).unwrap();
+                    } // else dropped: the lease runs out
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writers.into_iter().chain(consumers).for_each(|t| t.join().unwrap());
+
+    let started = Instant::now();
+    for subscription in ["default", "second"] {
+        loop {
+            let rows = c.query(claim_sql, &[&1000, &subscription]).unwrap();
+            let ids = record(&hand_outs, subscription, &rows);
+            if !ids.is_empty() {
+                c.execute("SELECT outbox_ack($1, $2)", &[&ids, &subscription]).unwrap();
+                continue;
+            }
+            let left = c
+                .query_one("SELECT pending + in_flight + retrying FROM outbox_backlog WHERE subscription = $1", &[&subscription])
+                .unwrap()
+                .get::<_, i64>(0);
+            if left == 0 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "{left} events of {subscription} never came out");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    let events: Vec<i64> = c.query("SELECT id FROM outbox_events", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(events.len() > 1000, "{} events", events.len());
+    let hand_outs = hand_outs.lock().unwrap();
+    for subscription in ["default", "second"] {
+        // the first hand-out of each event, and each row's in the claims' order
+        let mut first: HashMap<i64, (i64, &str)> = HashMap::new();
+        for (_, id, key, at) in hand_outs.iter().filter(|h| h.0 == subscription) {
+            let earliest = first.entry(*id).or_insert((*at, key));
+            if *at < earliest.0 {
+                *earliest = (*at, key);
+            }
+        }
+        let missing: Vec<&i64> = events.iter().filter(|id| !first.contains_key(id)).collect();
+        assert!(missing.is_empty(), "{} events never reached {subscription} (seed {seed}): {:?}", missing.len(), &missing[..missing.len().min(10)]);
+        let mut by_row: HashMap<&str, Vec<(i64, i64)>> = HashMap::new();
+        for (id, (at, key)) in &first {
+            by_row.entry(key).or_default().push((*at, *id));
+        }
+        for (key, mut row) in by_row {
+            row.sort_unstable();
+            assert!(row.windows(2).all(|w| w[0].1 < w[1].1), "row {key} of {subscription} out of order (seed {seed}): {row:?}");
+        }
+    }
+}
+
 /// A straddle-floor mark pairs the last base drawn with the next xid: every transaction with
 /// that xid or a later one draws bases above the mark's, and the floor the marks raise is
 /// where claims stop looking for events committed after their window closed. A mark read from
