@@ -328,7 +328,9 @@ pub static DELETE_ATTACHMENT: Sql = Sql {
 /// Before the first nextval there is none (NULL), and base 1 must not count as drawn: a
 /// subscription created in the transaction that writes the first events, if its snapshot
 /// shows its own xid as visible (a later transaction finished first), would skip them. The
-/// default subscription's row in sql/api.sql starts from the same expression.
+/// default subscription's row in sql/api.sql starts from the same expression. (PostgreSQL 18
+/// returns NULL to a caller without privileges on the sequence too; the extension's owner
+/// reads it here, claims and subscribe being SECURITY DEFINER and the worker a superuser.)
 macro_rules! last_base {
     ($sequence:literal) => {
         concat!("coalesce(pg_catalog.pg_sequence_last_value(", $sequence, "::pg_catalog.regclass), 1 - 4096)")

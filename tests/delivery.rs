@@ -684,6 +684,34 @@ fn a_floor_mark_is_never_above_a_base_drawn_after_it() {
     );
 }
 
+/// docs/operations.md tells those who ran a library whose marks could rise too high to replay
+/// from when they installed it: an event a floor set above its base skipped counts as neither
+/// pending nor in flight, and a replay hands it out. The floor is raised here by hand, as such
+/// a mark raised it.
+#[test]
+fn a_replay_hands_out_what_a_floor_set_too_high_skipped() {
+    let (db, mut c) = setup("floor_too_high", "");
+    let mut early = shared().connect(&db);
+    early.batch_execute("BEGIN; INSERT INTO chunks VALUES (1, 1, 'early', '{1}')").unwrap();
+    insert(&mut c, 2..=2);
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(first.iter().map(|e| e.2).collect::<Vec<_>>(), [2]);
+    c.execute("SELECT outbox_ack($1)", &[&ids(&first)]).unwrap();
+    c.batch_execute("UPDATE outbox_subscriptions SET straddle_floor = straddle_floor + 64 * 4096").unwrap();
+    early.batch_execute("COMMIT").unwrap();
+    for key in 3..=5 {
+        insert(&mut c, key..=key);
+        let got = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+        assert_eq!(got.iter().map(|e| e.2).collect::<Vec<_>>(), [key], "the early event is skipped");
+        c.execute("SELECT outbox_ack($1)", &[&ids(&got)]).unwrap();
+    }
+    let backlog = "SELECT pending + in_flight + retrying FROM outbox_backlog WHERE subscription = 'default'";
+    assert_eq!(scalar_i64(&mut c, backlog), 0, "a skipped event does not count as waiting");
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox_replay('default', since => now() - interval '1 hour')"), 5);
+    let again = claim(&mut c, "SELECT * FROM outbox_claim(10)");
+    assert_eq!(again.iter().map(|e| e.2).collect::<Vec<_>>(), [1, 2, 3, 4, 5], "the skipped one among the processed ones");
+}
+
 /// A transaction holding back xmin keeps every old version of the subscription row, and each
 /// claim reads the row: so a claim writes it once, one that finds nothing too. A transaction
 /// that drew its id before the windows and commits after them still has its event handed out.
