@@ -249,9 +249,9 @@ pub const FLOOR_MARKS: usize = 8;
 /// read in that order: a transaction whose xid is at least the mark's xid got it after the
 /// read, and capture draws a base only once its transaction has an xid, so every base it
 /// draws is greater than the mark's base. That needs a base already drawn: read without the
-/// sequence's lock it could be one nextval had logged ahead (see last_base! in queries.rs). When a window closes, the marks whose xid is at
-/// most the closing snapshot's xmin (the oldest xid still running then) are confirmed and
-/// the floor moves up to the newest of them.
+/// sequence's lock it could be one nextval had logged ahead (see last_base! in queries.rs).
+/// When a window closes, the marks whose xid is at most the closing snapshot's xmin (the
+/// oldest xid still running then) are confirmed and the floor moves up to the newest of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StraddleFloor {
     pub floor: i64,

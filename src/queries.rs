@@ -318,19 +318,18 @@ pub static DELETE_ATTACHMENT: Sql = Sql {
 // ---------------------------------------------------------------------------------------
 // subscriptions
 
-/// The highest base drawn so far from the event id sequence, whose oid is the parameter named:
-/// a window or a new subscription covers the log rows up to it, and a straddle-floor mark
-/// rests on it. Read with pg_sequence_last_value, which holds the sequence's buffer lock. A
-/// `SELECT last_value FROM` the sequence reads the page unlocked, and every 32nd nextval
-/// briefly writes there the value it logs ahead, up to 32 bases above any base drawn: a mark
-/// that high raised the floor over the bases drawn next, and their transactions' events,
-/// when they committed after a window closed, were never handed out.
+/// The highest base drawn so far from the event id sequence (the oid parameter named): a window
+/// or a new subscription covers the log rows up to it, and a straddle-floor mark rests on it.
+/// pg_sequence_last_value reads it under the sequence's buffer lock. `SELECT last_value FROM`
+/// the sequence reads the page unlocked, where every 32nd nextval briefly writes the value it
+/// logs ahead, 32 bases on: a mark read then raised the floor over bases not drawn yet, and
+/// the events of transactions that drew them and committed after a window closed were skipped.
 /// Before the first nextval there is none (NULL), and base 1 must not count as drawn: a
 /// subscription created in the transaction that writes the first events, if its snapshot
 /// shows its own xid as visible (a later transaction finished first), would skip them. The
-/// default subscription's row in sql/api.sql starts from the same expression. (PostgreSQL 18
-/// returns NULL to a caller without privileges on the sequence too; the extension's owner
-/// reads it here, claims and subscribe being SECURITY DEFINER and the worker a superuser.)
+/// default subscription's row in sql/api.sql starts from the same expression. PostgreSQL 18
+/// also returns NULL to a caller without privileges on the sequence; here the extension's
+/// owner reads it (claims and subscribe are SECURITY DEFINER, the worker a superuser).
 macro_rules! last_base {
     ($sequence:literal) => {
         concat!("coalesce(pg_catalog.pg_sequence_last_value(", $sequence, "::pg_catalog.regclass), 1 - 4096)")
