@@ -1026,13 +1026,13 @@ fn claim_events(batch_size: i32, subscription: &str, lease: &Interval, payloads:
             } else if advanced {
                 break;
             } else {
-                // the mark's base is read before its xid, as StraddleFloor requires
-                let mark_base: i64 = required(&single(run(client, &extension, &q::LAST_BASE, &[extension.event_id_seq.into()])?)?, 1)?;
-                let mark_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
                 let next = single(run(client, &extension, &q::NEXT_WINDOW, &[extension.event_id_seq.into()])?)?;
-                floor.close_window(window_xmin, (mark_base, mark_xid));
+                // the new window's last base is the mark's, read before its xid, as
+                // StraddleFloor requires
+                let mark_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
                 done_seq = window_seq;
                 window_seq = required(&next, 2)?;
+                floor.close_window(window_xmin, (window_seq, mark_xid));
                 done_snapshot = std::mem::replace(&mut window_snapshot, required(&next, 1)?);
                 cursor = 0;
                 advanced = true;

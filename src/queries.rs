@@ -629,11 +629,9 @@ pub static LOG_ROWS: Sql = Sql {
     args: &[INT8S],
 };
 
-/// The last base handed out: the first half of a straddle-floor mark. `$1`: the sequence.
-pub static LAST_BASE: Sql = Sql { text: concat!("SELECT ", last_base!("$1")), args: &[OID] };
-
 /// The next window: the current snapshot and the last base drawn (events of transactions the
-/// snapshot does not see are the next window's straddlers). `$1`: the sequence.
+/// snapshot does not see are the next window's straddlers), which is also the base of a
+/// straddle-floor mark. `$1`: the sequence.
 pub static NEXT_WINDOW: Sql =
     Sql { text: concat!("SELECT pg_catalog.pg_current_snapshot()::text, ", last_base!("$1")), args: &[OID] };
 

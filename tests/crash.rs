@@ -122,7 +122,8 @@ fn committed_events_survive_an_immediate_stop() {
         // sequence (docs/design.md)
         let ids: Vec<i64> = missing.iter().map(|id| **id).collect();
         for query in [
-            "SELECT format('log row %s: txid %s, %s events, %s', base, txid, n, created_at) FROM outbox_log WHERE base = ANY($1::bigint[])",
+            "SELECT format('log row %s: txid %s, %s events, %s', base, txid, n, created_at) FROM outbox_log
+             WHERE base = ANY(ARRAY(SELECT i - (i - 1) % 4096 FROM unnest($1::bigint[]) i))",
             "SELECT format('ledger %s of claim %s at %s: %s', kind, claim_id, at, event_ids) FROM outbox_ledger WHERE event_ids && $1::bigint[]",
             "SELECT format('retry %s', row_to_json(r)) FROM outbox_retries r WHERE event_id = ANY($1::bigint[])",
             "SELECT format('claim %s', row_to_json(c)) FROM outbox_claims c WHERE cardinality($1::bigint[]) > 0",

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -490,7 +491,7 @@ fn a_mixed_load_loses_nothing_and_keeps_each_rows_order() {
     c.batch_execute("SELECT outbox_subscribe('second')").unwrap();
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     eprintln!("mixed load seed {seed}");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..3i64)
         .map(|w| {
             let (db, stop) = (db.clone(), stop.clone());
@@ -499,7 +500,7 @@ fn a_mixed_load_loses_nothing_and_keeps_each_rows_order() {
                 let mut client = shared().connect(&db);
                 let first = w * 10_000_000;
                 let mut id = first;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     id += 5;
                     let earlier = first + (choices.next() % (id - first + 1) as u64) as i64;
                     let sql = match choices.next() % 20 {
@@ -540,7 +541,7 @@ fn a_mixed_load_loses_nothing_and_keeps_each_rows_order() {
             std::thread::spawn(move || {
                 let mut choices = Choices(seed.wrapping_add(1_000 + n as u64 * 104_729) | 1);
                 let mut client = shared().connect(&db);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let batch = [1, 3, 10, 50, 100][(choices.next() % 5) as usize];
                     let rows = client.query(claim_sql, &[&batch, &subscription]).unwrap();
                     let ids = record(&hand_outs, subscription, &rows);
@@ -561,7 +562,7 @@ fn a_mixed_load_loses_nothing_and_keeps_each_rows_order() {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     writers.into_iter().chain(consumers).for_each(|t| t.join().unwrap());
 
     let started = Instant::now();
