@@ -11,7 +11,6 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
-use std::hash::{BuildHasher, Hasher};
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
@@ -24,7 +23,7 @@ use crate::ext::Extension;
 use crate::guc;
 use crate::metrics::{bucket_of, LATENCY_BUCKETS};
 use crate::ordering::{Blocked, IdMap, IdSet, OrderKey, StraddleFloor};
-use crate::policy::{check_batch_size, held_by_another, RetryPolicy};
+use crate::policy::{check_batch_size, held_by_another, random_unit, RetryPolicy};
 use crate::queries::{self as q, run, run_in_segment};
 use crate::shape::{event_payload, json_array_elements, push_json_string, EVENTS_PER_ROW};
 
@@ -69,12 +68,6 @@ fn micros_of(ts: TimestampWithTimeZone) -> Micros {
 
 pub fn interval_micros(interval: &Interval) -> i64 {
     interval.as_micros().clamp(i64::MIN as i128, i64::MAX as i128) as i64
-}
-
-/// A uniform number in [0, 1) for backoff jitter; std's RandomState is freshly keyed per call.
-fn random_unit() -> f64 {
-    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 pub fn required<T: FromDatum + IntoDatum>(row: &SpiHeapTupleData, ordinal: usize) -> Result<T, OutboxError> {

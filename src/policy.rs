@@ -67,6 +67,14 @@ impl RetryPolicy {
     }
 }
 
+/// A uniform number in [0, 1) for backoff jitter, the `unit` of [`RetryPolicy::backoff`];
+/// std's RandomState is freshly keyed per call.
+pub fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// The options a subscription may carry. Keys other than these belong to the sink and are
 /// validated by it.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -239,6 +247,17 @@ mod tests {
         assert!((low - 3.6).abs() < 1e-6, "{low}");
         assert!((high - 4.4).abs() < 1e-3, "{high}");
         assert!(p.backoff(20, 0.999).as_secs_f64() <= 10.0);
+    }
+
+    #[test]
+    fn jitter_units_are_spread_over_zero_to_one() {
+        let units: Vec<f64> = (0..4000).map(|_| random_unit()).collect();
+        assert!(units.iter().all(|u| (0.0..1.0).contains(u)));
+        // each tenth holds 400 on average, give or take 19
+        for tenth in 0..10 {
+            let held = units.iter().filter(|u| (**u * 10.0) as usize == tenth).count();
+            assert!((250..550).contains(&held), "{held} of 4000 in tenth {tenth}");
+        }
     }
 
     #[test]

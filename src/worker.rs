@@ -34,7 +34,7 @@ use crate::consume::{self, required};
 use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
-use crate::policy::{read_sink_call_mark, retention_interval, sink_call_mark, RetryPolicy};
+use crate::policy::{random_unit, read_sink_call_mark, retention_interval, sink_call_mark, RetryPolicy};
 use crate::queries::{self as q, run};
 use crate::sink::{batch_body, halves, idempotency_key, judge, BatchLimit, Breaker, HttpSink, Outcome, Sink, Transition};
 
@@ -315,12 +315,6 @@ fn retain() -> Result<(), OutboxError> {
         }
     }
     Ok(())
-}
-
-fn random_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Worker {
