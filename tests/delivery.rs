@@ -116,14 +116,15 @@ fn claimed_events_are_the_events_the_view_shows() {
 fn lease_expiry_hands_events_out_again_and_counts_attempts() {
     let (_, mut c) = setup("lease_expiry", "");
     insert(&mut c, 1..=2);
-    let first = claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '300 milliseconds')");
+    // leases long enough that the claim right after one still finds it running
+    let first = claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '1.5 seconds')");
     assert_eq!(first.len(), 2);
     assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty());
-    std::thread::sleep(Duration::from_millis(400));
-    let again = claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '300 milliseconds')");
+    std::thread::sleep(Duration::from_millis(1600));
+    let again = claim(&mut c, "SELECT * FROM outbox_claim(10, lease => '1.5 seconds')");
     assert_eq!(ids(&again), ids(&first));
     assert!(again.iter().all(|e| e.3 == 2), "{again:?}");
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1600));
     let third = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert!(third.iter().all(|e| e.3 == 3), "{third:?}");
     // a late ack of an expired hand-out still counts
@@ -134,9 +135,9 @@ fn lease_expiry_hands_events_out_again_and_counts_attempts() {
 fn only_the_expired_claim_of_two_open_ones_is_handed_out_again() {
     let (_, mut c) = setup("one_lease_expired", "");
     insert(&mut c, 1..=3);
-    let short = claim(&mut c, "SELECT * FROM outbox_claim(1, lease => '200 milliseconds')");
+    let short = claim(&mut c, "SELECT * FROM outbox_claim(1, lease => '1 second')");
     let long = claim(&mut c, "SELECT * FROM outbox_claim(1)");
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1100));
     let next = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     let keys_and_attempts: Vec<(i64, i32)> = next.iter().map(|e| (e.2, e.3)).collect();
     assert_eq!(keys_and_attempts, [(1, 2), (3, 1)], "row 1 again, row 2 still in flight, then row 3");
@@ -168,16 +169,18 @@ fn fail_retries_after_retry_after_or_backoff() {
     insert(&mut c, 1..=1);
 
     let id = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"))[0];
-    let failed: i32 = c.query_one("SELECT outbox_fail($1, 'sink said no', retry_after => '500 milliseconds')", &[&vec![id]]).unwrap().get(0);
+    let failed: i32 = c.query_one("SELECT outbox_fail($1, 'sink said no', retry_after => '1.5 seconds')", &[&vec![id]]).unwrap().get(0);
     assert_eq!(failed, 1);
     let error: String = c.query_one("SELECT last_error FROM outbox_retries WHERE event_id = $1", &[&id]).unwrap().get(0);
     assert_eq!(error, "sink said no");
     assert!(claim(&mut c, "SELECT * FROM outbox_claim(10)").is_empty());
-    std::thread::sleep(Duration::from_millis(600));
+    std::thread::sleep(Duration::from_millis(1600));
     let again = claim(&mut c, "SELECT * FROM outbox_claim(10)");
     assert_eq!((again[0].0, again[0].3), (id, 2));
 
-    // backoff from the subscription's options: 400 ms ± 10 % after the first failure
+    // backoff from the subscription's options: 400 ms ± 10 % after the first failure, where
+    // the setting's would be 5 s
+    c.batch_execute("SET outbox.backoff_base = '5s'").unwrap();
     let id = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10, 'quick')"))[0];
     let started = Instant::now();
     c.query_one("SELECT outbox_fail($1, 'x', 'quick')", &[&vec![id]]).unwrap();
@@ -190,7 +193,7 @@ fn fail_retries_after_retry_after_or_backoff() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let waited = seen.expect("claimable again after the backoff");
-    assert!(waited >= Duration::from_millis(360) && waited < Duration::from_millis(1000), "{waited:?}");
+    assert!(waited >= Duration::from_millis(360) && waited < Duration::from_millis(2500), "{waited:?}");
 }
 
 #[test]
@@ -489,7 +492,11 @@ impl Choices {
 fn a_mixed_load_loses_nothing_and_keeps_each_rows_order() {
     let (db, mut c) = setup("mixed_load", "");
     c.batch_execute("SELECT outbox_subscribe('second')").unwrap();
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    // OUTBOX_SEED replays a failed run's choices (as far as the threads' timing allows)
+    let seed = match std::env::var("OUTBOX_SEED") {
+        Ok(seed) => seed.parse::<u64>().expect("OUTBOX_SEED is a number"),
+        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1,
+    };
     eprintln!("mixed load seed {seed}");
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..3i64)
@@ -561,7 +568,13 @@ fn a_mixed_load_loses_nothing_and_keeps_each_rows_order() {
             })
         })
         .collect();
+    // 3 seconds and 1,000 events at least, however slow the machine
+    let started = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
+    while c.query_one("SELECT count(*) FROM outbox_events", &[]).unwrap().get::<_, i64>(0) < 1000 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the writers captured fewer than 1,000 events in a minute");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     stop.store(true, Ordering::Relaxed);
     writers.into_iter().chain(consumers).for_each(|t| t.join().unwrap());
 
@@ -636,10 +649,15 @@ fn a_floor_mark_is_never_above_a_base_drawn_after_it() {
             d.batch_execute(
                 "DO $$
                  DECLARE
-                     deadline timestamptz := clock_timestamp() + interval '4 seconds';
+                     started timestamptz := clock_timestamp();
+                     drawn integer := 0;
                      xid bigint;
                  BEGIN
-                     WHILE clock_timestamp() < deadline LOOP
+                     -- 4 seconds and 5,000 transactions at least, so that a slow machine does
+                     -- as much; 30 seconds at most
+                     WHILE (clock_timestamp() < started + interval '4 seconds' OR drawn < 5000)
+                           AND clock_timestamp() < started + interval '30 seconds' LOOP
+                         drawn := drawn + 1;
                          xid := pg_current_xact_id()::text::bigint; -- the xid first, as capture draws
                          INSERT INTO drawn SELECT xid, min(nextval('outbox_event_id_seq')) FROM generate_series(1, 32);
                          COMMIT;
@@ -664,7 +682,7 @@ fn a_floor_mark_is_never_above_a_base_drawn_after_it() {
     drawer.join().unwrap();
     let mut lowest_from: Vec<(i64, i64)> =
         c.query("SELECT xid, base FROM drawn ORDER BY xid", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert!(marks.len() > 500 && lowest_from.len() > 5000, "{} claims, {} transactions drew", marks.len(), lowest_from.len());
+    assert!(marks.len() > 100 && lowest_from.len() >= 5000, "{} claims, {} transactions drew", marks.len(), lowest_from.len());
     // the lowest base drawn by a transaction with each xid or a later one
     for i in (0..lowest_from.len().saturating_sub(1)).rev() {
         lowest_from[i].1 = lowest_from[i].1.min(lowest_from[i + 1].1);
@@ -1447,7 +1465,7 @@ fn a_repeatable_read_writer_captures_with_the_settings_attached_after_its_snapsh
 fn oldest_pending_age_leaves_out_the_settled_part_of_a_claim() {
     let (_, mut c) = setup("oldest_partial", "");
     insert(&mut c, 1..=1);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(std::time::Duration::from_secs(3));
     insert(&mut c, 2..=3);
     let oldest = |c: &mut Client| -> f64 {
         c.query_one("SELECT extract(epoch FROM oldest_pending_age)::float8 FROM outbox_backlog WHERE subscription = 'default'", &[])
@@ -1455,12 +1473,12 @@ fn oldest_pending_age_leaves_out_the_settled_part_of_a_claim() {
             .get(0)
     };
     let claimed = ids(&claim(&mut c, "SELECT * FROM outbox_claim(3)"));
-    assert!(oldest(&mut c) >= 1.5);
+    assert!(oldest(&mut c) >= 3.0);
     c.execute("SELECT outbox_ack($1)", &[&vec![claimed[0]]]).unwrap();
     let age = oldest(&mut c);
-    assert!(age < 1.0, "the acked event still counts: {age}");
+    assert!(age < 2.0, "the acked event still counts: {age}");
     c.execute("SELECT outbox_fail($1, 'x', retry_after => '1 hour')", &[&vec![claimed[1]]]).unwrap();
-    assert!(oldest(&mut c) < 1.0);
+    assert!(oldest(&mut c) < 2.0);
 }
 
 /// The backlog counts the log past each subscription's last handed-out id in one pass for
