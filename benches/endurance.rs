@@ -2,7 +2,7 @@
 //! transaction holding back xmin; pull consumers scaled across processes; and the write cost
 //! of three subscriptions against one. Prints markdown tables with ratios.
 //!
-//!     scripts/bench.sh endurance              (all of it; the sustained runs take 2 × 10 min)
+//!     scripts/bench.sh endurance              (all of it; the two sustained runs take 10 min side by side)
 //!     OUTBOX_SUSTAINED_MINUTES=2 scripts/bench.sh endurance sustained
 
 #[path = "../tests/common/mod.rs"]
@@ -39,6 +39,20 @@ fn main() {
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let run = |section: &str| wanted.is_empty() || wanted.iter().any(|w| w == section);
     println!("# outbox endurance benchmarks\n");
+    let cluster = bench_cluster();
+    if run("sustained") {
+        sustained(&cluster);
+    }
+    if run("scale") {
+        scale(&cluster);
+    }
+    if run("subscriptions") {
+        three_subscriptions(&cluster);
+    }
+}
+
+/// A cluster with the extension, its worker and an attached `chunks` table.
+fn bench_cluster() -> Cluster {
     let cluster = Cluster::start(&[
         "shared_preload_libraries = 'outbox'",
         "outbox.database = 'postgres'",
@@ -54,15 +68,7 @@ fn main() {
          SELECT outbox_attach('chunks');",
     )
     .unwrap();
-    if run("sustained") {
-        sustained(&cluster);
-    }
-    if run("scale") {
-        scale(&cluster);
-    }
-    if run("subscriptions") {
-        three_subscriptions(&cluster);
-    }
+    cluster
 }
 
 struct Sustained {
@@ -172,10 +178,19 @@ fn sustained(cluster: &Cluster) {
     println!("## Sustained load: {EVENTS_PER_SECOND} events/s for {minutes} min, one consumer, outbox.retention = 1min\n");
     println!(
         "Writers upsert {ROWS_PER_WRITE} rows per transaction; one consumer claims 1,000 and acks. The delivery worker \
-         runs retention. Sizes are all outbox tables with indexes and TOAST.\n"
+         runs retention. Sizes are all outbox tables with indexes and TOAST. The run with held xmin goes on at the \
+         same time, in a second cluster on the same machine, with writers and a consumer of its own.\n"
     );
-    let plain = sustained_run(cluster, minutes, false);
-    let held = sustained_run(cluster, minutes, true);
+    // The held run has a cluster of its own and runs at the same time as the plain one, so
+    // that both meet the same spells of the machine (one after the other, the plain run's batch
+    // time moved by more between runs than the held xmin moved it). A held xmin reaches only
+    // its own cluster.
+    let held_cluster = bench_cluster();
+    let (plain, held) = std::thread::scope(|s| {
+        let plain = s.spawn(|| sustained_run(cluster, minutes, false));
+        let held = s.spawn(|| sustained_run(&held_cluster, minutes, true));
+        (plain.join().unwrap(), held.join().unwrap())
+    });
     println!("| minute | size (MB) | size with held xmin (MB) |\n|---|---|---|");
     for ((minute, a), (_, b)) in plain.sizes.iter().zip(&held.sizes) {
         println!("| {minute} | {:.1} | {:.1} |", *a as f64 / 1e6, *b as f64 / 1e6);
