@@ -71,9 +71,17 @@ fn bench_cluster() -> Cluster {
     cluster
 }
 
+struct MinuteSizes {
+    minute: u64,
+    at_end: i64,
+    mean: f64,
+}
+
 struct Sustained {
-    /// (minute, bytes) at the end of each minute
-    sizes: Vec<(u64, i64)>,
+    /// Bytes at the end of each minute, and the mean of the samples taken every 5 s in it.
+    /// Retention empties a segment a rotation period (15 to 22 s) at a time, so a single
+    /// sample catches four to six segments' worth, depending on when it falls.
+    sizes: Vec<MinuteSizes>,
     written_per_second: f64,
     drained_per_second: f64,
     /// events not yet acked when the run stopped
@@ -150,8 +158,14 @@ fn sustained_run(cluster: &Cluster, minutes: u64, hold_xmin: bool) -> Sustained 
     let started = Instant::now();
     let mut sizes = Vec::new();
     for minute in 1..=minutes {
-        std::thread::sleep(Duration::from_secs(60 * minute).saturating_sub(started.elapsed()));
-        sizes.push((minute, outbox_size(&mut c)));
+        let samples: Vec<i64> = (1..=12)
+            .map(|k| {
+                std::thread::sleep(Duration::from_secs(60 * (minute - 1) + 5 * k).saturating_sub(started.elapsed()));
+                outbox_size(&mut c)
+            })
+            .collect();
+        let mean = samples.iter().sum::<i64>() as f64 / samples.len() as f64;
+        sizes.push(MinuteSizes { minute, at_end: *samples.last().unwrap(), mean });
     }
     stop.store(true, Ordering::Relaxed);
     let written: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
@@ -191,19 +205,25 @@ fn sustained(cluster: &Cluster) {
         let held = s.spawn(|| sustained_run(&held_cluster, minutes, true));
         (plain.join().unwrap(), held.join().unwrap())
     });
-    println!("| minute | size (MB) | size with held xmin (MB) |\n|---|---|---|");
-    for ((minute, a), (_, b)) in plain.sizes.iter().zip(&held.sizes) {
-        println!("| {minute} | {:.1} | {:.1} |", *a as f64 / 1e6, *b as f64 / 1e6);
-    }
-    let growth = |s: &Sustained| s.sizes.last().unwrap().1 as f64 / s.sizes[0].1 as f64;
     println!(
-        "\n| run | last minute ÷ first minute | written events/s | drained events/s | undelivered at the end | claim + ack of 1,000 (median ms) | drain capacity (events/s) | consumer's server CPU per 1,000 events (ms) |"
+        "| minute | size at its end (MB) | mean over it (MB) | with held xmin, at its end (MB) | with held xmin, mean (MB) |\n|---|---|---|---|---|"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    for (a, b) in plain.sizes.iter().zip(&held.sizes) {
+        println!("| {} | {:.1} | {:.1} | {:.1} | {:.1} |", a.minute, a.at_end as f64 / 1e6, a.mean / 1e6, b.at_end as f64 / 1e6, b.mean / 1e6);
+    }
+    // against the size after the first minute: the last minute's mean, and its end
+    let growth = |s: &Sustained| {
+        let (first, last) = (s.sizes[0].at_end as f64, s.sizes.last().unwrap());
+        (last.mean / first, last.at_end as f64 / first)
+    };
+    println!(
+        "\n| run | last minute's mean ÷ size after the first minute | at the end of the last ÷ after the first | written events/s | drained events/s | undelivered at the end | claim + ack of 1,000 (median ms) | drain capacity (events/s) | consumer's server CPU per 1,000 events (ms) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (name, s) in [("no held xmin", &plain), ("idle REPEATABLE READ transaction for the whole run", &held)] {
+        let (mean_growth, end_growth) = growth(s);
         println!(
-            "| {name} | {:.2} | {:.0} | {:.0} | {} | {:.2} | {:.0} | {:.2} |",
-            growth(s),
+            "| {name} | {mean_growth:.2} | {end_growth:.2} | {:.0} | {:.0} | {} | {:.2} | {:.0} | {:.2} |",
             s.written_per_second,
             s.drained_per_second,
             s.undelivered,
