@@ -49,7 +49,7 @@ fn storage_levels_off_under_sustained_load_with_xmin_held_back() {
                  ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc || '.'",
             )
             .unwrap();
-            n = (n + 1).max((started.elapsed().as_millis() / tick.as_millis()) as u32);
+            n = (n + 1).max((started.elapsed().as_millis() / tick.as_millis()) as u32 + 1);
         }
     });
     let consumer = spawn(|k, stop| {
