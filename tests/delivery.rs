@@ -165,7 +165,7 @@ fn ack_counts_only_newly_processed_events_and_records_the_time() {
 #[test]
 fn fail_retries_after_retry_after_or_backoff() {
     let (_, mut c) = setup("fail_backoff", "");
-    c.batch_execute("SELECT outbox_subscribe('quick', options => '{\"backoff_base\": \"400ms\", \"backoff_max\": \"1s\"}', from_start => true)").unwrap();
+    c.batch_execute("SELECT outbox_subscribe('quick', options => '{\"backoff_base\": \"400ms\", \"backoff_max\": \"10s\"}', from_start => true)").unwrap();
     insert(&mut c, 1..=1);
 
     let id = ids(&claim(&mut c, "SELECT * FROM outbox_claim(10)"))[0];
@@ -650,14 +650,14 @@ fn a_floor_mark_is_never_above_a_base_drawn_after_it() {
                 "DO $$
                  DECLARE
                      started timestamptz := clock_timestamp();
-                     drawn integer := 0;
+                     draws integer := 0;
                      xid bigint;
                  BEGIN
                      -- 4 seconds and 5,000 transactions at least, so that a slow machine does
                      -- as much; 30 seconds at most
-                     WHILE (clock_timestamp() < started + interval '4 seconds' OR drawn < 5000)
+                     WHILE (clock_timestamp() < started + interval '4 seconds' OR draws < 5000)
                            AND clock_timestamp() < started + interval '30 seconds' LOOP
-                         drawn := drawn + 1;
+                         draws := draws + 1;
                          xid := pg_current_xact_id()::text::bigint; -- the xid first, as capture draws
                          INSERT INTO drawn SELECT xid, min(nextval('outbox_event_id_seq')) FROM generate_series(1, 32);
                          COMMIT;

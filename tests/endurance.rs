@@ -32,7 +32,7 @@ fn storage_levels_off_under_sustained_load_with_xmin_held_back() {
     let mut holder = cluster.connect("postgres");
     holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM chunks").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let spawn = |work: fn(&mut Client, &AtomicBool)| {
+    let spawn = |work: fn(&mut Client, &AtomicBool) -> u32| {
         let (stop, dsn) = (stop.clone(), cluster.dsn("postgres"));
         std::thread::spawn(move || work(&mut Client::connect(&dsn, NoTls).unwrap(), &stop))
     };
@@ -41,7 +41,7 @@ fn storage_levels_off_under_sustained_load_with_xmin_held_back() {
     let writer = spawn(|w, stop| {
         let started = Instant::now();
         let tick = Duration::from_millis(100);
-        let mut n = 0u32;
+        let (mut n, mut writes) = (0u32, 0u32);
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep((tick * n).saturating_sub(started.elapsed()));
             w.batch_execute(
@@ -50,17 +50,22 @@ fn storage_levels_off_under_sustained_load_with_xmin_held_back() {
             )
             .unwrap();
             n = (n + 1).max((started.elapsed().as_millis() / tick.as_millis()) as u32 + 1);
+            writes += 1;
         }
+        writes
     });
     let consumer = spawn(|k, stop| {
+        let mut acked = 0u32;
         while !stop.load(Ordering::Relaxed) {
             let ids: Vec<i64> = k.query_one("SELECT array_agg(id) FROM outbox_claim(1000)", &[]).unwrap().get::<_, Option<_>>(0).unwrap_or_default();
             if !ids.is_empty() {
                 k.execute("SELECT outbox_ack($1)", &[&ids]).unwrap();
+                acked += ids.len() as u32;
             }
             // batches of about 500, as a consumer that keeps up would take them
             std::thread::sleep(Duration::from_millis(500));
         }
+        acked
     });
     let started = Instant::now();
     let mut sizes = Vec::new();
@@ -69,8 +74,11 @@ fn storage_levels_off_under_sustained_load_with_xmin_held_back() {
         sizes.push(outbox_size(&mut c));
     }
     stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    consumer.join().unwrap();
+    let writes = writer.join().unwrap();
+    let acked = consumer.join().unwrap();
+    // a machine too slow for the load would pass without testing it
+    assert!(writes as u64 >= RUN_S * 10 * 7 / 10, "{writes} writes of 100 rows in {RUN_S} s, under 70 % of the load");
+    assert!(acked >= writes * 80, "the consumer kept up: {acked} events acked of some {} written", writes * 100);
     let events = scalar_i64(&mut c, "SELECT count(*) FROM outbox_events");
     holder.batch_execute("COMMIT").unwrap();
     println!("outbox size every 2 s from {RETENTION_S} s on (bytes): {sizes:?}; {events} events retained");
