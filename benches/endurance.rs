@@ -74,6 +74,9 @@ fn bench_cluster() -> Cluster {
 struct MinuteSizes {
     minute: u64,
     at_end: i64,
+    /// of `at_end`, the log and ledger segments that retention empties; the rest is the
+    /// small tables claims and acks update in place
+    segments_at_end: i64,
     mean: f64,
 }
 
@@ -165,7 +168,7 @@ fn sustained_run(cluster: &Cluster, minutes: u64, hold_xmin: bool) -> Sustained 
             })
             .collect();
         let mean = samples.iter().sum::<i64>() as f64 / samples.len() as f64;
-        sizes.push(MinuteSizes { minute, at_end: *samples.last().unwrap(), mean });
+        sizes.push(MinuteSizes { minute, at_end: *samples.last().unwrap(), segments_at_end: segments_size(&mut c), mean });
     }
     stop.store(true, Ordering::Relaxed);
     let written: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
@@ -209,10 +212,20 @@ fn sustained(cluster: &Cluster) {
     // autovacuum would clean up its ten minutes of upserts while the next benchmarks run
     held_cluster.stop("fast");
     println!(
-        "| minute | size at its end (MB) | mean over it (MB) | with held xmin, at its end (MB) | with held xmin, mean (MB) |\n|---|---|---|---|---|"
+        "| minute | size at its end (MB) | of it, log and ledger segments | mean over it (MB) | with held xmin, at its end (MB) | of it, segments | with held xmin, mean (MB) |\n|---|---|---|---|---|---|---|"
     );
+    let mb = |bytes: i64| bytes as f64 / 1e6;
     for (a, b) in plain.sizes.iter().zip(&held.sizes) {
-        println!("| {} | {:.1} | {:.1} | {:.1} | {:.1} |", a.minute, a.at_end as f64 / 1e6, a.mean / 1e6, b.at_end as f64 / 1e6, b.mean / 1e6);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            a.minute,
+            mb(a.at_end),
+            mb(a.segments_at_end),
+            a.mean / 1e6,
+            mb(b.at_end),
+            mb(b.segments_at_end),
+            b.mean / 1e6
+        );
     }
     // The last minute against the first: by their ends, as the target reads, and by the means
     // of the last and second minutes (the first minute's mean is of a log still filling up)
@@ -242,6 +255,15 @@ fn sustained(cluster: &Cluster) {
          work a claim and ack cost, which the machine's other load does not lengthen)\n",
         plain.server_cpu_ms / held.server_cpu_ms
     );
+}
+
+/// Bytes of the log and ledger segments, indexes and TOAST included.
+fn segments_size(c: &mut Client) -> i64 {
+    scalar_i64(
+        c,
+        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c
+         WHERE c.relkind = 'r' AND c.relname ~ '^outbox_(log|ledger)_[0-9]+$'",
+    )
 }
 
 /// Microseconds since the Unix epoch: consumer processes and the benchmark share the clock.

@@ -1,5 +1,7 @@
 //! Subscriptions, replay, requeue and retention.
 
+use std::time::Duration;
+
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -241,11 +243,20 @@ pub fn requeue_dead(subscription: Option<&str>, ids: Option<Vec<Option<i64>>>) -
     })
 }
 
+/// What a retention pass did, and when the next one has work to do.
+pub struct Purged {
+    pub removed: i64,
+    /// Until the current segment is due to rotate or a segment's last event passes the
+    /// retention, whichever comes first; `None` when neither lies ahead (nothing written yet,
+    /// or another purge was running).
+    pub next_due: Option<Duration>,
+}
+
 /// Empties every segment whose events are all processed by every subscription and older
 /// than `outbox.retention`, then starts a new segment when the current one is a quarter of
-/// the retention old. Returns the number of events removed: none while another purge runs or
-/// a subscription is being created, as the worker will purge again.
-pub fn purge() -> Result<i64, OutboxError> {
+/// the retention old. Removes nothing while another purge runs or a subscription is being
+/// created, as the worker will purge again.
+pub fn purge() -> Result<Purged, OutboxError> {
     // Deciding that a segment is unused needs a fresh snapshot after its lock is taken.
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
         return Err(OutboxError::NeedsReadCommitted("outbox_purge"));
@@ -255,7 +266,7 @@ pub fn purge() -> Result<i64, OutboxError> {
     // a long transaction (see subscribe).
     if !unsafe { pg_sys::ConditionalLockRelationOid(extension.rotation, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) } {
         pgrx::notice!("outbox_purge: skipped, another purge is running or a subscription is being created");
-        return Ok(0);
+        return Ok(Purged { removed: 0, next_due: None });
     }
     let now = now();
     let retention = guc::retention().as_micros() as i64;
@@ -304,11 +315,23 @@ pub fn purge() -> Result<i64, OutboxError> {
         let rotation_period = retention / 4;
         let age = now - pg_sys::TimestampTz::from(switched_at);
         let next = (current + 1) % SEGMENTS;
-        if age >= rotation_period && in_use(client, current)? && !in_use(client, next)? {
+        let (current, switched_at) = if age >= rotation_period && in_use(client, current)? && !in_use(client, next)? {
             run(client, &extension, &q::ROTATE, &[next.into(), timestamp(now).into()])?;
             crate::capture::forget_segment();
-        }
+            (next, now)
+        } else {
+            (current, pg_sys::TimestampTz::from(switched_at))
+        };
         run(client, &extension, &q::FOLD_STATS, &[timestamp(now - 3_600_000_000).into()])?;
-        Ok(removed)
+
+        // Purging on a fixed interval left each segment up to an interval past its due time,
+        // and the outbox that much larger (#5's held-xmin run).
+        let mut dues = vec![switched_at + rotation_period];
+        for slot in (0..SEGMENTS).filter(|&s| s != current) {
+            let last = run(client, &extension, &q::SEGMENT_LAST_WRITE, &[slot.into()])?.first().get::<TimestampWithTimeZone>(1)?;
+            dues.extend(last.map(|at| pg_sys::TimestampTz::from(at) + retention));
+        }
+        let next_due = dues.into_iter().filter(|&due| due > now).min().map(|due| Duration::from_micros((due - now) as u64));
+        Ok(Purged { removed, next_due })
     })
 }

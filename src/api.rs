@@ -278,5 +278,5 @@ fn outbox_requeue_dead(
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_purge() -> i64 {
-    admin::purge().or_raise()
+    admin::purge().map(|purged| purged.removed).or_raise()
 }

@@ -15,11 +15,22 @@ pub const MAX_BATCH_SIZE: i32 = 10_000;
 /// the whole failed batch at the same instant (the thundering herd pg-boss and River avoid).
 pub const JITTER: f64 = 0.10;
 
-/// How often the delivery worker runs retention: often enough that segments rotate on time
-/// (a new one every quarter of the retention) and a short retention really is short, and at
-/// least once a minute, so a long one is not late by much.
-pub fn retention_interval(retention: Duration) -> Duration {
+/// How often the delivery worker runs retention at the least, besides when a segment falls
+/// due (`retention_wait`): a segment held back past its due time by an unprocessed event or
+/// an open claim is emptied within this of being let go, and at least once a minute.
+fn retention_interval(retention: Duration) -> Duration {
     (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// How long the worker waits for its next retention pass: until the next rotation or
+/// emptying falls due (`next_due`, from the last pass), and no longer than the regular
+/// interval, which catches what was due but held back (an unprocessed event, an open claim).
+/// The latch wait counts whole milliseconds: a little slack keeps it from waking just short
+/// of the due time and waiting again.
+pub fn retention_wait(retention: Duration, next_due: Option<Duration>) -> Duration {
+    const SLACK: Duration = Duration::from_millis(5);
+    let interval = retention_interval(retention);
+    next_due.map_or(interval, |due| (due + SLACK).min(interval))
 }
 
 pub fn check_batch_size(batch_size: i32) -> Result<(), OutboxError> {
@@ -317,6 +328,14 @@ mod tests {
         assert_eq!(retention_interval(Duration::ZERO), Duration::from_secs(1));
         assert_eq!(retention_interval(Duration::from_secs(60)), Duration::from_millis(7500));
         assert_eq!(retention_interval(Duration::from_secs(86_400)), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn retention_waits_for_what_falls_due_first() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(retention_wait(minute, None), Duration::from_millis(7500), "nothing due: the regular interval");
+        assert_eq!(retention_wait(minute, Some(Duration::from_secs(2))), Duration::from_millis(2005), "due before the interval ends");
+        assert_eq!(retention_wait(minute, Some(Duration::from_secs(20))), Duration::from_millis(7500), "due after it");
     }
 
     #[test]

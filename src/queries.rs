@@ -991,6 +991,15 @@ pub static SEGMENT_RETIRABLE: Sql = Sql {
     args: &[INT2, TIME],
 };
 
+/// When the segment was last written to: its newest log row (by base, which the index
+/// gives at once; ids are drawn as rows are written) or its newest ledger row.
+pub static SEGMENT_LAST_WRITE: Sql = Sql {
+    text: "SELECT GREATEST( \
+               (SELECT l.created_at FROM @extschema@.outbox_log l WHERE l.slot = $1 ORDER BY l.base DESC LIMIT 1), \
+               (SELECT pg_catalog.max(g.at) FROM @extschema@.outbox_ledger g WHERE g.slot = $1))",
+    args: &[INT2],
+};
+
 pub static SEGMENT_EVENTS: Sql = Sql {
     text: "SELECT coalesce(sum(n), 0)::bigint FROM @extschema@.outbox_log WHERE slot = $1",
     args: &[INT2],

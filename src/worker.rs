@@ -34,7 +34,7 @@ use crate::consume::{self, required};
 use crate::error::OutboxError;
 use crate::ext::Extension;
 use crate::guc;
-use crate::policy::{random_unit, read_sink_call_mark, retention_interval, sink_call_mark, RetryPolicy};
+use crate::policy::{random_unit, read_sink_call_mark, retention_wait, sink_call_mark, RetryPolicy};
 use crate::queries::{self as q, run};
 use crate::sink::{batch_body, halves, idempotency_key, judge, BatchLimit, Breaker, HttpSink, Outcome, Sink, Transition};
 
@@ -307,14 +307,16 @@ fn extension_created() -> bool {
 }
 
 /// Retention for the served database, so that nobody has to schedule `outbox_purge`.
-fn retain() -> Result<(), OutboxError> {
-    if extension_created() {
-        let removed = crate::admin::purge()?;
-        if removed > 0 {
-            debug1!("outbox: retention removed {removed} processed events");
-        }
+/// Returns how long until its next pass has work to do.
+fn retain() -> Result<Option<Duration>, OutboxError> {
+    if !extension_created() {
+        return Ok(None);
     }
-    Ok(())
+    let purged = crate::admin::purge()?;
+    if purged.removed > 0 {
+        debug1!("outbox: retention removed {} processed events", purged.removed);
+    }
+    Ok(purged.next_due)
 }
 
 impl Worker {
@@ -367,8 +369,8 @@ impl Worker {
     fn round(&mut self) -> Duration {
         self.settle_answers();
         if Instant::now() >= self.next_retention {
-            in_transaction(retain);
-            self.next_retention = Instant::now() + retention_interval(guc::retention());
+            let next_due = in_transaction(retain);
+            self.next_retention = Instant::now() + retention_wait(guc::retention(), next_due);
         }
         let (mut wait, functions, jobs) = in_transaction(|| self.deliver());
         self.post_all(jobs);

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -926,7 +926,7 @@ fn own_cluster_with(settings: &[&str]) -> Cluster {
 
 #[test]
 fn an_outage_longer_than_the_retry_budget_loses_nothing() {
-    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let down = Arc::new(AtomicBool::new(true));
     let flag = down.clone();
     let recorder = Recorder::start(move |_| Reply::status(if flag.load(Ordering::SeqCst) { 503 } else { 200 }));
     let cluster = own_cluster();
@@ -1200,6 +1200,68 @@ fn every_committed_event_reaches_the_sink_after_an_immediate_stop() {
         before_restart
     );
     assert!(duplicates <= 100, "only a batch in flight can repeat: {duplicates}");
+}
+
+/// The worker purges when something falls due rather than on its next regular pass (every
+/// second here): writing moves to a new segment once the current one is a quarter of the
+/// retention old, and a segment is emptied once its newest event is older than the
+/// retention. On regular passes alone, rotations came 2 s apart and emptying half a second
+/// late, typically.
+#[test]
+fn the_worker_rotates_and_empties_segments_when_they_fall_due() {
+    const RETENTION_S: f64 = 6.0;
+    let cluster = own_cluster_with(&[PRELOAD[0], PRELOAD[1], "outbox.retention = '6s'"]);
+    let mut c = cluster.connect("postgres");
+    table(&mut c, "due_docs");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, dsn) = (stop.clone(), cluster.dsn("postgres"));
+        std::thread::spawn(move || {
+            let mut w = Client::connect(&dsn, NoTls).unwrap();
+            for id in 1.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                w.execute("INSERT INTO due_docs VALUES ($1, 'x')", &[&(id as i64)]).unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let epoch = |column: &str| format!("extract(epoch FROM {column})::float8");
+    let (mut last_write, mut switches, mut lags) = (HashMap::<i16, f64>::new(), Vec::<f64>::new(), Vec::new());
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(25) {
+        let now: f64 = c.query_one(&format!("SELECT {}", epoch("clock_timestamp()")), &[]).unwrap().get(0);
+        let switched: f64 = c.query_one(&format!("SELECT {} FROM outbox_rotation", epoch("switched_at")), &[]).unwrap().get(0);
+        if switches.last() != Some(&switched) {
+            switches.push(switched);
+        }
+        let written: HashMap<i16, f64> = c
+            .query(&format!("SELECT slot, {} FROM outbox_log GROUP BY slot", epoch("max(created_at)")), &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for (slot, newest) in std::mem::replace(&mut last_write, written.clone()) {
+            if !written.contains_key(&slot) {
+                lags.push(now - (newest + RETENTION_S));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let periods: Vec<f64> = switches.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(periods.len() >= 8 && lags.len() >= 6, "rotations {periods:?}, emptied segments {lags:?}");
+    assert!(lags.iter().all(|&lag| lag >= 0.0), "a segment was emptied before its newest event passed the retention: {lags:?}");
+    let (period, lag) = (median(periods.clone()), median(lags.clone()));
+    println!("rotations every {period:.3} s and segments emptied {lag:.3} s after they fell due (medians): {periods:?} {lags:?}");
+    assert!((1.5..1.75).contains(&period), "rotations every {period:.3} s (median), not a quarter of the retention: {periods:?}");
+    assert!(lag < 0.25, "segments emptied {lag:.3} s (median) after they fell due: {lags:?}");
 }
 
 #[test]
