@@ -82,8 +82,8 @@ struct MinuteSizes {
 
 struct Sustained {
     /// Bytes at the end of each minute, and the mean of the samples taken every 5 s in it.
-    /// Retention empties a segment a rotation period (15 to 22 s) at a time, so a single
-    /// sample catches four to six segments' worth, depending on when it falls.
+    /// Retention empties a segment a rotation period (15 s) at a time, so a single sample
+    /// catches four to five segments' worth, depending on when it falls.
     sizes: Vec<MinuteSizes>,
     written_per_second: f64,
     drained_per_second: f64,

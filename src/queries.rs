@@ -991,12 +991,15 @@ pub static SEGMENT_RETIRABLE: Sql = Sql {
     args: &[INT2, TIME],
 };
 
-/// When the segment was last written to: its newest log row (by base, which the index
-/// gives at once; ids are drawn as rows are written) or its newest ledger row.
+/// When the segment was last written to: its newest log row (by base: ids are drawn as rows
+/// are written) or its subscriptions' newest ledger rows, each found by an index rather than
+/// by reading a segment that a long retention makes large.
 pub static SEGMENT_LAST_WRITE: Sql = Sql {
     text: "SELECT GREATEST( \
                (SELECT l.created_at FROM @extschema@.outbox_log l WHERE l.slot = $1 ORDER BY l.base DESC LIMIT 1), \
-               (SELECT pg_catalog.max(g.at) FROM @extschema@.outbox_ledger g WHERE g.slot = $1))",
+               (SELECT pg_catalog.max(g.at) FROM @extschema@.outbox_subscriptions s, \
+                  LATERAL (SELECT g.at FROM @extschema@.outbox_ledger g \
+                           WHERE g.slot = $1 AND g.subscription_id = s.id ORDER BY g.at DESC LIMIT 1) g))",
     args: &[INT2],
 };
 
