@@ -326,10 +326,11 @@ pub fn purge() -> Result<Purged, OutboxError> {
 
         // Purging on a fixed interval left each segment up to an interval past its due time,
         // and the outbox that much larger (#5's held-xmin run).
-        let mut dues = vec![switched_at + rotation_period];
+        // (saturating: the rotation row's time may be set to 'infinity' by hand)
+        let mut dues = vec![switched_at.saturating_add(rotation_period)];
         for slot in (0..SEGMENTS).filter(|&s| s != current) {
             let last = run(client, &extension, &q::SEGMENT_LAST_WRITE, &[slot.into()])?.first().get::<TimestampWithTimeZone>(1)?;
-            dues.extend(last.map(|at| pg_sys::TimestampTz::from(at) + retention));
+            dues.extend(last.map(|at| pg_sys::TimestampTz::from(at).saturating_add(retention)));
         }
         let next_due = dues.into_iter().filter(|&due| due > now).min().map(|due| Duration::from_micros((due - now) as u64));
         Ok(Purged { removed, next_due })
