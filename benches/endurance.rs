@@ -403,10 +403,6 @@ fn scale(cluster: &Cluster) {
         busy[*i][*j].push(cores);
         c.execute("SELECT outbox_unsubscribe($1)", &[name]).unwrap();
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
     let medians_of = |runs: Vec<Vec<Vec<f64>>>| -> Vec<Vec<f64>> { runs.into_iter().map(|row| row.into_iter().map(median).collect()).collect() };
     let (medians, busy) = (medians_of(rates), medians_of(busy));
 

@@ -21,11 +21,6 @@ const TPS_SECONDS: u32 = 5;
 /// Drains of the same events per consumer; the table gives the median.
 const DRAIN_ROUNDS: usize = 3;
 
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    samples[samples.len() / 2]
-}
-
 fn main() {
     // `cargo bench --bench outbox -- latency` runs only the sections named
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

@@ -1252,10 +1252,6 @@ fn the_worker_rotates_and_empties_segments_when_they_fall_due() {
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
     let periods: Vec<f64> = switches.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(periods.len() >= 8 && lags.len() >= 6, "rotations {periods:?}, emptied segments {lags:?}");
     assert!(lags.iter().all(|&lag| lag >= 0.0), "a segment was emptied before its newest event passed the retention: {lags:?}");

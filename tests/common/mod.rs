@@ -207,6 +207,12 @@ pub fn ids(claimed: &[(i64, String, i64, i32)]) -> Vec<i64> {
     claimed.iter().map(|c| c.0).collect()
 }
 
+/// The middle value (the upper one of an even count).
+pub fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    samples[samples.len() / 2]
+}
+
 pub fn scalar_i64(client: &mut Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).unwrap().get::<_, i64>(0)
 }
